@@ -1,0 +1,62 @@
+//! # deep-pipelines
+//!
+//! Deep Learning Pipelines for the Arrow ecosystem: read images into a DataFusion DataFrame,
+//! turn a pretrained CNN into a feature extractor, train a classifier on top (transfer
+//! learning), and run the fitted pipeline over millions of rows, batch by batch.
+//!
+//! ```no_run
+//! # async fn demo() -> deep_pipelines::Result<()> {
+//! use deep_pipelines::prelude::*;
+//!
+//! let ctx = SessionContext::new();
+//! let opts = ReadImagesOptions::default().with_label_from_folder(true);
+//! let train = read_images(&ctx, "examples/data/fashion-mnist-small/train", opts.clone())?;
+//! let test = read_images(&ctx, "examples/data/fashion-mnist-small/test", opts)?;
+//!
+//! let pipeline = Pipeline::new()
+//!     .with_estimator(StringIndexer::new().with_input_col("label").with_output_col("labelIndex"))
+//!     .with_transformer(DeepImageFeaturizer::new().with_model_name("EfficientNetLite0"))
+//!     .with_estimator(LogisticRegression::new().with_label_col("labelIndex").with_reg_param(1e-3));
+//! let model = pipeline.fit(&train).await?;
+//! let predictions = model.transform(test)?;
+//! let accuracy = MulticlassClassificationEvaluator::new()
+//!     .with_label_col("labelIndex")
+//!     .evaluate(&predictions)
+//!     .await?;
+//! println!("accuracy {accuracy:.3}");
+//! # Ok(()) }
+//! ```
+
+pub mod classification;
+pub mod error;
+pub mod evaluation;
+pub mod feature;
+pub mod featurizer;
+pub mod image;
+pub mod models;
+pub mod optim;
+pub mod params;
+pub mod pipeline;
+pub mod preprocess;
+pub mod split;
+
+pub use classification::{LogisticRegression, LogisticRegressionModel};
+pub use error::{Error, Result};
+pub use evaluation::{ConfusionMatrix, MulticlassClassificationEvaluator, confusion_matrix};
+pub use feature::{IndexToString, StringIndexer, StringIndexerModel};
+pub use featurizer::DeepImageFeaturizer;
+pub use image::{ReadImagesOptions, decode_image_column, read_images};
+pub use params::Params;
+pub use pipeline::{Estimator, Pipeline, PipelineModel, Transformer};
+pub use split::random_split;
+
+/// Everything the examples import.
+pub mod prelude {
+    pub use crate::{
+        ConfusionMatrix, DeepImageFeaturizer, Estimator, IndexToString, LogisticRegression,
+        LogisticRegressionModel, MulticlassClassificationEvaluator, Params, Pipeline,
+        PipelineModel, ReadImagesOptions, StringIndexer, StringIndexerModel, Transformer,
+        confusion_matrix, decode_image_column, random_split, read_images,
+    };
+    pub use datafusion::prelude::{DataFrame, SessionContext, col, lit};
+}

@@ -1,0 +1,1 @@
+// placeholder until the optimiser lands (helper writes this file)
