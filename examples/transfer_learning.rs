@@ -92,7 +92,7 @@ async fn main() -> deep_pipelines::Result<()> {
 
     println!("a few test predictions:");
     predictions
-        .select(vec![col("origin"), col("label"), col("predictedLabel")])?
+        .select(vec![col("origin"), col("label"), ident("predictedLabel")])?
         .limit(0, Some(8))?
         .show()
         .await?;

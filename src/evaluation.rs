@@ -7,7 +7,7 @@ use std::fmt;
 use datafusion::arrow::array::{Array, AsArray, Float64Array};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::DataType;
-use datafusion::prelude::{DataFrame, col};
+use datafusion::prelude::{DataFrame, ident};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
@@ -117,7 +117,7 @@ async fn accumulate(
     prediction_col: &str,
     probability_col: Option<&str>,
 ) -> Result<(ConfusionMatrix, f64)> {
-    let mut columns = vec![col(label_col), col(prediction_col)];
+    let mut columns = vec![ident(label_col), ident(prediction_col)];
     for c in [label_col, prediction_col] {
         let t = require_column(df, c)?;
         if !t.is_numeric() {
@@ -129,7 +129,7 @@ async fn accumulate(
     }
     if let Some(p) = probability_col {
         require_column(df, p)?;
-        columns.push(col(p));
+        columns.push(ident(p));
     }
     let mut matrix = ConfusionMatrix {
         counts: Vec::new(),

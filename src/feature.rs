@@ -14,7 +14,7 @@ use datafusion::common::exec_err;
 use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
-use datafusion::prelude::{DataFrame, col};
+use datafusion::prelude::{DataFrame, ident};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
@@ -170,7 +170,7 @@ impl Estimator for StringIndexer {
         let mut counts: HashMap<String, u64> = HashMap::new();
         let mut stream = df
             .clone()
-            .select(vec![col(input.as_str())])?
+            .select(vec![ident(input.as_str())])?
             .execute_stream()
             .await?;
         while let Some(batch) = stream.next().await {
@@ -242,9 +242,9 @@ impl Transformer for StringIndexerModel {
             &self.params.input_col,
         ));
         let out = self.params.output_col.as_str();
-        let df = df.with_column(out, udf.call(vec![col(self.params.input_col.as_str())]))?;
+        let df = df.with_column(out, udf.call(vec![ident(self.params.input_col.as_str())]))?;
         Ok(if self.params.handle_invalid == "skip" {
-            df.filter(col(out).is_not_null())?
+            df.filter(ident(out).is_not_null())?
         } else {
             df
         })
@@ -435,7 +435,7 @@ impl Transformer for IndexToString {
             column: input.to_string(),
             signature: Signature::any(1, Volatility::Immutable),
         });
-        Ok(df.with_column(&self.params.output_col, udf.call(vec![col(input)]))?)
+        Ok(df.with_column(&self.params.output_col, udf.call(vec![ident(input)]))?)
     }
 
     fn as_any(&self) -> &dyn Any {

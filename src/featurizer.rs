@@ -15,7 +15,7 @@ use datafusion::common::exec_err;
 use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
-use datafusion::prelude::{DataFrame, col};
+use datafusion::prelude::{DataFrame, ident};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -192,7 +192,7 @@ impl Transformer for DeepImageFeaturizer {
         let udf = ScalarUDF::new_from_impl(FeaturizeUdf::new(model, self.params.batch_size));
         Ok(df.with_column(
             &self.params.output_col,
-            udf.call(vec![col(self.params.input_col.as_str())]),
+            udf.call(vec![ident(self.params.input_col.as_str())]),
         )?)
     }
 

@@ -37,7 +37,7 @@ use datafusion::functions::core::expr_fn::get_field;
 use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
-use datafusion::prelude::{DataFrame, SessionContext, col, lit};
+use datafusion::prelude::{DataFrame, SessionContext, ident, lit};
 
 use crate::error::{Error, Result};
 
@@ -596,16 +596,16 @@ pub fn read_images(
     let df = ctx.read_table(Arc::new(table))?;
 
     let udf = ScalarUDF::new_from_impl(DecodeImageUdf::new(ByteSource::File, options.limits));
-    let df = df.with_column(DECODED, udf.call(vec![col("origin")]))?;
-    let mut select = vec![col("origin")];
+    let df = df.with_column(DECODED, udf.call(vec![ident("origin")]))?;
+    let mut select = vec![ident("origin")];
     if options.label_from_folder {
-        select.push(col("label"));
+        select.push(ident("label"));
     }
-    select.push(get_field(col(DECODED), "image").alias("image"));
-    select.push(get_field(col(DECODED), "error").alias("image_error"));
+    select.push(get_field(ident(DECODED), "image").alias("image"));
+    select.push(get_field(ident(DECODED), "error").alias("image_error"));
     let df = df.select(select)?;
     Ok(if options.drop_invalid {
-        df.filter(col("image").is_not_null())?
+        df.filter(ident("image").is_not_null())?
     } else {
         df
     })
@@ -644,21 +644,21 @@ pub fn decode_image_column(
             schema
                 .field_with_unqualified_name(c)
                 .map_err(|_| Error::column(c, "not found in the DataFrame"))?;
-            col(c)
+            ident(c)
         }
         None => lit(ScalarValue::Utf8(None)),
     };
     let udf = ScalarUDF::new_from_impl(DecodeImageUdf::new(ByteSource::Column, limits));
     let df = df
-        .with_column(DECODED, udf.call(vec![col(input_col), origin]))?
-        .with_column(output_col, get_field(col(DECODED), "image"))?
+        .with_column(DECODED, udf.call(vec![ident(input_col), origin]))?
+        .with_column(output_col, get_field(ident(DECODED), "image"))?
         .with_column(
             &format!("{output_col}_error"),
-            get_field(col(DECODED), "error"),
+            get_field(ident(DECODED), "error"),
         )?
         .drop_columns(&[DECODED])?;
     Ok(if drop_invalid {
-        df.filter(col(output_col).is_not_null())?
+        df.filter(ident(output_col).is_not_null())?
     } else {
         df
     })

@@ -58,5 +58,5 @@ pub mod prelude {
         PipelineModel, ReadImagesOptions, StringIndexer, StringIndexerModel, Transformer,
         confusion_matrix, decode_image_column, random_split, read_images,
     };
-    pub use datafusion::prelude::{DataFrame, SessionContext, col, lit};
+    pub use datafusion::prelude::{DataFrame, SessionContext, col, ident, lit};
 }

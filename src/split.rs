@@ -13,7 +13,7 @@ use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
-use datafusion::prelude::{DataFrame, col, lit};
+use datafusion::prelude::{DataFrame, ident, lit};
 
 use crate::error::{Error, Result};
 
@@ -80,7 +80,7 @@ pub fn random_split_by(
         seed,
         signature: Signature::variadic_any(Volatility::Immutable),
     });
-    let keyed = df.with_column(KEY, udf.call(key_cols.iter().map(|c| col(*c)).collect()))?;
+    let keyed = df.with_column(KEY, udf.call(key_cols.iter().map(|c| ident(*c)).collect()))?;
     let mut splits = Vec::with_capacity(weights.len());
     let mut lower = 0.0;
     for (i, w) in weights.iter().enumerate() {
@@ -91,7 +91,7 @@ pub fn random_split_by(
         };
         let part = keyed
             .clone()
-            .filter(col(KEY).gt_eq(lit(lower)).and(col(KEY).lt(lit(upper))))?
+            .filter(ident(KEY).gt_eq(lit(lower)).and(ident(KEY).lt(lit(upper))))?
             .drop_columns(&[KEY])?;
         splits.push(part);
         lower = upper;

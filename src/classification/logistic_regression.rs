@@ -16,7 +16,7 @@ use datafusion::common::exec_err;
 use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
-use datafusion::prelude::{DataFrame, col};
+use datafusion::prelude::{DataFrame, ident};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
@@ -243,7 +243,7 @@ impl Estimator for LogisticRegression {
                 ),
             ));
         }
-        let mut columns = vec![col(p.features_col.as_str()), col(p.label_col.as_str())];
+        let mut columns = vec![ident(p.features_col.as_str()), ident(p.label_col.as_str())];
         if !p.weight_col.is_empty() {
             let t = require_column(df, &p.weight_col)?;
             if !t.is_numeric() {
@@ -252,7 +252,7 @@ impl Estimator for LogisticRegression {
                     format!("expected numbers, got {t}"),
                 ));
             }
-            columns.push(col(p.weight_col.as_str()));
+            columns.push(ident(p.weight_col.as_str()));
         }
 
         let (mut x, mut y, mut w) = (Vec::new(), Vec::new(), Vec::new());
@@ -379,7 +379,7 @@ impl Transformer for LogisticRegressionModel {
                 output,
                 signature: Signature::any(1, Volatility::Immutable),
             });
-            df = df.with_column(name, udf.call(vec![col(p.features_col.as_str())]))?;
+            df = df.with_column(name, udf.call(vec![ident(p.features_col.as_str())]))?;
         }
         Ok(df)
     }
