@@ -39,6 +39,7 @@ async fn main() -> deep_pipelines::Result<()> {
             LogisticRegression::new()
                 .with_label_col("labelIndex")
                 .with_reg_param(1e-3)
+                .with_standardization(false)
                 .with_max_iter(200),
         );
 
@@ -51,11 +52,14 @@ async fn main() -> deep_pipelines::Result<()> {
     let lr = model
         .stage::<LogisticRegressionModel>()
         .expect("the pipeline has a logistic regression");
+    let fitted = lr.fitted();
     println!(
-        "fit: {fit_secs:.1} s ({:.1} images/s featurized), logistic regression: {} iterations, {} features",
+        "fit: {fit_secs:.1} s ({:.1} images/s featurized); logistic regression: {} features, {} iterations, {}, objective {:.5}",
         n_train as f64 / fit_secs,
-        lr.fitted().iterations,
-        lr.num_features()
+        lr.num_features(),
+        fitted.iterations,
+        if fitted.converged { "converged" } else { "stopped at maxIter" },
+        fitted.objective_history.last().copied().unwrap_or(f64::NAN),
     );
 
     let labels = model
