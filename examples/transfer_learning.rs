@@ -58,7 +58,11 @@ async fn main() -> deep_pipelines::Result<()> {
         n_train as f64 / fit_secs,
         lr.num_features(),
         fitted.iterations,
-        if fitted.converged { "converged" } else { "stopped at maxIter" },
+        if fitted.converged {
+            "converged"
+        } else {
+            "stopped at maxIter"
+        },
         fitted.objective_history.last().copied().unwrap_or(f64::NAN),
     );
 

@@ -1,6 +1,8 @@
 //! [`MulticlassClassificationEvaluator`] (Spark's metrics: accuracy, f1, weightedPrecision,
-//! weightedRecall, logLoss) and a [`ConfusionMatrix`] helper. Both stream the prediction
-//! columns: memory is O(classes^2), not O(rows).
+//! weightedRecall, logLoss) and a [`ConfusionMatrix`] helper, which stream the prediction
+//! columns (memory O(classes^2), not O(rows)); [`BinaryClassificationEvaluator`]
+//! (areaUnderROC, areaUnderPR), which keeps one (score, label) pair per row to rank them.
+//! The [`Evaluator`] trait lets tuning choose by any of them.
 
 use std::fmt;
 
@@ -14,6 +16,17 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::feature::require_column;
 use crate::params::{Params, check};
+
+/// A metric over a DataFrame of predictions, as Spark's `Evaluator`.
+#[async_trait::async_trait]
+pub trait Evaluator: Send + Sync + std::fmt::Debug {
+    /// Runs the plan and returns the metric.
+    async fn evaluate(&self, df: &DataFrame) -> Result<f64>;
+    /// Whether a larger value is better (tuning maximises or minimises accordingly).
+    fn is_larger_better(&self) -> bool;
+    /// The metric's name, e.g. `accuracy`.
+    fn metric_name(&self) -> &str;
+}
 
 /// Counts of (actual, predicted) class pairs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -334,9 +347,293 @@ impl MulticlassClassificationEvaluator {
     }
 }
 
+#[async_trait::async_trait]
+impl Evaluator for MulticlassClassificationEvaluator {
+    async fn evaluate(&self, df: &DataFrame) -> Result<f64> {
+        MulticlassClassificationEvaluator::evaluate(self, df).await
+    }
+    fn is_larger_better(&self) -> bool {
+        MulticlassClassificationEvaluator::is_larger_better(self)
+    }
+    fn metric_name(&self) -> &str {
+        &self.params.metric_name
+    }
+}
+
+/// Params of [`BinaryClassificationEvaluator`] (Spark names and defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct BinaryClassificationEvaluatorParams {
+    pub metric_name: String,
+    pub label_col: String,
+    pub raw_prediction_col: String,
+}
+
+impl Default for BinaryClassificationEvaluatorParams {
+    fn default() -> Self {
+        BinaryClassificationEvaluatorParams {
+            metric_name: "areaUnderROC".into(),
+            label_col: "label".into(),
+            raw_prediction_col: "rawPrediction".into(),
+        }
+    }
+}
+
+impl Params for BinaryClassificationEvaluatorParams {
+    const STAGE: &'static str = "BinaryClassificationEvaluator";
+
+    fn docs() -> &'static [(&'static str, &'static str)] {
+        &[
+            ("metricName", "areaUnderROC (default) or areaUnderPR"),
+            ("labelCol", "true label column: 0 or 1"),
+            (
+                "rawPredictionCol",
+                "score column: a number, or a vector whose element 1 is the positive score",
+            ),
+        ]
+    }
+
+    fn validate(&self) -> Result<()> {
+        let s = Self::STAGE;
+        if !["areaUnderROC", "areaUnderPR"].contains(&self.metric_name.as_str()) {
+            return Err(Error::param(
+                s,
+                "metricName",
+                format!(
+                    "`{}` is not one of areaUnderROC, areaUnderPR",
+                    self.metric_name
+                ),
+            ));
+        }
+        check::non_empty(s, "labelCol", &self.label_col)?;
+        check::non_empty(s, "rawPredictionCol", &self.raw_prediction_col)
+    }
+}
+
+/// Scores a binary classifier by ranking: area under the ROC or the precision-recall curve.
+#[derive(Debug, Clone, Default)]
+pub struct BinaryClassificationEvaluator {
+    params: BinaryClassificationEvaluatorParams,
+}
+
+impl BinaryClassificationEvaluator {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn params(&self) -> &BinaryClassificationEvaluatorParams {
+        &self.params
+    }
+    pub fn with_metric_name(mut self, v: impl Into<String>) -> Self {
+        self.params.metric_name = v.into();
+        self
+    }
+    pub fn with_label_col(mut self, v: impl Into<String>) -> Self {
+        self.params.label_col = v.into();
+        self
+    }
+    pub fn with_raw_prediction_col(mut self, v: impl Into<String>) -> Self {
+        self.params.raw_prediction_col = v.into();
+        self
+    }
+
+    /// Streams (score, label) pairs; rows with a null score or label are skipped.
+    async fn scores(&self, df: &DataFrame) -> Result<Vec<(f64, bool)>> {
+        let p = &self.params;
+        let label_type = require_column(df, &p.label_col)?;
+        if !label_type.is_numeric() {
+            return Err(Error::column(
+                &p.label_col,
+                format!("expected a numeric 0/1 column, got {label_type}"),
+            ));
+        }
+        let score_type = require_column(df, &p.raw_prediction_col)?;
+        let vector = match &score_type {
+            DataType::FixedSizeList(f, _) | DataType::List(f) if f.data_type().is_numeric() => true,
+            t if t.is_numeric() => false,
+            t => {
+                return Err(Error::column(
+                    &p.raw_prediction_col,
+                    format!("expected a number or a vector of 2 numbers, got {t}"),
+                ));
+            }
+        };
+        let mut pairs = Vec::new();
+        let columns = vec![
+            ident(p.raw_prediction_col.as_str()),
+            ident(p.label_col.as_str()),
+        ];
+        let mut stream = df.clone().select(columns)?.execute_stream().await?;
+        while let Some(batch) = stream.next().await {
+            let batch = batch?;
+            let labels = cast(batch.column(1), &DataType::Float64)?;
+            let labels = labels.as_primitive::<datafusion::arrow::datatypes::Float64Type>();
+            let scores = if vector {
+                let list = cast(
+                    batch.column(0),
+                    &DataType::List(std::sync::Arc::new(
+                        datafusion::arrow::datatypes::Field::new("item", DataType::Float64, true),
+                    )),
+                )?;
+                let list = list.as_list::<i32>();
+                (0..list.len())
+                    .map(|r| {
+                        if list.is_null(r) {
+                            return Ok(None);
+                        }
+                        let v = list.value(r);
+                        let v = v.as_primitive::<datafusion::arrow::datatypes::Float64Type>();
+                        if v.len() != 2 {
+                            return Err(Error::column(
+                                &p.raw_prediction_col,
+                                format!("expected 2 values per row (binary), got {}", v.len()),
+                            ));
+                        }
+                        Ok(v.is_valid(1).then(|| v.value(1)))
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                let s = cast(batch.column(0), &DataType::Float64)?;
+                s.as_primitive::<datafusion::arrow::datatypes::Float64Type>()
+                    .iter()
+                    .collect()
+            };
+            for (score, label) in scores.into_iter().zip(labels.iter()) {
+                let (Some(score), Some(label)) = (score, label) else {
+                    continue;
+                };
+                if label != 0.0 && label != 1.0 {
+                    return Err(Error::column(
+                        &p.label_col,
+                        format!("binary labels must be 0 or 1, got {label}"),
+                    ));
+                }
+                pairs.push((score, label == 1.0));
+            }
+        }
+        Ok(pairs)
+    }
+}
+
+/// Areas under the ROC and PR curves from (score, positive) pairs, thresholds at each distinct
+/// score (tied scores move together), trapezoids, PR curve starting at (recall 0, precision of
+/// the first threshold) as in Spark's `BinaryClassificationMetrics`.
+pub fn areas_under_curves(mut pairs: Vec<(f64, bool)>) -> (f64, f64) {
+    pairs.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let positives = pairs.iter().filter(|p| p.1).count() as f64;
+    let negatives = pairs.len() as f64 - positives;
+    let (mut tp, mut fp) = (0.0, 0.0);
+    let mut roc = vec![(0.0, 0.0)];
+    let mut pr: Vec<(f64, f64)> = Vec::new();
+    let mut i = 0;
+    while i < pairs.len() {
+        let score = pairs[i].0;
+        while i < pairs.len() && pairs[i].0 == score {
+            if pairs[i].1 {
+                tp += 1.0;
+            } else {
+                fp += 1.0;
+            }
+            i += 1;
+        }
+        let recall = if positives > 0.0 { tp / positives } else { 0.0 };
+        let fpr = if negatives > 0.0 { fp / negatives } else { 0.0 };
+        let precision = if tp + fp > 0.0 { tp / (tp + fp) } else { 1.0 };
+        if pr.is_empty() {
+            pr.push((0.0, precision));
+        }
+        roc.push((fpr, recall));
+        pr.push((recall, precision));
+    }
+    roc.push((1.0, 1.0));
+    let trapezoid = |points: &[(f64, f64)]| {
+        points
+            .windows(2)
+            .map(|w| (w[1].0 - w[0].0) * (w[1].1 + w[0].1) / 2.0)
+            .sum::<f64>()
+    };
+    (trapezoid(&roc), trapezoid(&pr))
+}
+
+#[async_trait::async_trait]
+impl Evaluator for BinaryClassificationEvaluator {
+    async fn evaluate(&self, df: &DataFrame) -> Result<f64> {
+        self.params.validate()?;
+        let pairs = self.scores(df).await?;
+        if pairs.is_empty() {
+            return Err(Error::column(
+                &self.params.label_col,
+                "no rows with both a label and a score to evaluate",
+            ));
+        }
+        let (roc, pr) = areas_under_curves(pairs);
+        Ok(if self.params.metric_name == "areaUnderPR" {
+            pr
+        } else {
+            roc
+        })
+    }
+    fn is_larger_better(&self) -> bool {
+        true
+    }
+    fn metric_name(&self) -> &str {
+        &self.params.metric_name
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// AUC as the probability that a random positive outranks a random negative (ties 1/2).
+    fn pairwise_auc(pairs: &[(f64, bool)]) -> f64 {
+        let (mut wins, mut total) = (0.0, 0.0);
+        for p in pairs.iter().filter(|p| p.1) {
+            for n in pairs.iter().filter(|p| !p.1) {
+                total += 1.0;
+                wins += if p.0 > n.0 {
+                    1.0
+                } else if p.0 == n.0 {
+                    0.5
+                } else {
+                    0.0
+                };
+            }
+        }
+        wins / total
+    }
+
+    #[test]
+    fn roc_area_equals_pairwise_ranking_probability() {
+        let mut state = 7u64;
+        let pairs: Vec<(f64, bool)> = (0..300)
+            .map(|i| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let noise = (state >> 40) as f64 / (1u64 << 24) as f64;
+                let positive = i % 3 == 0;
+                // Rounded scores make ties, which must count one half.
+                (
+                    ((noise + if positive { 0.4 } else { 0.0 }) * 20.0).round(),
+                    positive,
+                )
+            })
+            .collect();
+        let (roc, _) = areas_under_curves(pairs.clone());
+        let expected = pairwise_auc(&pairs);
+        assert!((roc - expected).abs() < 1e-12, "{roc} vs {expected}");
+        assert!(roc > 0.6 && roc < 1.0);
+    }
+
+    #[test]
+    fn pr_area_matches_hand_computation() {
+        // Ranked: +, -, +  -> points (0,1) (.5,1) (.5,.5) (1,2/3).
+        let pairs = vec![(0.9, true), (0.8, false), (0.7, true)];
+        let (roc, pr) = areas_under_curves(pairs);
+        assert!((roc - 0.5).abs() < 1e-12);
+        let expected = 0.5 * 1.0 + 0.0 + 0.5 * (0.5 + 2.0 / 3.0) / 2.0;
+        assert!((pr - expected).abs() < 1e-12, "{pr} vs {expected}");
+    }
 
     #[test]
     fn weighted_scores_match_hand_computation() {

@@ -19,7 +19,8 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::params::{Params, check, new_uid};
+use crate::params::{ParamMap, Params, check, new_uid, params_stage_methods};
+use crate::persistence::SavedStage;
 use crate::pipeline::{Estimator, Transformer};
 
 /// Params of [`StringIndexer`] / [`StringIndexerModel`].
@@ -197,6 +198,21 @@ impl Estimator for StringIndexer {
             labels: labels.into_iter().map(|(l, _)| l).collect(),
         })
     }
+
+    params_stage_methods!(estimator, CLASS_STRING_INDEXER);
+}
+
+pub(crate) const CLASS_STRING_INDEXER: &str = "StringIndexer";
+pub(crate) const CLASS_STRING_INDEXER_MODEL: &str = "StringIndexerModel";
+pub(crate) const CLASS_INDEX_TO_STRING: &str = "IndexToString";
+
+impl StringIndexer {
+    pub(crate) fn from_saved(saved: &SavedStage) -> Result<Self> {
+        Ok(StringIndexer {
+            uid: saved.uid.clone(),
+            params: saved.params()?,
+        })
+    }
 }
 
 /// A fitted [`StringIndexer`]: maps each known label to its index.
@@ -226,6 +242,14 @@ impl StringIndexerModel {
     pub fn params(&self) -> &StringIndexerParams {
         &self.params
     }
+
+    pub(crate) fn from_saved(saved: &SavedStage) -> Result<Self> {
+        Ok(StringIndexerModel {
+            uid: saved.uid.clone(),
+            params: saved.params()?,
+            labels: saved.extra_field("labels")?,
+        })
+    }
 }
 
 impl Transformer for StringIndexerModel {
@@ -233,9 +257,13 @@ impl Transformer for StringIndexerModel {
         &self.uid
     }
 
+    /// As in Spark, a DataFrame without the input column (e.g. new, unlabelled images) passes
+    /// through unchanged.
     fn transform(&self, df: DataFrame) -> Result<DataFrame> {
         self.params.validate()?;
-        require_column(&df, &self.params.input_col)?;
+        if require_column(&df, &self.params.input_col).is_err() {
+            return Ok(df);
+        }
         let udf = ScalarUDF::new_from_impl(IndexUdf::new(
             &self.labels,
             &self.params.handle_invalid,
@@ -252,6 +280,21 @@ impl Transformer for StringIndexerModel {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+
+    fn save_stage(&self) -> Result<SavedStage> {
+        Ok(
+            SavedStage::of(CLASS_STRING_INDEXER_MODEL, &self.uid, &self.params)
+                .with_extra(serde_json::json!({ "labels": self.labels })),
+        )
+    }
+
+    fn copy_with(&self, overrides: &ParamMap) -> Result<Arc<dyn Transformer>> {
+        Ok(Arc::new(StringIndexerModel {
+            uid: self.uid.clone(),
+            params: overrides.apply(&self.uid, &self.params)?,
+            labels: self.labels.clone(),
+        }))
     }
 }
 
@@ -440,6 +483,17 @@ impl Transformer for IndexToString {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+
+    params_stage_methods!(transformer, CLASS_INDEX_TO_STRING);
+}
+
+impl IndexToString {
+    pub(crate) fn from_saved(saved: &SavedStage) -> Result<Self> {
+        Ok(IndexToString {
+            uid: saved.uid.clone(),
+            params: saved.params()?,
+        })
     }
 }
 

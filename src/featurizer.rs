@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::image::{image_type, to_rgb8};
 use crate::models::{LoadedModel, available_devices, available_models, load_model};
-use crate::params::{Params, check, new_uid};
+use crate::params::{ParamMap, Params, check, new_uid};
+use crate::persistence::SavedStage;
 use crate::pipeline::Transformer;
 use crate::preprocess::preprocess;
 
@@ -198,6 +199,60 @@ impl Transformer for DeepImageFeaturizer {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+
+    /// Params plus a reference to the network (name + weight sha256); weights are not copied.
+    fn save_stage(&self) -> Result<SavedStage> {
+        let (manifest, _) = crate::models::manifest(&self.params.model_name)?;
+        let reference = ModelReference {
+            name: manifest.name,
+            weights_file: manifest.weights.file,
+            sha256: manifest.weights.sha256,
+        };
+        Ok(
+            SavedStage::of(CLASS_DEEP_IMAGE_FEATURIZER, &self.uid, &self.params)
+                .with_extra(serde_json::json!({ "model": reference })),
+        )
+    }
+
+    fn copy_with(&self, overrides: &ParamMap) -> Result<Arc<dyn Transformer>> {
+        Ok(Arc::new(DeepImageFeaturizer {
+            uid: self.uid.clone(),
+            params: overrides.apply(&self.uid, &self.params)?,
+        }))
+    }
+}
+
+pub(crate) const CLASS_DEEP_IMAGE_FEATURIZER: &str = "DeepImageFeaturizer";
+
+/// How a saved featurizer names its network: loading checks the installed weights are the same.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ModelReference {
+    name: String,
+    weights_file: String,
+    sha256: Option<String>,
+}
+
+impl DeepImageFeaturizer {
+    pub(crate) fn from_saved(saved: &SavedStage) -> Result<Self> {
+        let params: DeepImageFeaturizerParams = saved.params()?;
+        let reference: ModelReference = saved.extra_field("model")?;
+        let (manifest, dir) = crate::models::manifest(&params.model_name)?;
+        if reference.sha256 != manifest.weights.sha256 {
+            return Err(Error::Persistence(format!(
+                "DeepImageFeaturizer `{}` was saved with {} weights sha256 {}, but the installed model ({}) has sha256 {}",
+                saved.uid,
+                reference.name,
+                reference.sha256.as_deref().unwrap_or("(none)"),
+                dir.join(&manifest.weights.file).display(),
+                manifest.weights.sha256.as_deref().unwrap_or("(none)"),
+            )));
+        }
+        Ok(DeepImageFeaturizer {
+            uid: saved.uid.clone(),
+            params,
+        })
     }
 }
 

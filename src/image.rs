@@ -347,18 +347,41 @@ impl ScalarUDFImpl for DecodeImageUdf {
             }
             ByteSource::Column => {
                 let origins = string_array(&arrays[1], "origin")?;
-                let bytes = binary_values(&arrays[0])?;
-                let items: Vec<(Option<&[u8]>, &str)> = bytes
-                    .into_iter()
-                    .zip(origins.iter())
-                    .map(|(b, o)| (b, o.unwrap_or("")))
-                    .collect();
-                rayon_map(&items, |(b, o)| b.map(|b| decode_image(b, o, &self.limits)))
+                decode_bytes(&arrays[0], origins.iter(), &self.limits)?
             }
         };
         debug_assert_eq!(rows.len(), n);
         Ok(ColumnarValue::Array(decoded_array(rows)))
     }
+}
+
+type DecodedRow = Option<std::result::Result<ImageRow, String>>;
+
+/// Decodes a binary array of encoded images in parallel, one result per row (None = null).
+fn decode_bytes<'a>(
+    bytes: &ArrayRef,
+    origins: impl Iterator<Item = Option<&'a str>>,
+    limits: &DecodeLimits,
+) -> datafusion::common::Result<Vec<DecodedRow>> {
+    let items: Vec<(Option<&[u8]>, &str)> = binary_values(bytes)?
+        .into_iter()
+        .zip(origins)
+        .map(|(b, o)| (b, o.unwrap_or("")))
+        .collect();
+    Ok(rayon_map(&items, |(b, o)| {
+        b.map(|b| decode_image(b, o, limits))
+    }))
+}
+
+/// Decodes a binary array of encoded images into an image struct array (null where the bytes
+/// are null or undecodable), e.g. for a SQL function called on raw file contents.
+pub fn decode_binary_array(
+    bytes: &ArrayRef,
+    limits: &DecodeLimits,
+) -> datafusion::common::Result<ArrayRef> {
+    let rows = decode_bytes(bytes, std::iter::repeat(None), limits)?;
+    let decoded = decoded_array(rows);
+    Ok(Arc::clone(decoded.as_struct().column(0)))
 }
 
 /// Decoding is CPU-bound and independent per image: spread a batch over the rayon pool.

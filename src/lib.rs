@@ -36,27 +36,37 @@ pub mod image;
 pub mod models;
 pub mod optim;
 pub mod params;
+pub mod persistence;
 pub mod pipeline;
 pub mod preprocess;
 pub mod split;
+pub mod sql;
+pub mod tuning;
 
 pub use classification::{LogisticRegression, LogisticRegressionModel};
 pub use error::{Error, Result};
-pub use evaluation::{ConfusionMatrix, MulticlassClassificationEvaluator, confusion_matrix};
+pub use evaluation::{
+    BinaryClassificationEvaluator, ConfusionMatrix, Evaluator, MulticlassClassificationEvaluator,
+    confusion_matrix,
+};
 pub use feature::{IndexToString, StringIndexer, StringIndexerModel};
 pub use featurizer::DeepImageFeaturizer;
 pub use image::{ReadImagesOptions, decode_image_column, read_images};
-pub use params::Params;
+pub use params::{ParamMap, Params};
 pub use pipeline::{Estimator, Pipeline, PipelineModel, Transformer};
 pub use split::random_split;
+pub use sql::{register_featurizer, register_images_table, register_model};
+pub use tuning::{CrossValidator, ParamGridBuilder, TrainValidationSplit};
 
 /// Everything the examples import.
 pub mod prelude {
     pub use crate::{
-        ConfusionMatrix, DeepImageFeaturizer, Estimator, IndexToString, LogisticRegression,
-        LogisticRegressionModel, MulticlassClassificationEvaluator, Params, Pipeline,
-        PipelineModel, ReadImagesOptions, StringIndexer, StringIndexerModel, Transformer,
-        confusion_matrix, decode_image_column, random_split, read_images,
+        BinaryClassificationEvaluator, ConfusionMatrix, CrossValidator, DeepImageFeaturizer,
+        Estimator, Evaluator, IndexToString, LogisticRegression, LogisticRegressionModel,
+        MulticlassClassificationEvaluator, ParamGridBuilder, ParamMap, Params, Pipeline,
+        PipelineModel, ReadImagesOptions, StringIndexer, StringIndexerModel, TrainValidationSplit,
+        Transformer, confusion_matrix, decode_image_column, random_split, read_images,
+        register_featurizer, register_images_table, register_model,
     };
     pub use datafusion::prelude::{DataFrame, SessionContext, col, ident, lit};
 }

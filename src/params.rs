@@ -104,3 +104,139 @@ pub fn new_uid(prefix: &str) -> String {
     z ^= z >> 31;
     format!("{prefix}_{:012x}", z & 0xFFFF_FFFF_FFFF)
 }
+
+/// Param values for several stages, addressed as (stage uid, Spark param name): one point of
+/// a tuning grid, like Spark's `ParamMap`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct ParamMap {
+    entries: Vec<ParamPair>,
+}
+
+/// One entry of a [`ParamMap`].
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct ParamPair {
+    pub stage: String,
+    pub param: String,
+    pub value: serde_json::Value,
+}
+
+impl ParamMap {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets `param` of the stage with uid `stage` (replacing an earlier value).
+    pub fn put(mut self, stage: &str, param: &str, value: impl Into<serde_json::Value>) -> Self {
+        let value = value.into();
+        match self
+            .entries
+            .iter_mut()
+            .find(|e| e.stage == stage && e.param == param)
+        {
+            Some(entry) => entry.value = value,
+            None => self.entries.push(ParamPair {
+                stage: stage.to_string(),
+                param: param.to_string(),
+                value,
+            }),
+        }
+        self
+    }
+
+    /// The entries, in insertion order.
+    pub fn entries(&self) -> &[ParamPair] {
+        &self.entries
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Names of the params set for stage `uid`.
+    pub fn names_for(&self, uid: &str) -> Vec<&str> {
+        self.entries
+            .iter()
+            .filter(|e| e.stage == uid)
+            .map(|e| e.param.as_str())
+            .collect()
+    }
+
+    /// `params` with the values this map sets for stage `uid`, validated. Unknown param names
+    /// and values of the wrong type are errors naming the param.
+    pub fn apply<P: Params>(&self, uid: &str, params: &P) -> Result<P> {
+        let mut value = serde_json::to_value(params)
+            .map_err(|e| Error::param(P::STAGE, "*", format!("cannot serialise params: {e}")))?;
+        let Some(object) = value.as_object_mut() else {
+            return Err(Error::param(P::STAGE, "*", "params are not a JSON object"));
+        };
+        for entry in self.entries.iter().filter(|e| e.stage == uid) {
+            if !object.contains_key(&entry.param) {
+                let known: Vec<&str> = P::docs().iter().map(|(n, _)| *n).collect();
+                return Err(Error::param(
+                    P::STAGE,
+                    &entry.param,
+                    format!("no such param; known: {}", known.join(", ")),
+                ));
+            }
+            object.insert(entry.param.clone(), entry.value.clone());
+        }
+        let params: P = serde_json::from_value(value).map_err(|e| {
+            let names = self.names_for(uid).join(", ");
+            Error::param(P::STAGE, &names, format!("wrong value type: {e}"))
+        })?;
+        params.validate()?;
+        Ok(params)
+    }
+}
+
+impl std::fmt::Display for ParamMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self
+            .entries
+            .iter()
+            .map(|e| format!("{}.{}={}", e.stage, e.param, e.value))
+            .collect();
+        write!(f, "{{{}}}", parts.join(", "))
+    }
+}
+
+/// `save_stage` and `copy_with` for a stage whose whole state is `uid` + `params`; used inside
+/// its `impl Estimator` / `impl Transformer` block.
+macro_rules! params_stage_methods {
+    (estimator, $class:expr) => {
+        fn save_stage(&self) -> $crate::Result<$crate::persistence::SavedStage> {
+            Ok($crate::persistence::SavedStage::of(
+                $class,
+                &self.uid,
+                &self.params,
+            ))
+        }
+
+        fn copy_with(&self, overrides: &$crate::params::ParamMap) -> $crate::Result<Self> {
+            Ok(Self {
+                uid: self.uid.clone(),
+                params: overrides.apply(&self.uid, &self.params)?,
+            })
+        }
+    };
+    (transformer, $class:expr) => {
+        fn save_stage(&self) -> $crate::Result<$crate::persistence::SavedStage> {
+            Ok($crate::persistence::SavedStage::of(
+                $class,
+                &self.uid,
+                &self.params,
+            ))
+        }
+
+        fn copy_with(
+            &self,
+            overrides: &$crate::params::ParamMap,
+        ) -> $crate::Result<std::sync::Arc<dyn $crate::Transformer>> {
+            Ok(std::sync::Arc::new(Self {
+                uid: self.uid.clone(),
+                params: overrides.apply(&self.uid, &self.params)?,
+            }))
+        }
+    };
+}
+pub(crate) use params_stage_methods;

@@ -15,8 +15,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use datafusion::prelude::DataFrame;
 
-use crate::error::Result;
-use crate::params::new_uid;
+use crate::error::{Error, Result};
+use crate::params::{ParamMap, new_uid};
+use crate::persistence::SavedStage;
 
 /// A stage that maps a DataFrame to a new DataFrame (lazily where possible).
 pub trait Transformer: Send + Sync + Debug + Any {
@@ -28,6 +29,31 @@ pub trait Transformer: Send + Sync + Debug + Any {
 
     /// For downcasting a stage of a fitted [`PipelineModel`] back to its concrete type.
     fn as_any(&self) -> &dyn Any;
+
+    /// Params and model data for [`crate::persistence`]. The default: this stage cannot be saved.
+    fn save_stage(&self) -> Result<SavedStage> {
+        Err(not_saveable(self.uid()))
+    }
+
+    /// A copy with the params of `overrides` that name this stage set (same uid), for tuning.
+    /// The default accepts only an empty set: this stage has no params to tune.
+    fn copy_with(&self, overrides: &ParamMap) -> Result<Arc<dyn Transformer>> {
+        Err(no_params(self.uid(), overrides))
+    }
+}
+
+fn not_saveable(uid: &str) -> Error {
+    Error::Persistence(format!(
+        "stage `{uid}` does not implement saving (Transformer::save_stage / Estimator::save_stage)"
+    ))
+}
+
+fn no_params(uid: &str, overrides: &ParamMap) -> Error {
+    Error::param(
+        uid,
+        &overrides.names_for(uid).join(", "),
+        "this stage has no settable params",
+    )
 }
 
 /// A stage that learns from a DataFrame and returns a fitted [`Transformer`].
@@ -41,6 +67,19 @@ pub trait Estimator: Send + Sync + Debug {
 
     /// Runs over `df` (executing the plan) and returns the fitted model.
     async fn fit(&self, df: &DataFrame) -> Result<Self::Model>;
+
+    /// Params for [`crate::persistence`]. The default: this stage cannot be saved.
+    fn save_stage(&self) -> Result<SavedStage> {
+        Err(not_saveable(Estimator::uid(self)))
+    }
+
+    /// A copy with the params of `overrides` that name this stage set (same uid), for tuning.
+    fn copy_with(&self, overrides: &ParamMap) -> Result<Self>
+    where
+        Self: Sized,
+    {
+        Err(no_params(Estimator::uid(self), overrides))
+    }
 }
 
 /// Object-safe view of an [`Estimator`], so a pipeline can hold estimators of different types.
@@ -48,16 +87,32 @@ pub trait Estimator: Send + Sync + Debug {
 pub trait AnyEstimator: Send + Sync + Debug {
     fn uid(&self) -> &str;
     async fn fit_any(&self, df: &DataFrame) -> Result<Arc<dyn Transformer>>;
+    fn save_stage(&self) -> Result<SavedStage>;
+    fn copy_with_any(&self, overrides: &ParamMap) -> Result<Arc<dyn AnyEstimator>>;
+    /// For downcasting back to the concrete estimator type.
+    fn as_any(&self) -> &dyn Any;
 }
 
 #[async_trait]
-impl<E: Estimator> AnyEstimator for E {
+impl<E: Estimator + 'static> AnyEstimator for E {
     fn uid(&self) -> &str {
         Estimator::uid(self)
     }
 
     async fn fit_any(&self, df: &DataFrame) -> Result<Arc<dyn Transformer>> {
         Ok(Arc::new(self.fit(df).await?))
+    }
+
+    fn save_stage(&self) -> Result<SavedStage> {
+        Estimator::save_stage(self)
+    }
+
+    fn copy_with_any(&self, overrides: &ParamMap) -> Result<Arc<dyn AnyEstimator>> {
+        Ok(Arc::new(self.copy_with(overrides)?))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }
 
@@ -69,10 +124,29 @@ pub enum PipelineStage {
 }
 
 impl PipelineStage {
-    fn uid(&self) -> &str {
+    /// The stage's uid.
+    pub fn uid(&self) -> &str {
         match self {
             PipelineStage::Transformer(t) => t.uid(),
             PipelineStage::Estimator(e) => e.uid(),
+        }
+    }
+
+    /// This stage with the params of `overrides` that name it set; untouched stages are shared.
+    pub fn copy_with(&self, overrides: &ParamMap) -> Result<PipelineStage> {
+        if overrides.names_for(self.uid()).is_empty() {
+            return Ok(self.clone());
+        }
+        Ok(match self {
+            PipelineStage::Transformer(t) => PipelineStage::Transformer(t.copy_with(overrides)?),
+            PipelineStage::Estimator(e) => PipelineStage::Estimator(e.copy_with_any(overrides)?),
+        })
+    }
+
+    fn save_stage(&self) -> Result<SavedStage> {
+        match self {
+            PipelineStage::Transformer(t) => t.save_stage(),
+            PipelineStage::Estimator(e) => e.save_stage(),
         }
     }
 }
@@ -121,6 +195,29 @@ impl Pipeline {
     pub fn stage_uids(&self) -> Vec<&str> {
         self.stages.iter().map(PipelineStage::uid).collect()
     }
+
+    /// Builds a pipeline from stages (e.g. when loading a saved one).
+    pub fn from_stages(uid: impl Into<String>, stages: Vec<PipelineStage>) -> Self {
+        Pipeline {
+            uid: uid.into(),
+            stages,
+        }
+    }
+
+    /// Saves the (unfitted) pipeline: see [`crate::persistence`] for the layout.
+    pub fn save(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        crate::persistence::save(&Estimator::save_stage(self)?, path.as_ref(), false)
+    }
+
+    /// [`Pipeline::save`], replacing what is at `path`.
+    pub fn save_overwrite(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        crate::persistence::save(&Estimator::save_stage(self)?, path.as_ref(), true)
+    }
+
+    /// Loads a pipeline written by [`Pipeline::save`].
+    pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self> {
+        crate::persistence::load_estimator_as(path.as_ref())
+    }
 }
 
 #[async_trait]
@@ -153,7 +250,30 @@ impl Estimator for Pipeline {
             stages: fitted,
         })
     }
+
+    fn save_stage(&self) -> Result<SavedStage> {
+        let stages = self
+            .stages
+            .iter()
+            .map(PipelineStage::save_stage)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(SavedStage::container(CLASS_PIPELINE, &self.uid, stages))
+    }
+
+    fn copy_with(&self, overrides: &ParamMap) -> Result<Self> {
+        Ok(Pipeline {
+            uid: self.uid.clone(),
+            stages: self
+                .stages
+                .iter()
+                .map(|s| s.copy_with(overrides))
+                .collect::<Result<_>>()?,
+        })
+    }
 }
+
+pub(crate) const CLASS_PIPELINE: &str = "Pipeline";
+pub(crate) const CLASS_PIPELINE_MODEL: &str = "PipelineModel";
 
 /// A fitted pipeline: its stages are all transformers, applied in order.
 #[derive(Debug, Clone)]
@@ -182,6 +302,21 @@ impl PipelineModel {
             .iter()
             .find_map(|s| s.as_any().downcast_ref::<T>())
     }
+
+    /// Saves the fitted pipeline: see [`crate::persistence`] for the layout.
+    pub fn save(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        crate::persistence::save(&self.save_stage()?, path.as_ref(), false)
+    }
+
+    /// [`PipelineModel::save`], replacing what is at `path`.
+    pub fn save_overwrite(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        crate::persistence::save(&self.save_stage()?, path.as_ref(), true)
+    }
+
+    /// Loads a fitted pipeline written by [`PipelineModel::save`].
+    pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self> {
+        crate::persistence::load_transformer_as(path.as_ref())
+    }
 }
 
 impl Transformer for PipelineModel {
@@ -197,5 +332,35 @@ impl Transformer for PipelineModel {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+
+    fn save_stage(&self) -> Result<SavedStage> {
+        let stages = self
+            .stages
+            .iter()
+            .map(|s| s.save_stage())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(SavedStage::container(
+            CLASS_PIPELINE_MODEL,
+            &self.uid,
+            stages,
+        ))
+    }
+
+    fn copy_with(&self, overrides: &ParamMap) -> Result<Arc<dyn Transformer>> {
+        Ok(Arc::new(PipelineModel {
+            uid: self.uid.clone(),
+            stages: self
+                .stages
+                .iter()
+                .map(|s| {
+                    if overrides.names_for(s.uid()).is_empty() {
+                        Ok(Arc::clone(s))
+                    } else {
+                        s.copy_with(overrides)
+                    }
+                })
+                .collect::<Result<_>>()?,
+        }))
     }
 }

@@ -23,8 +23,10 @@ use serde::{Deserialize, Serialize};
 use super::logistic_math::{Dataset, Family, FitSettings, FittedLogistic, fit};
 use crate::error::{Error, Result};
 use crate::feature::require_column;
-use crate::params::{Params, check, new_uid};
+use crate::params::{ParamMap, Params, check, new_uid, params_stage_methods};
+use crate::persistence::SavedStage;
 use crate::pipeline::{Estimator, Transformer};
+use safetensors::{Dtype, tensor::TensorView};
 
 /// Params of [`LogisticRegression`], with Spark's names and defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -320,6 +322,59 @@ impl Estimator for LogisticRegression {
             num_skipped_rows: skipped,
         })
     }
+
+    params_stage_methods!(estimator, CLASS_LOGISTIC_REGRESSION);
+}
+
+pub(crate) const CLASS_LOGISTIC_REGRESSION: &str = "LogisticRegression";
+pub(crate) const CLASS_LOGISTIC_REGRESSION_MODEL: &str = "LogisticRegressionModel";
+const MODEL_DATA: &str = "model.safetensors";
+
+impl LogisticRegression {
+    pub(crate) fn from_saved(saved: &SavedStage) -> Result<Self> {
+        Ok(LogisticRegression {
+            uid: saved.uid.clone(),
+            params: saved.params()?,
+        })
+    }
+}
+
+/// What `extra` holds for a saved model; the coefficients go to safetensors (exact f64 bits).
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ModelFacts {
+    num_classes: usize,
+    num_features: usize,
+    multinomial: bool,
+    iterations: usize,
+    converged: bool,
+    objective_history: Vec<f64>,
+}
+
+fn f64_tensor(values: &[f64]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn read_f64_tensor(
+    tensors: &safetensors::SafeTensors,
+    name: &str,
+    shape: &[usize],
+) -> std::result::Result<Vec<f64>, String> {
+    let view = tensors
+        .tensor(name)
+        .map_err(|e| format!("tensor `{name}`: {e}"))?;
+    if view.dtype() != safetensors::Dtype::F64 || view.shape() != shape {
+        return Err(format!(
+            "tensor `{name}` is {:?} {:?}, expected F64 {shape:?}",
+            view.dtype(),
+            view.shape()
+        ));
+    }
+    Ok(view
+        .data()
+        .chunks_exact(8)
+        .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+        .collect())
 }
 
 /// A fitted logistic regression: adds `rawPrediction`, `probability` and `prediction`.
@@ -358,6 +413,48 @@ impl LogisticRegressionModel {
     pub fn num_skipped_rows(&self) -> usize {
         self.num_skipped_rows
     }
+
+    pub(crate) fn from_saved(saved: &SavedStage) -> Result<Self> {
+        let facts: ModelFacts = saved.extra_field("model")?;
+        let bytes = saved.data_file(MODEL_DATA)?;
+        let bad = |m: String| {
+            Error::Persistence(format!(
+                "LogisticRegressionModel `{}`: data/{MODEL_DATA}: {m}",
+                saved.uid
+            ))
+        };
+        let tensors =
+            safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+        let rows = if facts.multinomial {
+            facts.num_classes
+        } else {
+            1
+        };
+        let coefficients =
+            read_f64_tensor(&tensors, "coefficients", &[rows, facts.num_features]).map_err(bad)?;
+        let intercepts = read_f64_tensor(&tensors, "intercepts", &[rows]).map_err(bad)?;
+        let fitted = FittedLogistic {
+            num_classes: facts.num_classes,
+            num_features: facts.num_features,
+            multinomial: facts.multinomial,
+            coefficients,
+            intercepts,
+            objective_history: facts.objective_history,
+            iterations: facts.iterations,
+            converged: facts.converged,
+        };
+        Ok(Self::new(saved.uid.clone(), saved.params()?, fitted))
+    }
+
+    /// Loads a model written by [`LogisticRegressionModel::save`].
+    pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self> {
+        crate::persistence::load_transformer_as(path.as_ref())
+    }
+
+    /// Saves the model: params in `metadata.json`, coefficients in `data/model.safetensors`.
+    pub fn save(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        crate::persistence::save(&self.save_stage()?, path.as_ref(), false)
+    }
 }
 
 impl Transformer for LogisticRegressionModel {
@@ -386,6 +483,50 @@ impl Transformer for LogisticRegressionModel {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+
+    fn save_stage(&self) -> Result<SavedStage> {
+        let f = &self.fitted;
+        let rows = f.intercepts.len();
+        let coefficients = f64_tensor(&f.coefficients);
+        let intercepts = f64_tensor(&f.intercepts);
+        let tensors = [
+            (
+                "coefficients",
+                TensorView::new(Dtype::F64, vec![rows, f.num_features], &coefficients),
+            ),
+            (
+                "intercepts",
+                TensorView::new(Dtype::F64, vec![rows], &intercepts),
+            ),
+        ];
+        let mut views = Vec::new();
+        for (name, view) in tensors {
+            let view =
+                view.map_err(|e| Error::Persistence(format!("{}: {name}: {e}", self.uid)))?;
+            views.push((name, view));
+        }
+        let data = safetensors::serialize(views, None)
+            .map_err(|e| Error::Persistence(format!("{}: {e}", self.uid)))?;
+        let facts = ModelFacts {
+            num_classes: f.num_classes,
+            num_features: f.num_features,
+            multinomial: f.multinomial,
+            iterations: f.iterations,
+            converged: f.converged,
+            objective_history: f.objective_history.clone(),
+        };
+        Ok(
+            SavedStage::of(CLASS_LOGISTIC_REGRESSION_MODEL, &self.uid, &self.params)
+                .with_extra(serde_json::json!({ "model": facts }))
+                .with_data(MODEL_DATA, data),
+        )
+    }
+
+    fn copy_with(&self, overrides: &ParamMap) -> Result<Arc<dyn Transformer>> {
+        let mut copy = self.clone();
+        copy.params = overrides.apply(&self.uid, &self.params)?;
+        Ok(Arc::new(copy))
     }
 }
 

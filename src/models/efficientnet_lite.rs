@@ -2,7 +2,7 @@
 //! padding, BatchNorm eps 1e-3. Field names follow the PyTorch checkpoint with the leading
 //! underscores dropped (`_blocks.3._bn1.weight` -> `blocks.3.bn1.gamma`), see [`WEIGHT_NAME_MAP`].
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
@@ -153,8 +153,98 @@ impl EfficientNetLite {
             x = block.forward(x);
         }
         let x = relu6(self.bn1.forward(self.conv_head.forward(x)));
-        let [batch, channels, _, _] = x.dims();
-        x.mean_dim(3).mean_dim(2).reshape([batch, channels])
+        global_average_pool(x)
+    }
+
+    /// Features -> ImageNet logits.
+    pub fn logits(&self, features: Tensor<2>) -> Tensor<2> {
+        self.fc.forward(features)
+    }
+
+    /// The same function with every BatchNorm folded into the convolution before it: one
+    /// convolution + bias per layer instead of a convolution and four element-wise passes.
+    pub fn fold_batch_norms(self) -> FoldedEfficientNetLite {
+        let blocks = self
+            .blocks
+            .into_iter()
+            .map(|b| FoldedMbConv {
+                expand_conv: match (b.expand_conv, b.bn0) {
+                    (Some(conv), Some(bn)) => Some(fold(conv, &bn)),
+                    _ => None,
+                },
+                depthwise_conv: fold(b.depthwise_conv, &b.bn1),
+                project_conv: fold(b.project_conv, &b.bn2),
+                residual: b.residual,
+            })
+            .collect();
+        FoldedEfficientNetLite {
+            conv_stem: fold(self.conv_stem, &self.bn0),
+            blocks,
+            conv_head: fold(self.conv_head, &self.bn1),
+            fc: self.fc,
+        }
+    }
+}
+
+fn global_average_pool(x: Tensor<4>) -> Tensor<2> {
+    let [batch, channels, _, _] = x.dims();
+    x.mean_dim(3).mean_dim(2).reshape([batch, channels])
+}
+
+/// `bn(conv(x))` as one convolution: `w' = w * s`, `b' = beta + (b - mean) * s`,
+/// `s = gamma / sqrt(var + eps)` per output channel.
+fn fold(mut conv: Conv2d, bn: &BatchNorm) -> Conv2d {
+    let scale = bn.gamma.val() / (bn.running_var.value() + bn.epsilon).sqrt();
+    let [out_channels, ..] = conv.weight.dims();
+    let weight = conv.weight.val() * scale.clone().reshape([out_channels, 1, 1, 1]);
+    let bias = conv
+        .bias
+        .as_ref()
+        .map_or_else(|| bn.running_mean.value().zeros_like(), |b| b.val());
+    let bias = bn.beta.val() + (bias - bn.running_mean.value()) * scale;
+    conv.weight = Param::from_tensor(weight);
+    conv.bias = Some(Param::from_tensor(bias));
+    conv
+}
+
+/// [`MbConv`] with its BatchNorms folded away (inference only).
+#[derive(Module, Debug)]
+pub struct FoldedMbConv {
+    expand_conv: Option<Conv2d>,
+    depthwise_conv: Conv2d,
+    project_conv: Conv2d,
+    residual: bool,
+}
+
+impl FoldedMbConv {
+    fn forward(&self, input: Tensor<4>) -> Tensor<4> {
+        let mut x = input.clone();
+        if let Some(conv) = &self.expand_conv {
+            x = relu6(conv.forward(x));
+        }
+        x = relu6(self.depthwise_conv.forward(x));
+        x = self.project_conv.forward(x);
+        if self.residual { x + input } else { x }
+    }
+}
+
+/// [`EfficientNetLite`] with its BatchNorms folded away: what the featurizer runs.
+#[derive(Module, Debug)]
+pub struct FoldedEfficientNetLite {
+    conv_stem: Conv2d,
+    blocks: Vec<FoldedMbConv>,
+    conv_head: Conv2d,
+    fc: Linear,
+}
+
+impl FoldedEfficientNetLite {
+    /// `[batch, 3, H, W]` normalised RGB -> `[batch, head_channels]` features.
+    pub fn features(&self, input: Tensor<4>) -> Tensor<2> {
+        let mut x = relu6(self.conv_stem.forward(input));
+        for block in &self.blocks {
+            x = block.forward(x);
+        }
+        global_average_pool(relu6(self.conv_head.forward(x)))
     }
 
     /// Features -> ImageNet logits.

@@ -6,6 +6,7 @@ pub mod efficientnet_lite;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use burn::prelude::*;
@@ -14,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use efficientnet_lite::{EfficientNetLite, EfficientNetLiteConfig};
+use efficientnet_lite::{EfficientNetLiteConfig, FoldedEfficientNetLite};
 
 /// Environment variable naming the folder that holds one sub-folder per model.
 pub const MODEL_DIR_ENV: &str = "DEEP_PIPELINES_MODEL_DIR";
@@ -196,7 +197,7 @@ fn check_sha256(path: &Path, expected: &str, model: &str) -> Result<()> {
 /// A network ready to run: `features` for the featurizer, `logits` for ImageNet predictions.
 #[derive(Debug)]
 pub enum Network {
-    EfficientNetLite(EfficientNetLite),
+    EfficientNetLite(FoldedEfficientNetLite),
 }
 
 impl Network {
@@ -219,6 +220,8 @@ pub struct LoadedModel {
     pub manifest: Manifest,
     pub network: Network,
     pub device: Device,
+    /// Images run through the network so far (all callers of [`LoadedModel::features`]).
+    images_processed: AtomicU64,
 }
 
 impl LoadedModel {
@@ -243,7 +246,7 @@ impl LoadedModel {
             "efficientnet_lite0" => {
                 let mut net = EfficientNetLiteConfig::lite0().init(device);
                 load_safetensors(&mut net, &weights, efficientnet_lite::WEIGHT_NAME_MAP, name)?;
-                Network::EfficientNetLite(net)
+                Network::EfficientNetLite(net.fold_batch_norms())
             }
             other => {
                 return Err(model_error(name, format!("unknown architecture `{other}`")));
@@ -253,13 +256,22 @@ impl LoadedModel {
             manifest,
             network,
             device: device.clone(),
+            images_processed: AtomicU64::new(0),
         })
+    }
+
+    /// How many images this model has run through the network in this process: a cost meter
+    /// (e.g. to check that tuning featurizes each row once).
+    pub fn images_processed(&self) -> u64 {
+        self.images_processed.load(Ordering::Relaxed)
     }
 
     /// Runs a batch of preprocessed inputs (`batch` x 3 x S x S, concatenated) to features.
     pub fn features(&self, inputs: Vec<f32>, batch: usize) -> Result<Vec<f32>> {
         let s = self.manifest.input_size as usize;
         let x = self.input_tensor(inputs, batch, s)?;
+        self.images_processed
+            .fetch_add(batch as u64, Ordering::Relaxed);
         tensor_to_vec(self.network.features(x), &self.manifest.name)
     }
 

@@ -1,0 +1,436 @@
+//! Saving and loading stages, pipelines and fitted pipelines, in a layout close to Spark ML's.
+//!
+//! ```text
+//! model/                          one folder per stage
+//!   _SUCCESS                      written last: a folder without it is an interrupted save
+//!   metadata.json                 class, uid, libraryVersion, formatVersion, timestamp,
+//!                                 paramMap, defaultParamMap, extra (small model facts),
+//!                                 dataFiles (name -> sha256), stageUids (pipelines)
+//!   data/model.safetensors        model data, e.g. LogisticRegressionModel's coefficients
+//!   stages/0_StringIndexer_.../   a pipeline's stages, each a folder like this one
+//!   stages/1_DeepImageFeaturizer_.../
+//!   stages/2_LogisticRegression_.../
+//! ```
+//!
+//! Bundled networks are saved **by reference** (model name + weight sha256 in `extra`), not
+//! copied; loading checks that the installed model still has that hash. Saving is atomic: the
+//! folder is written under a temporary name beside `path` and renamed into place, so a crash
+//! never leaves a half-written model at `path`. Loading checks the format version, every data
+//! file's sha256 and every stage's class, and names the file at fault.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::classification::LogisticRegressionModel;
+use crate::error::{Error, Result};
+use crate::feature::{IndexToString, StringIndexer, StringIndexerModel};
+use crate::featurizer::DeepImageFeaturizer;
+use crate::params::Params;
+use crate::pipeline::{
+    AnyEstimator, CLASS_PIPELINE, CLASS_PIPELINE_MODEL, Pipeline, PipelineModel, PipelineStage,
+    Transformer,
+};
+use crate::{LogisticRegression, classification};
+
+/// Version of the on-disk layout this library writes and the newest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
+const METADATA: &str = "metadata.json";
+const SUCCESS: &str = "_SUCCESS";
+const CLASS_PREFIX: &str = "deep_pipelines.";
+
+/// One stage as saved: what `metadata.json` holds, the data files, and child stages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedStage {
+    /// Short class name, e.g. `LogisticRegressionModel`.
+    pub class: String,
+    pub uid: String,
+    /// The stage's params (Spark names).
+    pub params: Value,
+    /// The defaults of those params.
+    pub default_params: Value,
+    /// Small model facts kept in the metadata (labels, model reference, ...).
+    pub extra: Value,
+    /// Files under `data/`: (file name, bytes).
+    pub data: Vec<(String, Vec<u8>)>,
+    /// A pipeline's stages, in order.
+    pub stages: Vec<SavedStage>,
+}
+
+impl SavedStage {
+    /// A stage whose state is its params.
+    pub fn of<P: Params>(class: &str, uid: &str, params: &P) -> Self {
+        SavedStage {
+            class: class.to_string(),
+            uid: uid.to_string(),
+            params: serde_json::to_value(params).unwrap_or(Value::Null),
+            default_params: serde_json::to_value(P::default()).unwrap_or(Value::Null),
+            extra: Value::Null,
+            data: Vec::new(),
+            stages: Vec::new(),
+        }
+    }
+
+    /// A pipeline-like stage holding other stages.
+    pub fn container(class: &str, uid: &str, stages: Vec<SavedStage>) -> Self {
+        SavedStage {
+            class: class.to_string(),
+            uid: uid.to_string(),
+            params: Value::Object(Default::default()),
+            default_params: Value::Object(Default::default()),
+            extra: Value::Null,
+            data: Vec::new(),
+            stages,
+        }
+    }
+
+    pub fn with_extra(mut self, extra: Value) -> Self {
+        self.extra = extra;
+        self
+    }
+
+    pub fn with_data(mut self, name: &str, bytes: Vec<u8>) -> Self {
+        self.data.push((name.to_string(), bytes));
+        self
+    }
+
+    /// The params, validated, as the stage's params type.
+    pub fn params<P: Params>(&self) -> Result<P> {
+        P::from_json(self.params.clone())
+    }
+
+    /// A data file by name.
+    pub fn data_file(&self, name: &str) -> Result<&[u8]> {
+        self.data
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, b)| b.as_slice())
+            .ok_or_else(|| {
+                Error::Persistence(format!(
+                    "{} `{}`: data file `{name}` missing",
+                    self.class, self.uid
+                ))
+            })
+    }
+
+    /// A field of `extra`, deserialised.
+    pub fn extra_field<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<T> {
+        let value = self.extra.get(name).cloned().ok_or_else(|| {
+            Error::Persistence(format!(
+                "{} `{}`: metadata has no `extra.{name}`",
+                self.class, self.uid
+            ))
+        })?;
+        serde_json::from_value(value).map_err(|e| {
+            Error::Persistence(format!(
+                "{} `{}`: malformed `extra.{name}`: {e}",
+                self.class, self.uid
+            ))
+        })
+    }
+}
+
+/// The contents of `metadata.json`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Metadata {
+    class: String,
+    uid: String,
+    library_version: String,
+    format_version: u32,
+    timestamp: u64,
+    param_map: Value,
+    default_param_map: Value,
+    #[serde(default)]
+    extra: Value,
+    #[serde(default)]
+    data_files: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    stage_uids: Vec<String>,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    file.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    file.sync_all().map_err(|e| Error::io(path, e))
+}
+
+fn create_dir(path: &Path) -> Result<()> {
+    std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))
+}
+
+fn stage_dir_name(index: usize, count: usize, uid: &str) -> String {
+    let width = count.saturating_sub(1).to_string().len();
+    format!("{index:0width$}_{uid}")
+}
+
+fn write_stage(stage: &SavedStage, dir: &Path) -> Result<()> {
+    create_dir(dir)?;
+    let mut data_files = std::collections::BTreeMap::new();
+    if !stage.data.is_empty() {
+        let data_dir = dir.join("data");
+        create_dir(&data_dir)?;
+        for (name, bytes) in &stage.data {
+            write_file(&data_dir.join(name), bytes)?;
+            data_files.insert(name.clone(), sha256_hex(bytes));
+        }
+    }
+    for (index, child) in stage.stages.iter().enumerate() {
+        let name = stage_dir_name(index, stage.stages.len(), &child.uid);
+        write_stage(child, &dir.join("stages").join(name))?;
+    }
+    let metadata = Metadata {
+        class: format!("{CLASS_PREFIX}{}", stage.class),
+        uid: stage.uid.clone(),
+        library_version: LIBRARY_VERSION.to_string(),
+        format_version: FORMAT_VERSION,
+        timestamp: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        param_map: stage.params.clone(),
+        default_param_map: stage.default_params.clone(),
+        extra: stage.extra.clone(),
+        data_files,
+        stage_uids: stage.stages.iter().map(|s| s.uid.clone()).collect(),
+    };
+    let json = serde_json::to_vec_pretty(&metadata)
+        .map_err(|e| Error::Persistence(format!("cannot serialise metadata: {e}")))?;
+    write_file(&dir.join(METADATA), &json)
+}
+
+/// Writes `stage` to `path` atomically: into a temporary sibling folder, then renamed.
+pub fn save(stage: &SavedStage, path: &Path, overwrite: bool) -> Result<()> {
+    if path.exists() && !overwrite {
+        return Err(Error::Persistence(format!(
+            "{} already exists; use save_overwrite to replace it",
+            path.display()
+        )));
+    }
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Persistence(format!("{} is not a folder name", path.display())))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    create_dir(&parent)?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let temp = parent.join(format!(".{name}.tmp-{}-{nanos}", std::process::id()));
+    let written = write_stage(stage, &temp).and_then(|()| write_file(&temp.join(SUCCESS), b""));
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&temp);
+        return Err(e);
+    }
+    let result = if path.exists() {
+        // Overwrite: move the old folder aside first, so `path` is always whole or absent.
+        let old = parent.join(format!(".{name}.old-{}-{nanos}", std::process::id()));
+        std::fs::rename(path, &old)
+            .and_then(|()| std::fs::rename(&temp, path))
+            .map(|()| {
+                let _ = std::fs::remove_dir_all(&old);
+            })
+    } else {
+        std::fs::rename(&temp, path)
+    };
+    result.map_err(|e| {
+        let _ = std::fs::remove_dir_all(&temp);
+        Error::io(path, e)
+    })
+}
+
+fn persistence_error(path: &Path, message: impl std::fmt::Display) -> Error {
+    Error::Persistence(format!("{}: {message}", path.display()))
+}
+
+fn read_stage(dir: &Path) -> Result<SavedStage> {
+    let meta_path = dir.join(METADATA);
+    let text = std::fs::read(&meta_path)
+        .map_err(|e| persistence_error(&meta_path, format!("cannot read stage metadata ({e})")))?;
+    let meta: Metadata = serde_json::from_slice(&text)
+        .map_err(|e| persistence_error(&meta_path, format!("malformed metadata: {e}")))?;
+    if meta.format_version > FORMAT_VERSION {
+        return Err(persistence_error(
+            &meta_path,
+            format!(
+                "written in format version {} by deep-pipelines {}; this version ({LIBRARY_VERSION}) reads up to format {FORMAT_VERSION}",
+                meta.format_version, meta.library_version
+            ),
+        ));
+    }
+    let class = meta
+        .class
+        .strip_prefix(CLASS_PREFIX)
+        .ok_or_else(|| persistence_error(&meta_path, format!("unknown class `{}`", meta.class)))?
+        .to_string();
+    let mut data = Vec::new();
+    for (name, expected) in &meta.data_files {
+        let path = dir.join("data").join(name);
+        let bytes = std::fs::read(&path)
+            .map_err(|e| persistence_error(&path, format!("cannot read data file ({e})")))?;
+        let found = sha256_hex(&bytes);
+        if &found != expected {
+            return Err(persistence_error(
+                &path,
+                format!("data file has sha256 {found}, the metadata expects {expected}"),
+            ));
+        }
+        data.push((name.clone(), bytes));
+    }
+    let mut stages = Vec::with_capacity(meta.stage_uids.len());
+    for (index, uid) in meta.stage_uids.iter().enumerate() {
+        let name = stage_dir_name(index, meta.stage_uids.len(), uid);
+        let child = read_stage(&dir.join("stages").join(&name))?;
+        if &child.uid != uid {
+            return Err(persistence_error(
+                &dir.join("stages").join(&name),
+                format!("stage uid `{}`, the pipeline expects `{uid}`", child.uid),
+            ));
+        }
+        stages.push(child);
+    }
+    Ok(SavedStage {
+        class,
+        uid: meta.uid,
+        params: meta.param_map,
+        default_params: meta.default_param_map,
+        extra: meta.extra,
+        data,
+        stages,
+    })
+}
+
+/// Reads a saved folder, checking that the save completed.
+pub fn read(path: &Path) -> Result<SavedStage> {
+    if !path.is_dir() {
+        return Err(persistence_error(
+            path,
+            "no saved stage here (not a folder)",
+        ));
+    }
+    if !path.join(SUCCESS).is_file() {
+        return Err(persistence_error(
+            path,
+            format!("incomplete save: `{SUCCESS}` is missing (the save was interrupted?)"),
+        ));
+    }
+    read_stage(path)
+}
+
+/// A loaded stage: fitted (transformer) or not (estimator).
+#[derive(Debug, Clone)]
+pub enum LoadedStage {
+    Transformer(Arc<dyn Transformer>),
+    Estimator(Arc<dyn AnyEstimator>),
+}
+
+/// Rebuilds a stage from what [`read`] returned, by class.
+pub fn build(stage: SavedStage) -> Result<LoadedStage> {
+    use LoadedStage::{Estimator as E, Transformer as T};
+    Ok(match stage.class.as_str() {
+        CLASS_PIPELINE_MODEL => {
+            let stages = stage
+                .stages
+                .into_iter()
+                .map(|s| match build(s)? {
+                    T(t) => Ok(t),
+                    E(e) => Err(Error::Persistence(format!(
+                        "PipelineModel `{}`: stage `{}` is not fitted",
+                        stage.uid,
+                        e.uid()
+                    ))),
+                })
+                .collect::<Result<_>>()?;
+            T(Arc::new(PipelineModel::new(stage.uid, stages)))
+        }
+        CLASS_PIPELINE => {
+            let stages = stage
+                .stages
+                .into_iter()
+                .map(|s| {
+                    Ok(match build(s)? {
+                        T(t) => PipelineStage::Transformer(t),
+                        E(e) => PipelineStage::Estimator(e),
+                    })
+                })
+                .collect::<Result<_>>()?;
+            E(Arc::new(Pipeline::from_stages(stage.uid, stages)))
+        }
+        classification::CLASS_LOGISTIC_REGRESSION => {
+            E(Arc::new(LogisticRegression::from_saved(&stage)?))
+        }
+        classification::CLASS_LOGISTIC_REGRESSION_MODEL => {
+            T(Arc::new(LogisticRegressionModel::from_saved(&stage)?))
+        }
+        crate::feature::CLASS_STRING_INDEXER => E(Arc::new(StringIndexer::from_saved(&stage)?)),
+        crate::feature::CLASS_STRING_INDEXER_MODEL => {
+            T(Arc::new(StringIndexerModel::from_saved(&stage)?))
+        }
+        crate::feature::CLASS_INDEX_TO_STRING => T(Arc::new(IndexToString::from_saved(&stage)?)),
+        crate::featurizer::CLASS_DEEP_IMAGE_FEATURIZER => {
+            T(Arc::new(DeepImageFeaturizer::from_saved(&stage)?))
+        }
+        other => {
+            return Err(Error::Persistence(format!(
+                "stage `{}`: unknown class `{other}`",
+                stage.uid
+            )));
+        }
+    })
+}
+
+/// Loads any saved stage.
+pub fn load(path: impl AsRef<Path>) -> Result<LoadedStage> {
+    build(read(path.as_ref())?)
+}
+
+/// Loads a saved transformer (fitted model) of concrete type `T`.
+pub fn load_transformer_as<T: Transformer + Clone>(path: &Path) -> Result<T> {
+    match load(path)? {
+        LoadedStage::Transformer(t) => t.as_any().downcast_ref::<T>().cloned(),
+        LoadedStage::Estimator(_) => None,
+    }
+    .ok_or_else(|| {
+        persistence_error(
+            path,
+            format!(
+                "holds another kind of stage, not a {}",
+                short_type_name::<T>()
+            ),
+        )
+    })
+}
+
+/// Loads a saved estimator of concrete type `E`.
+pub fn load_estimator_as<E: AnyEstimator + Clone + 'static>(path: &Path) -> Result<E> {
+    let found = match load(path)? {
+        LoadedStage::Estimator(e) => e.as_any().downcast_ref::<E>().cloned(),
+        LoadedStage::Transformer(_) => None,
+    };
+    found.ok_or_else(|| {
+        persistence_error(
+            path,
+            format!(
+                "holds another kind of stage, not a {}",
+                short_type_name::<E>()
+            ),
+        )
+    })
+}
+
+fn short_type_name<T>() -> &'static str {
+    let name = std::any::type_name::<T>();
+    name.rsplit("::").next().unwrap_or(name)
+}

@@ -1,0 +1,41 @@
+//! Helpers shared by the integration tests: the bundled data and the example pipeline.
+#![allow(dead_code)]
+
+use datafusion::arrow::array::RecordBatch;
+use deep_pipelines::prelude::*;
+
+pub const DATA: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/examples/data/fashion-mnist-small"
+);
+
+/// A deterministic sample of the bundled `train` or `test` images, labelled by folder.
+pub fn images(ctx: &SessionContext, split: &str, ratio: f64) -> DataFrame {
+    let options = ReadImagesOptions::default()
+        .with_label_from_folder(true)
+        .with_sample(ratio, 7);
+    read_images(ctx, format!("{DATA}/{split}"), options).unwrap()
+}
+
+/// `[StringIndexer, DeepImageFeaturizer(EfficientNetLite0), LogisticRegression]`.
+pub fn example_pipeline() -> Pipeline {
+    Pipeline::new()
+        .with_estimator(
+            StringIndexer::new()
+                .with_input_col("label")
+                .with_output_col("labelIndex")
+                .with_string_order_type("alphabetAsc"),
+        )
+        .with_transformer(DeepImageFeaturizer::new())
+        .with_estimator(
+            LogisticRegression::new()
+                .with_label_col("labelIndex")
+                .with_reg_param(1e-3)
+                .with_standardization(false),
+        )
+}
+
+pub async fn collect(df: DataFrame) -> RecordBatch {
+    let batches = df.collect().await.unwrap();
+    datafusion::arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
+}

@@ -1,0 +1,228 @@
+//! Tuning: the param grid, CrossValidator / TrainValidationSplit choosing by a metric, and the
+//! feature cache that runs the network once per row however many folds and param maps.
+//! Only `cross_validation_featurizes_each_row_once` runs the network in this test binary, so
+//! the model's forward counter is its alone.
+
+mod common;
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, FixedSizeListArray, Float32Array, Float64Array, RecordBatch,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use deep_pipelines::models::load_model;
+use deep_pipelines::prelude::*;
+
+#[tokio::test]
+async fn cross_validation_featurizes_each_row_once() {
+    let ctx = SessionContext::new();
+    let train = common::images(&ctx, "train", 0.3);
+    let rows = train.clone().count().await.unwrap() as u64;
+    let pipeline = common::example_pipeline();
+    let featurizer_uid = pipeline.stage_uids()[1].to_string();
+    let lr_uid = pipeline.stage_uids()[2].to_string();
+    let grid = ParamGridBuilder::new()
+        .add_grid(&lr_uid, "regParam", [1e-3, 1e-2, 1e-1])
+        .add_grid(&lr_uid, "elasticNetParam", [0.0, 0.5])
+        .build();
+    assert_eq!(grid.len(), 6);
+    let evaluator = MulticlassClassificationEvaluator::new()
+        .with_label_col("labelIndex")
+        .with_metric_name("accuracy");
+    let cv = CrossValidator::new(pipeline, grid, evaluator)
+        .with_num_folds(3)
+        .with_seed(11)
+        .with_parallelism(2);
+
+    let network = load_model("EfficientNetLite0", "cpu").unwrap();
+    let before = network.images_processed();
+    let model = cv.fit(&train).await.unwrap();
+    let forward = network.images_processed() - before;
+    println!(
+        "{rows} rows, {forward} images through the network; mean accuracy per map: {:?}; best {}",
+        model.avg_metrics(),
+        model.best_param_map()
+    );
+    assert_eq!(forward, rows, "the network must run once per row");
+    assert_eq!(model.cached_stages(), [featurizer_uid]);
+    assert_eq!(model.avg_metrics().len(), 6);
+    assert!(model.fold_metrics().iter().all(|f| f.len() == 3));
+    let best = model.best_metric();
+    assert!(model.avg_metrics().iter().all(|m| *m <= best));
+    assert!(best > 0.6, "best mean accuracy {best}");
+
+    // The chosen model is a whole pipeline: it featurizes new images itself.
+    let test = common::images(&ctx, "test", 0.2);
+    let accuracy = MulticlassClassificationEvaluator::new()
+        .with_label_col("labelIndex")
+        .with_metric_name("accuracy")
+        .evaluate(&model.transform(test).unwrap())
+        .await
+        .unwrap();
+    println!("test accuracy of the chosen model: {accuracy:.3}");
+    assert!(accuracy > 0.6);
+}
+
+/// Two Gaussian blobs in 4-d, labels 0/1, plus a fold column.
+fn blobs(ctx: &SessionContext, n: usize, separation: f32) -> DataFrame {
+    let mut state = 42u64;
+    let mut normal = move || {
+        // Box-Muller from a 64-bit LCG.
+        let mut uniform = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        };
+        let (u, v) = (uniform(), uniform());
+        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+    };
+    let mut values = Vec::new();
+    let mut labels = Vec::new();
+    for i in 0..n {
+        let label = (i % 2) as f64;
+        for d in 0..4 {
+            let shift = if d < 2 {
+                separation * label as f32
+            } else {
+                0.0
+            };
+            values.push(normal() + shift);
+        }
+        labels.push(label);
+    }
+    let item = Arc::new(Field::new("item", DataType::Float32, true));
+    let features =
+        FixedSizeListArray::try_new(item, 4, Arc::new(Float32Array::from(values)), None).unwrap();
+    let ids: Vec<i64> = (0..n as i64).collect();
+    let folds: Vec<i64> = (0..n as i64).map(|i| i % 3).collect();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("features", features.data_type().clone(), true),
+        Field::new("label", DataType::Float64, false),
+        Field::new("fold", DataType::Int64, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(datafusion::arrow::array::Int64Array::from(ids)),
+            Arc::new(features),
+            Arc::new(Float64Array::from(labels)),
+            Arc::new(datafusion::arrow::array::Int64Array::from(folds)),
+        ],
+    )
+    .unwrap();
+    ctx.read_batch(batch).unwrap()
+}
+
+#[test]
+fn param_grid_is_the_cartesian_product() {
+    let grid = ParamGridBuilder::new()
+        .add_grid("a", "x", [1, 2, 3])
+        .add_grid("b", "y", ["p", "q"])
+        .build();
+    assert_eq!(grid.len(), 6);
+    let pairs: Vec<String> = grid
+        .iter()
+        .map(|m| {
+            m.entries()
+                .iter()
+                .map(|e| e.value.to_string())
+                .collect::<Vec<_>>()
+                .join("")
+        })
+        .collect();
+    assert_eq!(
+        pairs,
+        ["1\"p\"", "1\"q\"", "2\"p\"", "2\"q\"", "3\"p\"", "3\"q\""]
+    );
+    assert_eq!(ParamGridBuilder::new().build().len(), 1);
+}
+
+#[tokio::test]
+async fn strong_regularisation_loses_on_auc_and_fold_column_is_used() {
+    let ctx = SessionContext::new();
+    let data = blobs(&ctx, 300, 1.5);
+    let lr = LogisticRegression::new();
+    let uid = Estimator::uid(&lr).to_string();
+    let pipeline = Pipeline::new().with_estimator(lr);
+    // With L1 at 10, every coefficient is zero: all scores tie and the AUC is 0.5.
+    let grid = ParamGridBuilder::new()
+        .add_grid(&uid, "regParam", [10.0, 1e-3])
+        .add_grid(&uid, "elasticNetParam", [1.0])
+        .build();
+    let cv = CrossValidator::new(
+        pipeline.clone(),
+        grid.clone(),
+        BinaryClassificationEvaluator::new(),
+    )
+    .with_fold_col("fold");
+    let model = cv.fit(&data).await.unwrap();
+    println!("AUC per map: {:?}", model.avg_metrics());
+    assert_eq!(model.best_index(), 1);
+    assert!((model.avg_metrics()[0] - 0.5).abs() < 1e-9);
+    assert!(model.avg_metrics()[1] > 0.8);
+    assert!(model.cached_stages().is_empty());
+
+    let tvs = TrainValidationSplit::new(pipeline, grid, BinaryClassificationEvaluator::new())
+        .with_train_ratio(0.7)
+        .with_seed(3);
+    let model = tvs.fit(&data).await.unwrap();
+    assert_eq!(model.best_index(), 1);
+    assert_eq!(model.fold_metrics()[0].len(), 1);
+}
+
+#[tokio::test]
+async fn bad_grids_fail_before_any_fit() {
+    let ctx = SessionContext::new();
+    let data = blobs(&ctx, 30, 1.0);
+    let lr = LogisticRegression::new();
+    let uid = Estimator::uid(&lr).to_string();
+    let pipeline = Pipeline::new().with_estimator(lr);
+    let evaluator = BinaryClassificationEvaluator::new;
+
+    let grid = ParamGridBuilder::new()
+        .add_grid(&uid, "regParm", [0.1])
+        .build();
+    let err = CrossValidator::new(pipeline.clone(), grid, evaluator())
+        .fit(&data)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("regParm") && err.contains("no such param"),
+        "{err}"
+    );
+
+    let grid = ParamGridBuilder::new()
+        .add_grid(&uid, "regParam", [-1.0])
+        .build();
+    let err = CrossValidator::new(pipeline.clone(), grid, evaluator())
+        .fit(&data)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("regParam") && err.contains(">= 0"), "{err}");
+
+    let grid = ParamGridBuilder::new()
+        .add_grid("Nope_1", "regParam", [0.1])
+        .build();
+    let err = CrossValidator::new(pipeline.clone(), grid, evaluator())
+        .fit(&data)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not in the pipeline"), "{err}");
+
+    let grid = ParamGridBuilder::new()
+        .add_grid(&uid, "regParam", [0.1])
+        .build();
+    let err = CrossValidator::new(pipeline, grid, evaluator())
+        .with_num_folds(1)
+        .fit(&data)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("numFolds"), "{err}");
+}
