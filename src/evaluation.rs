@@ -183,11 +183,10 @@ async fn accumulate(
                 } else {
                     let values = probs.value(row);
                     let values = cast(&values, &DataType::Float64)?;
-                    let values = values
+                    values
                         .as_any()
                         .downcast_ref::<Float64Array>()
-                        .map_or(0.0, |v| if label < v.len() { v.value(label) } else { 0.0 });
-                    values
+                        .map_or(0.0, |v| if label < v.len() { v.value(label) } else { 0.0 })
                 };
                 log_loss -= p.max(1e-15).ln();
             }

@@ -279,8 +279,8 @@ mod tests {
         };
         let r = minimize(f, vec![0.0; 4], &[lambda; 4], &cfg);
         let expected = [2.0, 0.0, 0.0, -1.0];
-        for j in 0..4 {
-            assert!((r.x[j] - expected[j]).abs() < 1e-8, "{:?}", r.x);
+        for (got, want) in r.x.iter().zip(expected) {
+            assert!((got - want).abs() < 1e-8, "{:?}", r.x);
         }
         assert!(r.converged);
     }

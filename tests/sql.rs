@@ -180,7 +180,7 @@ async fn sql_function_takes_raw_encoded_bytes() {
     let err = ctx
         .sql("SELECT classify(origin) FROM files")
         .await
-        .and_then(|df| Ok(df.schema().clone()))
+        .map(|df| df.schema().clone())
         .unwrap_err()
         .to_string();
     assert!(err.contains("expected an image struct"), "{err}");

@@ -168,11 +168,12 @@ struct FeatureScale {
 impl FeatureScale {
     fn new(data: &Dataset) -> Self {
         let d = data.d;
-        let (sum_w, sum_w2, sum, sum_sq) = (0..data.n)
-            .into_par_iter()
-            .fold(
-                || (0.0, 0.0, vec![0.0; d], vec![0.0; d]),
-                |(mut w, mut w2, mut s, mut q), i| {
+        let zero = || (0.0, 0.0, vec![0.0; d], vec![0.0; d]);
+        let (sum_w, sum_w2, sum, sum_sq) = ordered_sum(
+            data.n.div_ceil(CHUNK_ROWS),
+            |c| {
+                let (mut w, mut w2, mut s, mut q) = zero();
+                for i in c * CHUNK_ROWS..((c + 1) * CHUNK_ROWS).min(data.n) {
                     let wi = data.weight(i);
                     w += wi;
                     w2 += wi * wi;
@@ -181,20 +182,18 @@ impl FeatureScale {
                         s[j] += wi * v;
                         q[j] += wi * v * v;
                     }
-                    (w, w2, s, q)
-                },
-            )
-            .reduce(
-                || (0.0, 0.0, vec![0.0; d], vec![0.0; d]),
-                |a, b| {
-                    (
-                        a.0 + b.0,
-                        a.1 + b.1,
-                        a.2.iter().zip(&b.2).map(|(x, y)| x + y).collect(),
-                        a.3.iter().zip(&b.3).map(|(x, y)| x + y).collect(),
-                    )
-                },
-            );
+                }
+                (w, w2, s, q)
+            },
+            |mut a, b| {
+                a.0 += b.0;
+                a.1 += b.1;
+                a.2.iter_mut().zip(&b.2).for_each(|(x, y)| *x += y);
+                a.3.iter_mut().zip(&b.3).for_each(|(x, y)| *x += y);
+                a
+            },
+        )
+        .unwrap_or_else(zero);
         let denom = sum_w - sum_w2 / sum_w;
         let std: Vec<f64> = (0..d)
             .map(|j| {
@@ -231,6 +230,27 @@ struct Problem<'a> {
 }
 
 const CHUNK_ROWS: usize = 256;
+
+/// Combines `body(c)` for chunks `0..chunks` with `op`, in parallel but with a fixed grouping
+/// and order, so sums come out bit for bit the same on every run and any thread count (rayon's
+/// `reduce` associates as work-stealing happens to split, which is not reproducible).
+fn ordered_sum<T: Send>(
+    chunks: usize,
+    body: impl Fn(usize) -> T + Sync,
+    op: impl Fn(T, T) -> T + Sync,
+) -> Option<T> {
+    const GROUPS: usize = 64;
+    let groups = chunks.min(GROUPS);
+    let parts: Vec<T> = (0..groups)
+        .into_par_iter()
+        .filter_map(|g| {
+            (g * chunks / groups..(g + 1) * chunks / groups)
+                .map(&body)
+                .reduce(&op)
+        })
+        .collect();
+    parts.into_iter().reduce(op)
+}
 
 impl<'a> Problem<'a> {
     fn new(
@@ -286,9 +306,10 @@ impl<'a> Problem<'a> {
         }
         let intercepts = &params[rows * d..];
         let chunks = data.n.div_ceil(CHUNK_ROWS);
-        let (loss, g_coef, g_int) = (0..chunks)
-            .into_par_iter()
-            .map(|c| {
+        let zero = || (0.0, vec![0.0; rows * d], vec![0.0; rows]);
+        let (loss, g_coef, g_int) = ordered_sum(
+            chunks,
+            |c| {
                 let mut loss = 0.0;
                 let mut g_coef = vec![0.0; rows * d];
                 let mut g_int = vec![0.0; rows];
@@ -334,16 +355,15 @@ impl<'a> Problem<'a> {
                     }
                 }
                 (loss, g_coef, g_int)
-            })
-            .reduce(
-                || (0.0, vec![0.0; rows * d], vec![0.0; rows]),
-                |mut a, b| {
-                    a.0 += b.0;
-                    a.1.iter_mut().zip(&b.1).for_each(|(x, y)| *x += y);
-                    a.2.iter_mut().zip(&b.2).for_each(|(x, y)| *x += y);
-                    a
-                },
-            );
+            },
+            |mut a, b| {
+                a.0 += b.0;
+                a.1.iter_mut().zip(&b.1).for_each(|(x, y)| *x += y);
+                a.2.iter_mut().zip(&b.2).for_each(|(x, y)| *x += y);
+                a
+            },
+        )
+        .unwrap_or_else(zero);
         let inv_w = 1.0 / self.weight_sum;
         let mut value = loss * inv_w;
         for k in 0..rows {

@@ -257,48 +257,35 @@ impl Estimator for LogisticRegression {
             columns.push(ident(p.weight_col.as_str()));
         }
 
+        // Partitions are read concurrently but concatenated in partition order: the same
+        // rows in the same order on every run, so the fit is reproducible.
+        let streams = df
+            .clone()
+            .select(columns)?
+            .execute_stream_partitioned()
+            .await?;
+        let parts =
+            futures::future::try_join_all(streams.into_iter().map(|s| read_rows(s, p))).await?;
         let (mut x, mut y, mut w) = (Vec::new(), Vec::new(), Vec::new());
         let mut d: Option<usize> = None;
         let mut skipped = 0usize;
-        let mut stream = df.clone().select(columns)?.execute_stream().await?;
-        while let Some(batch) = stream.next().await {
-            let batch = batch?;
-            let labels = cast(batch.column(1), &DataType::Float64)?;
-            let labels = labels.as_primitive::<Float64Type>();
-            let weights = match batch.columns().get(2) {
-                Some(c) => Some(cast(c, &DataType::Float64)?),
-                None => None,
-            };
-            for row in 0..batch.num_rows() {
-                let Some(features) = vector_values(batch.column(0), row) else {
-                    skipped += 1;
-                    continue;
-                };
-                if labels.is_null(row) {
-                    skipped += 1;
-                    continue;
-                }
-                match d {
-                    None => d = Some(features.len()),
-                    Some(d) if d != features.len() => {
-                        return Err(Error::column(
-                            &p.features_col,
-                            format!("vectors have different sizes: {d} and {}", features.len()),
-                        ));
-                    }
-                    _ => {}
-                }
-                x.extend_from_slice(&features);
-                y.push(labels.value(row));
-                if let Some(weights) = &weights {
-                    let weights = weights.as_primitive::<Float64Type>();
-                    w.push(if weights.is_null(row) {
-                        0.0
-                    } else {
-                        weights.value(row)
-                    });
-                }
+        for part in parts {
+            skipped += part.skipped;
+            if part.y.is_empty() {
+                continue;
             }
+            match d {
+                Some(d) if d != part.d => {
+                    return Err(Error::column(
+                        &p.features_col,
+                        format!("vectors have different sizes: {d} and {}", part.d),
+                    ));
+                }
+                _ => d = Some(part.d),
+            }
+            x.extend_from_slice(&part.x);
+            y.extend_from_slice(&part.y);
+            w.extend_from_slice(&part.w);
         }
         let Some(d) = d else {
             return Err(Error::Fit(format!(
@@ -375,6 +362,66 @@ fn read_f64_tensor(
         .chunks_exact(8)
         .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
         .collect())
+}
+
+/// The training rows of one partition: features, labels, weights.
+#[derive(Default)]
+struct Rows {
+    x: Vec<f32>,
+    y: Vec<f64>,
+    w: Vec<f64>,
+    d: usize,
+    skipped: usize,
+}
+
+/// Reads (features, label[, weight]) batches; rows with a null vector or label are skipped.
+async fn read_rows(
+    mut stream: datafusion::execution::SendableRecordBatchStream,
+    p: &LogisticRegressionParams,
+) -> Result<Rows> {
+    let mut rows = Rows::default();
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        let labels = cast(batch.column(1), &DataType::Float64)?;
+        let labels = labels.as_primitive::<Float64Type>();
+        let weights = match batch.columns().get(2) {
+            Some(c) => Some(cast(c, &DataType::Float64)?),
+            None => None,
+        };
+        for row in 0..batch.num_rows() {
+            let Some(features) = vector_values(batch.column(0), row) else {
+                rows.skipped += 1;
+                continue;
+            };
+            if labels.is_null(row) {
+                rows.skipped += 1;
+                continue;
+            }
+            if rows.y.is_empty() {
+                rows.d = features.len();
+            } else if rows.d != features.len() {
+                return Err(Error::column(
+                    &p.features_col,
+                    format!(
+                        "vectors have different sizes: {} and {}",
+                        rows.d,
+                        features.len()
+                    ),
+                ));
+            }
+            rows.x.extend_from_slice(&features);
+            rows.y.push(labels.value(row));
+            if let Some(weights) = &weights {
+                let weights = weights.as_primitive::<Float64Type>();
+                rows.w.push(if weights.is_null(row) {
+                    0.0
+                } else {
+                    weights.value(row)
+                });
+            }
+        }
+    }
+    Ok(rows)
 }
 
 /// A fitted logistic regression: adds `rawPrediction`, `probability` and `prediction`.
