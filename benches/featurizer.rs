@@ -1,8 +1,12 @@
-//! Featurizer throughput: EfficientNet-Lite0, batch 32, 224x224, on the CPU (flex) device.
+//! Featurizer throughput: EfficientNet-Lite0, batch 32, 224x224, on the CPU (flex) device, as
+//! the featurizer runs it (BatchNorm folded into the convolutions) and as loaded (BatchNorm
+//! layers kept), side by side: the ratio is what the folding buys for one forward pass.
 //! `cargo bench --bench featurizer`
 
+use burn::prelude::*;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use deep_pipelines::models::load_model;
+use deep_pipelines::models::efficientnet_lite::{EfficientNetLiteConfig, WEIGHT_NAME_MAP};
+use deep_pipelines::models::{load_model, load_safetensors, manifest};
 
 fn bench_featurizer(c: &mut Criterion) {
     let model = load_model("EfficientNetLite0", "cpu").expect("bundled model loads");
@@ -17,11 +21,32 @@ fn bench_featurizer(c: &mut Criterion) {
             (state % 256) as f32 / 128.0 - 1.0
         })
         .collect();
+
+    let device = Device::flex();
+    let (m, dir) = manifest("EfficientNetLite0").expect("bundled manifest");
+    let mut unfolded = EfficientNetLiteConfig::lite0().init(&device);
+    load_safetensors(
+        &mut unfolded,
+        &dir.join(&m.weights.file),
+        WEIGHT_NAME_MAP,
+        &m.name,
+    )
+    .expect("weights load");
+    let input = || {
+        Tensor::<4>::from_data(
+            TensorData::new(inputs.clone(), [batch, 3, 224, 224]),
+            &device,
+        )
+    };
+
     let mut group = c.benchmark_group("featurizer");
     group.sample_size(10);
     group.throughput(Throughput::Elements(batch as u64));
-    group.bench_function("efficientnet_lite0_batch32_224", |b| {
+    group.bench_function("efficientnet_lite0_batch32_224_folded_bn", |b| {
         b.iter(|| model.features(inputs.clone(), batch).expect("forward pass"))
+    });
+    group.bench_function("efficientnet_lite0_batch32_224_batchnorm_layers", |b| {
+        b.iter(|| unfolded.features(input()).into_data())
     });
     group.finish();
 }
