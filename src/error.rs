@@ -12,9 +12,13 @@ pub enum Error {
         param: String,
         message: String,
     },
-    /// A column is missing or has the wrong type.
-    #[error("column `{column}`: {message}")]
-    Column { column: String, message: String },
+    /// A column is missing or has the wrong type (`stage`: the uid of the stage that needs it).
+    #[error("{}column `{column}`: {message}", .stage.as_ref().map(|s| format!("{s}: ")).unwrap_or_default())]
+    Column {
+        stage: Option<String>,
+        column: String,
+        message: String,
+    },
     /// A model could not be found, loaded or run.
     #[error("model `{model}`: {message}")]
     Model { model: String, message: String },
@@ -47,8 +51,25 @@ impl Error {
 
     pub(crate) fn column(column: &str, message: impl Into<String>) -> Self {
         Error::Column {
+            stage: None,
             column: column.to_string(),
             message: message.into(),
+        }
+    }
+
+    /// Names the stage in a column error that does not name one yet.
+    pub(crate) fn in_stage(self, uid: &str) -> Self {
+        match self {
+            Error::Column {
+                stage: None,
+                column,
+                message,
+            } => Error::Column {
+                stage: Some(uid.to_string()),
+                column,
+                message,
+            },
+            other => other,
         }
     }
 
@@ -68,3 +89,36 @@ impl From<datafusion::arrow::error::ArrowError> for Error {
 
 /// Result alias used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Runs one batch of a UDF, turning a panic into an error for that query: a bug or a bad input
+/// that panics deep in a decoder or kernel fails the job cleanly instead of aborting the process.
+pub(crate) fn catch_panics<T>(
+    what: &str,
+    f: impl FnOnce() -> datafusion::common::Result<T>,
+) -> datafusion::common::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".to_string());
+        Err(DataFusionError::Execution(format!(
+            "{what} panicked: {message}"
+        )))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_an_execution_error() {
+        let err = catch_panics::<()>("featurize", || panic!("bad kernel")).unwrap_err();
+        assert!(
+            err.to_string().contains("featurize panicked: bad kernel"),
+            "{err}"
+        );
+        assert_eq!(catch_panics("ok", || Ok(3)).unwrap(), 3);
+    }
+}

@@ -140,12 +140,35 @@ impl StringIndexer {
     }
 }
 
-/// Column `name` of `df` as strings, checked to exist.
+/// The type of column `name` of `df`; the error lists the columns there are.
 pub(crate) fn require_column(df: &DataFrame, name: &str) -> Result<DataType> {
     df.schema()
         .field_with_unqualified_name(name)
         .map(|f| f.data_type().clone())
-        .map_err(|_| Error::column(name, "not found in the DataFrame"))
+        .map_err(|_| {
+            let names: Vec<&str> = df
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.name().as_str())
+                .collect();
+            Error::column(
+                name,
+                format!("not found in the DataFrame (columns: {})", names.join(", ")),
+            )
+        })
+}
+
+/// Checks that column `name` can be read as labels (cast to strings).
+fn require_label_column(df: &DataFrame, name: &str) -> Result<()> {
+    let t = require_column(df, name)?;
+    if !datafusion::arrow::compute::can_cast_types(&t, &DataType::Utf8) {
+        return Err(Error::column(
+            name,
+            format!("expected labels (strings or numbers), found {t}"),
+        ));
+    }
+    Ok(())
 }
 
 fn to_strings(array: &ArrayRef) -> datafusion::common::Result<StringArray> {
@@ -167,7 +190,7 @@ impl Estimator for StringIndexer {
     async fn fit(&self, df: &DataFrame) -> Result<StringIndexerModel> {
         self.params.validate()?;
         let input = &self.params.input_col;
-        require_column(df, input)?;
+        require_label_column(df, input).map_err(|e| e.in_stage(&self.uid))?;
         let mut counts: HashMap<String, u64> = HashMap::new();
         let mut stream = df
             .clone()
@@ -264,6 +287,7 @@ impl Transformer for StringIndexerModel {
         if require_column(&df, &self.params.input_col).is_err() {
             return Ok(df);
         }
+        require_label_column(&df, &self.params.input_col).map_err(|e| e.in_stage(&self.uid))?;
         let udf = ScalarUDF::new_from_impl(IndexUdf::new(
             &self.labels,
             &self.params.handle_invalid,
@@ -350,13 +374,14 @@ impl ScalarUDFImpl for IndexUdf {
         &self,
         args: ScalarFunctionArgs,
     ) -> datafusion::common::Result<ColumnarValue> {
-        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-        let strings = to_strings(&arrays[0])?;
-        let keep = self.labels.len() as f64;
-        let mut out = Vec::with_capacity(strings.len());
-        for value in strings.iter() {
-            let index = value.and_then(|v| self.index.get(v).copied());
-            out.push(match (index, self.handle_invalid.as_str()) {
+        crate::error::catch_panics(self.name(), || {
+            let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+            let strings = to_strings(&arrays[0])?;
+            let keep = self.labels.len() as f64;
+            let mut out = Vec::with_capacity(strings.len());
+            for value in strings.iter() {
+                let index = value.and_then(|v| self.index.get(v).copied());
+                out.push(match (index, self.handle_invalid.as_str()) {
                 (Some(i), _) => Some(i),
                 (None, "keep") => Some(keep),
                 (None, "skip") => None,
@@ -370,10 +395,11 @@ impl ScalarUDFImpl for IndexUdf {
                     );
                 }
             });
-        }
-        Ok(ColumnarValue::Array(
-            Arc::new(Float64Array::from(out)) as ArrayRef
-        ))
+            }
+            Ok(ColumnarValue::Array(
+                Arc::new(Float64Array::from(out)) as ArrayRef
+            ))
+        })
     }
 }
 
@@ -466,12 +492,13 @@ impl Transformer for IndexToString {
     fn transform(&self, df: DataFrame) -> Result<DataFrame> {
         self.params.validate()?;
         let input = self.params.input_col.as_str();
-        let dtype = require_column(&df, input)?;
+        let dtype = require_column(&df, input).map_err(|e| e.in_stage(&self.uid))?;
         if !dtype.is_numeric() {
             return Err(Error::column(
                 input,
                 format!("expected a numeric index column, got {dtype}"),
-            ));
+            )
+            .in_stage(&self.uid));
         }
         let udf = ScalarUDF::new_from_impl(LabelUdf {
             labels: self.params.labels.clone(),
@@ -518,29 +545,31 @@ impl ScalarUDFImpl for LabelUdf {
         &self,
         args: ScalarFunctionArgs,
     ) -> datafusion::common::Result<ColumnarValue> {
-        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-        let indices = cast(&arrays[0], &DataType::Float64)?;
-        let Some(indices) = indices.as_any().downcast_ref::<Float64Array>() else {
-            return exec_err!("IndexToString: cannot read `{}` as numbers", self.column);
-        };
-        let mut out = Vec::with_capacity(indices.len());
-        for index in indices.iter() {
-            out.push(match index {
-                None => None,
-                Some(i) if i >= 0.0 && i.fract() == 0.0 && (i as usize) < self.labels.len() => {
-                    Some(self.labels[i as usize].as_str())
-                }
-                Some(i) => {
-                    return exec_err!(
-                        "IndexToString: index {i} in `{}` is not in 0..{}",
-                        self.column,
-                        self.labels.len()
-                    );
-                }
-            });
-        }
-        Ok(ColumnarValue::Array(
-            Arc::new(StringArray::from(out)) as ArrayRef
-        ))
+        crate::error::catch_panics(self.name(), || {
+            let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+            let indices = cast(&arrays[0], &DataType::Float64)?;
+            let Some(indices) = indices.as_any().downcast_ref::<Float64Array>() else {
+                return exec_err!("IndexToString: cannot read `{}` as numbers", self.column);
+            };
+            let mut out = Vec::with_capacity(indices.len());
+            for index in indices.iter() {
+                out.push(match index {
+                    None => None,
+                    Some(i) if i >= 0.0 && i.fract() == 0.0 && (i as usize) < self.labels.len() => {
+                        Some(self.labels[i as usize].as_str())
+                    }
+                    Some(i) => {
+                        return exec_err!(
+                            "IndexToString: index {i} in `{}` is not in 0..{}",
+                            self.column,
+                            self.labels.len()
+                        );
+                    }
+                });
+            }
+            Ok(ColumnarValue::Array(
+                Arc::new(StringArray::from(out)) as ArrayRef
+            ))
+        })
     }
 }

@@ -164,16 +164,12 @@ impl DeepImageFeaturizer {
 
 /// Checks that `column` exists and is an image struct.
 pub(crate) fn require_image_column(df: &DataFrame, column: &str) -> Result<()> {
-    let field = df
-        .schema()
-        .field_with_unqualified_name(column)
-        .map_err(|_| Error::column(column, "not found in the DataFrame"))?;
-    if field.data_type() != &image_type() {
+    let found = crate::feature::require_column(df, column)?;
+    if found != image_type() {
         return Err(Error::column(
             column,
             format!(
-                "expected an image struct (ImageSchema: origin, height, width, nChannels, mode, data), got {}",
-                field.data_type()
+                "expected an image struct (ImageSchema: origin, height, width, nChannels, mode, data), got {found}"
             ),
         ));
     }
@@ -187,7 +183,7 @@ impl Transformer for DeepImageFeaturizer {
 
     fn transform(&self, df: DataFrame) -> Result<DataFrame> {
         self.params.validate()?;
-        require_image_column(&df, &self.params.input_col)?;
+        require_image_column(&df, &self.params.input_col).map_err(|e| e.in_stage(&self.uid))?;
         // Load now (cached): a missing or corrupt weight file fails here, not mid-query.
         let model = load_model(&self.params.model_name, &self.params.device)?;
         let udf = ScalarUDF::new_from_impl(FeaturizeUdf::new(model, self.params.batch_size));
@@ -318,23 +314,25 @@ impl ScalarUDFImpl for FeaturizeUdf {
         &self,
         args: ScalarFunctionArgs,
     ) -> datafusion::common::Result<ColumnarValue> {
-        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-        let Some(images) = arrays[0].as_struct_opt() else {
-            return exec_err!("featurizer input must be an image struct");
-        };
-        let features = featurize(&self.model, images, self.batch_size)
-            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
-        let DataType::FixedSizeList(field, dim) = self.output_type() else {
-            unreachable!("output_type is a FixedSizeList")
-        };
-        let (values, valid) = features;
-        let array = FixedSizeListArray::try_new(
-            field,
-            dim,
-            Arc::new(Float32Array::from(values)),
-            Some(NullBuffer::from(valid)),
-        )?;
-        Ok(ColumnarValue::Array(Arc::new(array) as ArrayRef))
+        crate::error::catch_panics(self.name(), || {
+            let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+            let Some(images) = arrays[0].as_struct_opt() else {
+                return exec_err!("featurizer input must be an image struct");
+            };
+            let features = featurize(&self.model, images, self.batch_size)
+                .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+            let DataType::FixedSizeList(field, dim) = self.output_type() else {
+                unreachable!("output_type is a FixedSizeList")
+            };
+            let (values, valid) = features;
+            let array = FixedSizeListArray::try_new(
+                field,
+                dim,
+                Arc::new(Float32Array::from(values)),
+                Some(NullBuffer::from(valid)),
+            )?;
+            Ok(ColumnarValue::Array(Arc::new(array) as ArrayRef))
+        })
     }
 }
 

@@ -14,7 +14,17 @@
 //! | 24   | CV_8UC4  | 4        | BGRA  |
 //!
 //! so image columns move between Spark and deep-pipelines (through Arrow) unchanged.
-//! 16-bit images are reduced to 8 bits; images with alpha become BGRA; grey ones stay grey.
+//!
+//! # What each kind of input becomes
+//! - 16-bit images are reduced to 8 bits per channel; grey stays grey (mode 0); grey + alpha and
+//!   RGBA become BGRA (mode 24); palette images are expanded to BGR or BGRA; CMYK JPEGs are
+//!   converted to BGR.
+//! - **EXIF orientation is applied**: a phone photo stored sideways with an orientation tag comes
+//!   out upright, as it is displayed (Spark's ImageSchema ignores the tag).
+//! - Animated GIF / PNG / WebP: the first frame.
+//! - Decoding limits ([`DecodeLimits`]: pixels per side, decoded bytes) are checked from the
+//!   header, before any pixel buffer is allocated: a tiny file declaring 50,000 x 50,000 pixels
+//!   is an error for its row, not an out-of-memory abort.
 //!
 //! # Errors
 //! A file that is empty, truncated, not an image, or larger than [`DecodeLimits`] never fails
@@ -22,6 +32,8 @@
 //! (or is dropped with [`ReadImagesOptions::drop_invalid`]).
 
 use std::io::Cursor;
+
+use image::ImageDecoder;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -118,7 +130,28 @@ pub fn decode_image(
     image_limits.max_image_height = Some(limits.max_side);
     image_limits.max_alloc = Some(limits.max_decoded_bytes);
     reader.limits(image_limits);
-    let decoded = reader.decode().map_err(|e| format!("cannot decode: {e}"))?;
+    let over_limits = |e: image::ImageError| match e {
+        image::ImageError::Limits(e) => format!(
+            "over the decode limits ({} px per side, {} bytes decoded): {e}",
+            limits.max_side, limits.max_decoded_bytes
+        ),
+        e => format!("cannot decode: {}", e.to_string().trim_end()),
+    };
+    // The header is read and checked against the limits before any pixel buffer exists.
+    let mut decoder = reader.into_decoder().map_err(over_limits)?;
+    let (width, height) = decoder.dimensions();
+    if decoder.total_bytes() > limits.max_decoded_bytes {
+        return Err(format!(
+            "image is {width}x{height}: {} bytes decoded, over the limit of {} bytes",
+            decoder.total_bytes(),
+            limits.max_decoded_bytes
+        ));
+    }
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut decoded = image::DynamicImage::from_decoder(decoder).map_err(over_limits)?;
+    decoded.apply_orientation(orientation);
     let (width, height) = (decoded.width(), decoded.height());
     if width == 0 || height == 0 {
         return Err(format!("image has no pixels ({width}x{height})"));
@@ -337,21 +370,23 @@ impl ScalarUDFImpl for DecodeImageUdf {
         &self,
         args: ScalarFunctionArgs,
     ) -> datafusion::common::Result<ColumnarValue> {
-        let n = args.number_rows;
-        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-        let rows: Vec<_> = match self.source {
-            ByteSource::File => {
-                let paths = string_array(&arrays[0], "path")?;
-                let paths: Vec<Option<&str>> = paths.iter().collect();
-                rayon_map(&paths, |p| p.map(|p| decode_file(p, &self.limits)))
-            }
-            ByteSource::Column => {
-                let origins = string_array(&arrays[1], "origin")?;
-                decode_bytes(&arrays[0], origins.iter(), &self.limits)?
-            }
-        };
-        debug_assert_eq!(rows.len(), n);
-        Ok(ColumnarValue::Array(decoded_array(rows)))
+        crate::error::catch_panics(self.name(), || {
+            let n = args.number_rows;
+            let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+            let rows: Vec<_> = match self.source {
+                ByteSource::File => {
+                    let paths = string_array(&arrays[0], "path")?;
+                    let paths: Vec<Option<&str>> = paths.iter().collect();
+                    rayon_map(&paths, |p| p.map(|p| decode_file(p, &self.limits)))
+                }
+                ByteSource::Column => {
+                    let origins = string_array(&arrays[1], "origin")?;
+                    decode_bytes(&arrays[0], origins.iter(), &self.limits)?
+                }
+            };
+            debug_assert_eq!(rows.len(), n);
+            Ok(ColumnarValue::Array(decoded_array(rows)))
+        })
     }
 }
 

@@ -135,15 +135,17 @@ impl ScalarUDFImpl for SplitKeyUdf {
         &self,
         args: ScalarFunctionArgs,
     ) -> datafusion::common::Result<ColumnarValue> {
-        let arrays: Vec<ArrayRef> = ColumnarValue::values_to_arrays(&args.args)?;
-        let fields = arrays
-            .iter()
-            .map(|a| SortField::new(a.data_type().clone()))
-            .collect();
-        let rows = RowConverter::new(fields)?.convert_columns(&arrays)?;
-        let values: Float64Array = (0..rows.num_rows())
-            .map(|i| Some(uniform(self.seed, rows.row(i).as_ref())))
-            .collect();
-        Ok(ColumnarValue::Array(Arc::new(values)))
+        crate::error::catch_panics(self.name(), || {
+            let arrays: Vec<ArrayRef> = ColumnarValue::values_to_arrays(&args.args)?;
+            let fields = arrays
+                .iter()
+                .map(|a| SortField::new(a.data_type().clone()))
+                .collect();
+            let rows = RowConverter::new(fields)?.convert_columns(&arrays)?;
+            let values: Float64Array = (0..rows.num_rows())
+                .map(|i| Some(uniform(self.seed, rows.row(i).as_ref())))
+                .collect();
+            Ok(ColumnarValue::Array(Arc::new(values)))
+        })
     }
 }

@@ -359,23 +359,25 @@ impl ScalarUDFImpl for ModelFunction {
         &self,
         args: ScalarFunctionArgs,
     ) -> datafusion::common::Result<ColumnarValue> {
-        let rows = args.number_rows;
-        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-        let input = &arrays[0];
-        let images = if is_binary(input.data_type()) {
-            decode_binary_array(input, &DecodeLimits::default())?
-        } else if *input.data_type() == image_type() {
-            Arc::clone(input)
-        } else {
-            return exec_err!(
-                "{}: unexpected input type {}",
-                self.sql_name[0],
-                input.data_type()
-            );
-        };
-        let external = |e: Error| datafusion::error::DataFusionError::External(Box::new(e));
-        let out = self.run(images).map_err(external)?;
-        let result = self.result(&out, rows).map_err(external)?;
-        Ok(ColumnarValue::Array(result))
+        crate::error::catch_panics(self.name(), || {
+            let rows = args.number_rows;
+            let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+            let input = &arrays[0];
+            let images = if is_binary(input.data_type()) {
+                decode_binary_array(input, &DecodeLimits::default())?
+            } else if *input.data_type() == image_type() {
+                Arc::clone(input)
+            } else {
+                return exec_err!(
+                    "{}: unexpected input type {}",
+                    self.sql_name[0],
+                    input.data_type()
+                );
+            };
+            let external = |e: Error| datafusion::error::DataFusionError::External(Box::new(e));
+            let out = self.run(images).map_err(external)?;
+            let result = self.result(&out, rows).map_err(external)?;
+            Ok(ColumnarValue::Array(result))
+        })
     }
 }

@@ -233,6 +233,16 @@ impl Estimator for LogisticRegression {
     }
 
     async fn fit(&self, df: &DataFrame) -> Result<LogisticRegressionModel> {
+        self.fit_columns(df)
+            .await
+            .map_err(|e| e.in_stage(&self.uid))
+    }
+
+    params_stage_methods!(estimator, CLASS_LOGISTIC_REGRESSION);
+}
+
+impl LogisticRegression {
+    async fn fit_columns(&self, df: &DataFrame) -> Result<LogisticRegressionModel> {
         let p = &self.params;
         p.validate()?;
         require_vector_column(df, &p.features_col)?;
@@ -309,8 +319,6 @@ impl Estimator for LogisticRegression {
             num_skipped_rows: skipped,
         })
     }
-
-    params_stage_methods!(estimator, CLASS_LOGISTIC_REGRESSION);
 }
 
 pub(crate) const CLASS_LOGISTIC_REGRESSION: &str = "LogisticRegression";
@@ -511,7 +519,7 @@ impl Transformer for LogisticRegressionModel {
 
     fn transform(&self, df: DataFrame) -> Result<DataFrame> {
         let p = &self.params;
-        require_vector_column(&df, &p.features_col)?;
+        require_vector_column(&df, &p.features_col).map_err(|e| e.in_stage(&self.uid))?;
         let mut df = df;
         for (output, name) in [
             (Output::Raw, &p.raw_prediction_col),
@@ -634,62 +642,64 @@ impl ScalarUDFImpl for PredictUdf {
         &self,
         args: ScalarFunctionArgs,
     ) -> datafusion::common::Result<ColumnarValue> {
-        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-        let features = &arrays[0];
-        let k = self.fitted.num_classes;
-        let n = features.len();
-        let mut values = Vec::with_capacity(
-            n * if self.output == Output::Prediction {
-                1
-            } else {
-                k
-            },
-        );
-        let mut valid = Vec::with_capacity(n);
-        for row in 0..n {
-            let Some(x) = vector_values(features, row) else {
-                values.extend(std::iter::repeat_n(
-                    0.0,
-                    if self.output == Output::Prediction {
-                        1
-                    } else {
-                        k
-                    },
-                ));
-                valid.push(false);
-                continue;
-            };
-            if x.len() != self.fitted.num_features {
-                return exec_err!(
-                    "LogisticRegressionModel: feature vector has {} values, the model was fitted on {}",
-                    x.len(),
-                    self.fitted.num_features
-                );
-            }
-            let raw = self.fitted.raw_prediction(&x);
-            match self.output {
-                Output::Raw => values.extend(raw),
-                Output::Probability => values.extend(self.fitted.probability(&raw)),
-                Output::Prediction => values.push(argmax(&raw) as f64),
-            }
-            valid.push(true);
-        }
-        let nulls = Some(NullBuffer::from(valid));
-        let array: ArrayRef = match self.output {
-            Output::Prediction => Arc::new(Float64Array::new(values.into(), nulls)),
-            _ => {
-                let DataType::FixedSizeList(field, size) = self.vector_type() else {
-                    unreachable!("vector_type is a FixedSizeList")
+        crate::error::catch_panics(self.name(), || {
+            let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+            let features = &arrays[0];
+            let k = self.fitted.num_classes;
+            let n = features.len();
+            let mut values = Vec::with_capacity(
+                n * if self.output == Output::Prediction {
+                    1
+                } else {
+                    k
+                },
+            );
+            let mut valid = Vec::with_capacity(n);
+            for row in 0..n {
+                let Some(x) = vector_values(features, row) else {
+                    values.extend(std::iter::repeat_n(
+                        0.0,
+                        if self.output == Output::Prediction {
+                            1
+                        } else {
+                            k
+                        },
+                    ));
+                    valid.push(false);
+                    continue;
                 };
-                Arc::new(FixedSizeListArray::try_new(
-                    field,
-                    size,
-                    Arc::new(Float64Array::from(values)),
-                    nulls,
-                )?)
+                if x.len() != self.fitted.num_features {
+                    return exec_err!(
+                        "LogisticRegressionModel: feature vector has {} values, the model was fitted on {}",
+                        x.len(),
+                        self.fitted.num_features
+                    );
+                }
+                let raw = self.fitted.raw_prediction(&x);
+                match self.output {
+                    Output::Raw => values.extend(raw),
+                    Output::Probability => values.extend(self.fitted.probability(&raw)),
+                    Output::Prediction => values.push(argmax(&raw) as f64),
+                }
+                valid.push(true);
             }
-        };
-        Ok(ColumnarValue::Array(array))
+            let nulls = Some(NullBuffer::from(valid));
+            let array: ArrayRef = match self.output {
+                Output::Prediction => Arc::new(Float64Array::new(values.into(), nulls)),
+                _ => {
+                    let DataType::FixedSizeList(field, size) = self.vector_type() else {
+                        unreachable!("vector_type is a FixedSizeList")
+                    };
+                    Arc::new(FixedSizeListArray::try_new(
+                        field,
+                        size,
+                        Arc::new(Float64Array::from(values)),
+                        nulls,
+                    )?)
+                }
+            };
+            Ok(ColumnarValue::Array(array))
+        })
     }
 }
 

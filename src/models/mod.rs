@@ -121,9 +121,85 @@ pub fn manifest(name: &str) -> Result<(Manifest, PathBuf)> {
     Ok((manifest, dir))
 }
 
-/// Loads safetensors weights (PyTorch layout) into `module`, failing on any missing,
-/// unexpected or mis-shaped tensor and naming it.
-pub fn load_safetensors<M: ModuleSnapshot>(
+/// Reads a weight file, refusing one larger than `max_bytes` before reading it.
+pub fn read_weight_file(path: &Path, max_bytes: u64, model: &str) -> Result<Vec<u8>> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| {
+            model_error(
+                model,
+                format!("cannot read weight file {}: {e}", path.display()),
+            )
+        })?
+        .len();
+    if len > max_bytes {
+        return Err(model_error(
+            model,
+            format!(
+                "weight file {} is {len} bytes, more than the {max_bytes} the architecture can need",
+                path.display()
+            ),
+        ));
+    }
+    std::fs::read(path).map_err(|e| {
+        model_error(
+            model,
+            format!("cannot read weight file {}: {e}", path.display()),
+        )
+    })
+}
+
+/// The most bytes a safetensors file for `module` can hold: 8 bytes per parameter (f64 at most)
+/// plus a header of up to the format's 100 MB cap.
+pub fn max_weight_bytes<M: Module>(module: &M) -> u64 {
+    module.num_params() as u64 * 8 + 100_000_000
+}
+
+/// Checks an untrusted safetensors buffer before anything is allocated for its tensors: the
+/// header parses, offsets lie inside the buffer and match each shape, every tensor is F32 and
+/// none holds more values than the whole module.
+pub fn check_safetensors_header(bytes: &[u8], max_values: usize, what: &str) -> Result<(), String> {
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| format!("{what}: not a valid safetensors file: {e}"))?;
+    let data_len = bytes.len().saturating_sub(8 + header_len(bytes));
+    for (name, info) in metadata.tensors() {
+        if info.dtype != safetensors::Dtype::F32 {
+            return Err(format!(
+                "{what}: tensor `{name}` has dtype {:?}, expected F32",
+                info.dtype
+            ));
+        }
+        let values = info
+            .shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .filter(|&v| v <= max_values)
+            .ok_or_else(|| {
+                format!(
+                    "{what}: tensor `{name}` has shape {:?}, larger than the whole model",
+                    info.shape
+                )
+            })?;
+        let (start, end) = info.data_offsets;
+        if end > data_len || start > end || end - start != values * 4 {
+            return Err(format!(
+                "{what}: tensor `{name}` has offsets {start}..{end} that do not fit its shape {:?} or the file",
+                info.shape
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn header_len(bytes: &[u8]) -> usize {
+    bytes
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map_or(0, |b| u64::from_le_bytes(b) as usize)
+}
+
+/// Loads safetensors weights (PyTorch layout) from a file into `module`, failing on any
+/// missing, unexpected or mis-shaped tensor and naming it.
+pub fn load_safetensors<M: ModuleSnapshot + Module>(
     module: &mut M,
     path: &Path,
     name_map: &[(&str, &str)],
@@ -135,7 +211,22 @@ pub fn load_safetensors<M: ModuleSnapshot>(
             format!("weight file {} not found", path.display()),
         ));
     }
-    let mut store = SafetensorsStore::from_file(path)
+    let bytes = read_weight_file(path, max_weight_bytes(module), model)?;
+    load_safetensors_bytes(module, bytes, &path.display().to_string(), name_map, model)
+}
+
+/// [`load_safetensors`] from bytes already read (`what` names them in errors). The header is
+/// checked by [`check_safetensors_header`] first: hostile files fail before any allocation.
+pub fn load_safetensors_bytes<M: ModuleSnapshot + Module>(
+    module: &mut M,
+    bytes: Vec<u8>,
+    what: &str,
+    name_map: &[(&str, &str)],
+    model: &str,
+) -> Result<()> {
+    check_safetensors_header(&bytes, module.num_params(), what)
+        .map_err(|e| model_error(model, e))?;
+    let mut store = SafetensorsStore::from_bytes(Some(bytes))
         .with_from_adapter(PyTorchToBurnAdapter)
         .allow_partial(true)
         .validate(false);
@@ -144,7 +235,7 @@ pub fn load_safetensors<M: ModuleSnapshot>(
     }
     let result = module
         .load_from(&mut store)
-        .map_err(|e| model_error(model, format!("reading {}: {e}", path.display())))?;
+        .map_err(|e| model_error(model, format!("reading {what}: {e}")))?;
     let mut problems: Vec<String> = result.errors.iter().map(|e| format!("{e:?}")).collect();
     problems.extend(
         result
@@ -163,8 +254,7 @@ pub fn load_safetensors<M: ModuleSnapshot>(
         return Err(model_error(
             model,
             format!(
-                "weights {} do not match the architecture ({} problem(s)): {}{}",
-                path.display(),
+                "weights {what} do not match the architecture ({} problem(s)): {}{}",
                 problems.len(),
                 problems[..shown].join("; "),
                 if problems.len() > shown { "; ..." } else { "" }
@@ -174,14 +264,8 @@ pub fn load_safetensors<M: ModuleSnapshot>(
     Ok(())
 }
 
-fn check_sha256(path: &Path, expected: &str, model: &str) -> Result<()> {
-    let bytes = std::fs::read(path).map_err(|e| {
-        model_error(
-            model,
-            format!("cannot read weight file {}: {e}", path.display()),
-        )
-    })?;
-    let found = hex::encode(Sha256::digest(&bytes));
+fn check_sha256(bytes: &[u8], path: &Path, expected: &str, model: &str) -> Result<()> {
+    let found = hex::encode(Sha256::digest(bytes));
     if !found.eq_ignore_ascii_case(expected) {
         return Err(model_error(
             model,
@@ -239,13 +323,20 @@ impl LoadedModel {
                 ),
             ));
         }
-        if let Some(sha) = &manifest.weights.sha256 {
-            check_sha256(&weights, sha, name)?;
-        }
         let network = match manifest.architecture.as_str() {
             "efficientnet_lite0" => {
                 let mut net = EfficientNetLiteConfig::lite0().init(device);
-                load_safetensors(&mut net, &weights, efficientnet_lite::WEIGHT_NAME_MAP, name)?;
+                let bytes = read_weight_file(&weights, max_weight_bytes(&net), name)?;
+                if let Some(sha) = &manifest.weights.sha256 {
+                    check_sha256(&bytes, &weights, sha, name)?;
+                }
+                load_safetensors_bytes(
+                    &mut net,
+                    bytes,
+                    &weights.display().to_string(),
+                    efficientnet_lite::WEIGHT_NAME_MAP,
+                    name,
+                )?;
                 Network::EfficientNetLite(net.fold_batch_norms())
             }
             other => {
