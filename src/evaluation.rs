@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::feature::require_column;
-use crate::params::{Params, check};
+use crate::params::{Params, check, string_setters};
 
 /// A metric over a DataFrame of predictions, as Spark's `Evaluator`.
 #[async_trait::async_trait]
@@ -288,21 +288,11 @@ impl MulticlassClassificationEvaluator {
     pub fn params(&self) -> &MulticlassClassificationEvaluatorParams {
         &self.params
     }
-    pub fn with_metric_name(mut self, v: impl Into<String>) -> Self {
-        self.params.metric_name = v.into();
-        self
-    }
-    pub fn with_label_col(mut self, v: impl Into<String>) -> Self {
-        self.params.label_col = v.into();
-        self
-    }
-    pub fn with_prediction_col(mut self, v: impl Into<String>) -> Self {
-        self.params.prediction_col = v.into();
-        self
-    }
-    pub fn with_probability_col(mut self, v: impl Into<String>) -> Self {
-        self.params.probability_col = v.into();
-        self
+    string_setters! {
+        with_metric_name: metric_name,
+        with_label_col: label_col,
+        with_prediction_col: prediction_col,
+        with_probability_col: probability_col,
     }
 
     /// Whether a larger value of the metric is better (false for logLoss).
@@ -422,17 +412,10 @@ impl BinaryClassificationEvaluator {
     pub fn params(&self) -> &BinaryClassificationEvaluatorParams {
         &self.params
     }
-    pub fn with_metric_name(mut self, v: impl Into<String>) -> Self {
-        self.params.metric_name = v.into();
-        self
-    }
-    pub fn with_label_col(mut self, v: impl Into<String>) -> Self {
-        self.params.label_col = v.into();
-        self
-    }
-    pub fn with_raw_prediction_col(mut self, v: impl Into<String>) -> Self {
-        self.params.raw_prediction_col = v.into();
-        self
+    string_setters! {
+        with_metric_name: metric_name,
+        with_label_col: label_col,
+        with_raw_prediction_col: raw_prediction_col,
     }
 
     /// Streams (score, label) pairs; rows with a null score or label are skipped.

@@ -19,7 +19,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::params::{ParamMap, Params, check, new_uid, params_stage_methods};
+use crate::params::{ParamMap, Params, check, new_uid, params_stage_methods, string_setters};
 use crate::persistence::SavedStage;
 use crate::pipeline::{Estimator, Transformer};
 
@@ -122,21 +122,11 @@ impl StringIndexer {
     pub fn params(&self) -> &StringIndexerParams {
         &self.params
     }
-    pub fn with_input_col(mut self, v: impl Into<String>) -> Self {
-        self.params.input_col = v.into();
-        self
-    }
-    pub fn with_output_col(mut self, v: impl Into<String>) -> Self {
-        self.params.output_col = v.into();
-        self
-    }
-    pub fn with_handle_invalid(mut self, v: impl Into<String>) -> Self {
-        self.params.handle_invalid = v.into();
-        self
-    }
-    pub fn with_string_order_type(mut self, v: impl Into<String>) -> Self {
-        self.params.string_order_type = v.into();
-        self
+    string_setters! {
+        with_input_col: input_col,
+        with_output_col: output_col,
+        with_handle_invalid: handle_invalid,
+        with_string_order_type: string_order_type,
     }
 }
 
@@ -470,13 +460,9 @@ impl IndexToString {
     pub fn params(&self) -> &IndexToStringParams {
         &self.params
     }
-    pub fn with_input_col(mut self, v: impl Into<String>) -> Self {
-        self.params.input_col = v.into();
-        self
-    }
-    pub fn with_output_col(mut self, v: impl Into<String>) -> Self {
-        self.params.output_col = v.into();
-        self
+    string_setters! {
+        with_input_col: input_col,
+        with_output_col: output_col,
     }
     pub fn with_labels(mut self, labels: &[String]) -> Self {
         self.params.labels = labels.to_vec();

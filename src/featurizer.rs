@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::image::{image_type, to_rgb8};
 use crate::models::{LoadedModel, available_devices, available_models, load_model};
-use crate::params::{ParamMap, Params, check, new_uid};
+use crate::params::{ParamMap, Params, check, new_uid, setters, string_setters};
 use crate::persistence::SavedStage;
 use crate::pipeline::Transformer;
 use crate::preprocess::preprocess;
@@ -140,26 +140,13 @@ impl DeepImageFeaturizer {
         &self.params
     }
 
-    pub fn with_input_col(mut self, v: impl Into<String>) -> Self {
-        self.params.input_col = v.into();
-        self
+    string_setters! {
+        with_input_col: input_col,
+        with_output_col: output_col,
+        with_model_name: model_name,
+        with_device: device,
     }
-    pub fn with_output_col(mut self, v: impl Into<String>) -> Self {
-        self.params.output_col = v.into();
-        self
-    }
-    pub fn with_model_name(mut self, v: impl Into<String>) -> Self {
-        self.params.model_name = v.into();
-        self
-    }
-    pub fn with_batch_size(mut self, v: usize) -> Self {
-        self.params.batch_size = v;
-        self
-    }
-    pub fn with_device(mut self, v: impl Into<String>) -> Self {
-        self.params.device = v.into();
-        self
-    }
+    setters! { with_batch_size: batch_size: usize }
 }
 
 /// Checks that `column` exists and is an image struct.

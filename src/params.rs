@@ -240,3 +240,26 @@ macro_rules! params_stage_methods {
     };
 }
 pub(crate) use params_stage_methods;
+
+/// Builder setters `with_x(mut self, v) -> Self` writing `self.params.x`, for stages and
+/// evaluators whose params live in a `params` field.
+macro_rules! setters {
+    ($($name:ident: $field:ident: $ty:ty),* $(,)?) => {
+        $(pub fn $name(mut self, v: $ty) -> Self {
+            self.params.$field = v;
+            self
+        })*
+    };
+}
+pub(crate) use setters;
+
+/// [`setters!`] for string params (`impl Into<String>`).
+macro_rules! string_setters {
+    ($($name:ident: $field:ident),* $(,)?) => {
+        $(pub fn $name(mut self, v: impl Into<String>) -> Self {
+            self.params.$field = v.into();
+            self
+        })*
+    };
+}
+pub(crate) use string_setters;

@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::evaluation::Evaluator;
-use crate::params::{ParamMap, Params, check, new_uid};
+use crate::params::{ParamMap, Params, check, new_uid, setters, string_setters};
 use crate::pipeline::{Estimator, Pipeline, PipelineModel, PipelineStage, Transformer};
 use crate::split::random_split;
 
@@ -201,6 +201,18 @@ struct Prepared {
 }
 
 impl Search {
+    fn new(
+        pipeline: Pipeline,
+        param_maps: Vec<ParamMap>,
+        evaluator: impl Evaluator + 'static,
+    ) -> Self {
+        Search {
+            pipeline,
+            param_maps,
+            evaluator: Arc::new(evaluator),
+        }
+    }
+
     /// Checks every param map against the pipeline before any work.
     fn check(&self) -> Result<()> {
         if self.param_maps.is_empty() {
@@ -436,33 +448,19 @@ impl CrossValidator {
     ) -> Self {
         CrossValidator {
             uid: new_uid("CrossValidator"),
-            search: Search {
-                pipeline,
-                param_maps,
-                evaluator: Arc::new(evaluator),
-            },
+            search: Search::new(pipeline, param_maps, evaluator),
             params: CrossValidatorParams::default(),
         }
     }
     pub fn params(&self) -> &CrossValidatorParams {
         &self.params
     }
-    pub fn with_num_folds(mut self, v: usize) -> Self {
-        self.params.num_folds = v;
-        self
+    setters! {
+        with_num_folds: num_folds: usize,
+        with_seed: seed: u64,
+        with_parallelism: parallelism: usize,
     }
-    pub fn with_seed(mut self, v: u64) -> Self {
-        self.params.seed = v;
-        self
-    }
-    pub fn with_parallelism(mut self, v: usize) -> Self {
-        self.params.parallelism = v;
-        self
-    }
-    pub fn with_fold_col(mut self, v: impl Into<String>) -> Self {
-        self.params.fold_col = v.into();
-        self
-    }
+    string_setters! { with_fold_col: fold_col }
 
     fn folds(&self, data: &DataFrame) -> Result<Vec<(DataFrame, DataFrame)>> {
         let k = self.params.num_folds;
@@ -540,28 +538,17 @@ impl TrainValidationSplit {
     ) -> Self {
         TrainValidationSplit {
             uid: new_uid("TrainValidationSplit"),
-            search: Search {
-                pipeline,
-                param_maps,
-                evaluator: Arc::new(evaluator),
-            },
+            search: Search::new(pipeline, param_maps, evaluator),
             params: TrainValidationSplitParams::default(),
         }
     }
     pub fn params(&self) -> &TrainValidationSplitParams {
         &self.params
     }
-    pub fn with_train_ratio(mut self, v: f64) -> Self {
-        self.params.train_ratio = v;
-        self
-    }
-    pub fn with_seed(mut self, v: u64) -> Self {
-        self.params.seed = v;
-        self
-    }
-    pub fn with_parallelism(mut self, v: usize) -> Self {
-        self.params.parallelism = v;
-        self
+    setters! {
+        with_train_ratio: train_ratio: f64,
+        with_seed: seed: u64,
+        with_parallelism: parallelism: usize,
     }
 }
 

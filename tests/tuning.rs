@@ -226,3 +226,29 @@ async fn bad_grids_fail_before_any_fit() {
         .to_string();
     assert!(err.contains("numFolds"), "{err}");
 }
+
+/// Tuning compares fits: they must not depend on thread scheduling or partition timing.
+#[tokio::test]
+async fn logistic_fits_are_reproducible_bit_for_bit() {
+    let ctx = SessionContext::new();
+    let batch = blobs(&ctx, 3000, 0.8).collect().await.unwrap().remove(0);
+    let parts: Vec<Vec<RecordBatch>> = (0..4)
+        .map(|i| vec![batch.slice(i * 750, 750)])
+        .collect();
+    let table = datafusion::datasource::MemTable::try_new(batch.schema(), parts).unwrap();
+    let df = ctx.read_table(Arc::new(table)).unwrap();
+    let fit = || async {
+        let model = LogisticRegression::new()
+            .with_reg_param(1e-3)
+            .with_max_iter(30)
+            .fit(&df)
+            .await
+            .unwrap();
+        let f = model.fitted();
+        (f.coefficients.clone(), f.intercepts.clone())
+    };
+    let first = fit().await;
+    for _ in 0..3 {
+        assert_eq!(fit().await, first);
+    }
+}

@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 use super::logistic_math::{Dataset, Family, FitSettings, FittedLogistic, fit};
 use crate::error::{Error, Result};
 use crate::feature::require_column;
-use crate::params::{ParamMap, Params, check, new_uid, params_stage_methods};
+use crate::params::{
+    ParamMap, Params, check, new_uid, params_stage_methods, setters, string_setters,
+};
 use crate::persistence::SavedStage;
 use crate::pipeline::{Estimator, Transformer};
 use safetensors::{Dtype, tensor::TensorView};
@@ -135,24 +137,6 @@ impl Default for LogisticRegression {
     fn default() -> Self {
         Self::new()
     }
-}
-
-macro_rules! setters {
-    ($($name:ident: $field:ident: $ty:ty),* $(,)?) => {
-        $(pub fn $name(mut self, v: $ty) -> Self {
-            self.params.$field = v;
-            self
-        })*
-    };
-}
-
-macro_rules! string_setters {
-    ($($name:ident: $field:ident),* $(,)?) => {
-        $(pub fn $name(mut self, v: impl Into<String>) -> Self {
-            self.params.$field = v.into();
-            self
-        })*
-    };
 }
 
 impl LogisticRegression {
