@@ -232,9 +232,7 @@ async fn bad_grids_fail_before_any_fit() {
 async fn logistic_fits_are_reproducible_bit_for_bit() {
     let ctx = SessionContext::new();
     let batch = blobs(&ctx, 3000, 0.8).collect().await.unwrap().remove(0);
-    let parts: Vec<Vec<RecordBatch>> = (0..4)
-        .map(|i| vec![batch.slice(i * 750, 750)])
-        .collect();
+    let parts: Vec<Vec<RecordBatch>> = (0..4).map(|i| vec![batch.slice(i * 750, 750)]).collect();
     let table = datafusion::datasource::MemTable::try_new(batch.schema(), parts).unwrap();
     let df = ctx.read_table(Arc::new(table)).unwrap();
     let fit = || async {
