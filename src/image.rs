@@ -453,7 +453,8 @@ pub struct ReadImagesOptions {
     pub num_partitions: usize,
     /// Rows per record batch: bounds the decoded pixels held at once (default 32).
     pub batch_rows: usize,
-    /// Fraction of files to keep, sampled by a hash of the path and `seed` (default 1.0).
+    /// Fraction of files to keep, sampled by a hash of `seed` and the path relative to the folder
+    /// read, so the same files are kept wherever the folder sits (default 1.0).
     pub sample_ratio: f64,
     /// Seed of the sample (default 0).
     pub seed: u64,
@@ -604,7 +605,10 @@ pub fn read_images(
         .into_iter()
         .filter(|p| {
             options.sample_ratio >= 1.0
-                || sample_key(options.seed, &p.to_string_lossy()) < options.sample_ratio
+                || sample_key(
+                    options.seed,
+                    &p.strip_prefix(path).unwrap_or(p).to_string_lossy(),
+                ) < options.sample_ratio
         })
         .collect();
     if files.is_empty() {

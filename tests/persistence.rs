@@ -19,7 +19,7 @@ const CHILD_OUT: &str = "DP_TEST_ROUNDTRIP_OUT";
 async fn fitted() -> PipelineModel {
     let ctx = SessionContext::new();
     common::example_pipeline()
-        .fit(&common::images(&ctx, "train", 0.05))
+        .fit(&common::images(&ctx, "train", 0.1))
         .await
         .unwrap()
 }

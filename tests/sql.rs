@@ -38,7 +38,7 @@ fn image_folder() -> tempfile::TempDir {
 
 async fn fitted(ctx: &SessionContext) -> PipelineModel {
     common::example_pipeline()
-        .fit(&common::images(ctx, "train", 0.05))
+        .fit(&common::images(ctx, "train", 0.1))
         .await
         .unwrap()
 }
