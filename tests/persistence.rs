@@ -16,14 +16,6 @@ use deep_pipelines::prelude::*;
 const CHILD_MODEL: &str = "DP_TEST_ROUNDTRIP_MODEL";
 const CHILD_OUT: &str = "DP_TEST_ROUNDTRIP_OUT";
 
-async fn fitted() -> PipelineModel {
-    let ctx = SessionContext::new();
-    common::example_pipeline()
-        .fit(&common::images(&ctx, "train", 0.1))
-        .await
-        .unwrap()
-}
-
 /// Origin, prediction and the exact bits of every probability, sorted by origin.
 async fn prediction_bits(model: &PipelineModel) -> Vec<String> {
     let ctx = SessionContext::new();
@@ -77,7 +69,7 @@ async fn roundtrip_child_process_entry() {
 
 #[tokio::test]
 async fn saved_pipeline_predicts_identically_in_a_fresh_process() {
-    let model = fitted().await;
+    let model = common::fitted_example().await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model");
     model.save(&path).unwrap();
@@ -139,7 +131,7 @@ fn load_error(path: &Path) -> String {
 
 #[tokio::test]
 async fn tampered_or_partial_saves_are_refused_with_the_file_named() {
-    let model = fitted().await;
+    let model = common::fitted_example().await;
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good");
     model.save(&good).unwrap();
@@ -237,7 +229,7 @@ impl Transformer for Unsaveable {
 
 #[tokio::test]
 async fn a_save_that_fails_midway_leaves_nothing_loadable() {
-    let fitted = fitted().await;
+    let fitted = common::fitted_example().await;
     let mut stages = fitted.stages().to_vec();
     stages.push(std::sync::Arc::new(Unsaveable));
     let model = PipelineModel::new("PipelineModel_test", stages);

@@ -36,13 +36,6 @@ fn image_folder() -> tempfile::TempDir {
     dir
 }
 
-async fn fitted(ctx: &SessionContext) -> PipelineModel {
-    common::example_pipeline()
-        .fit(&common::images(ctx, "train", 0.1))
-        .await
-        .unwrap()
-}
-
 /// origin -> (prediction, probability of the predicted class) from `PipelineModel::transform`.
 async fn expected(model: &PipelineModel, images: DataFrame) -> HashMap<String, (f64, f64)> {
     let out = common::collect(model.transform(images).unwrap()).await;
@@ -91,7 +84,7 @@ fn check_rows(batch: &RecordBatch, expected: &HashMap<String, (f64, f64)>, label
 #[tokio::test]
 async fn sql_predictions_equal_transform_for_every_row() {
     let ctx = SessionContext::new();
-    let model = fitted(&ctx).await;
+    let model = common::fitted_example().await;
     let labels = model
         .stage::<StringIndexerModel>()
         .unwrap()
@@ -146,7 +139,7 @@ async fn sql_predictions_equal_transform_for_every_row() {
 #[tokio::test]
 async fn sql_function_takes_raw_encoded_bytes() {
     let ctx = SessionContext::new();
-    let model = fitted(&ctx).await;
+    let model = common::fitted_example().await;
     let labels = model
         .stage::<StringIndexerModel>()
         .unwrap()

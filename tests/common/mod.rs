@@ -35,6 +35,15 @@ pub fn example_pipeline() -> Pipeline {
         )
 }
 
+/// [`example_pipeline`] fitted on a 10% sample of the bundled training images.
+pub async fn fitted_example() -> PipelineModel {
+    let ctx = SessionContext::new();
+    example_pipeline()
+        .fit(&images(&ctx, "train", 0.1))
+        .await
+        .unwrap()
+}
+
 pub async fn collect(df: DataFrame) -> RecordBatch {
     let batches = df.collect().await.unwrap();
     datafusion::arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
