@@ -6,10 +6,12 @@
 
 use std::any::Any;
 use std::hash::{Hash, Hasher};
+use std::path::Path;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array};
 use datafusion::arrow::buffer::NullBuffer;
+use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field};
 use datafusion::common::exec_err;
 use datafusion::logical_expr::{
@@ -21,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::image::{image_type, to_rgb8};
-use crate::models::{LoadedModel, available_devices, available_models, load_model};
+use crate::models::{FeatureMode, LoadedModel, available_devices, available_models, load_model_in};
 use crate::params::{ParamMap, Params, check, new_uid, setters, string_setters};
 use crate::persistence::SavedStage;
 use crate::pipeline::Transformer;
@@ -36,6 +38,13 @@ pub struct DeepImageFeaturizerParams {
     pub model_name: String,
     pub batch_size: usize,
     pub device: String,
+    /// `pooled` (the manifest's feature vector) or `flattened` (the last feature map).
+    pub feature_mode: String,
+    /// `float32` or `float16` (half the memory and Parquet size).
+    pub output_type: String,
+    /// Folder holding `<model>/manifest.json` and weights; empty = `$DEEP_PIPELINES_MODEL_DIR`
+    /// or the bundled `models/`.
+    pub model_dir: String,
 }
 
 impl Default for DeepImageFeaturizerParams {
@@ -46,6 +55,9 @@ impl Default for DeepImageFeaturizerParams {
             model_name: "EfficientNetLite0".into(),
             batch_size: 32,
             device: "cpu".into(),
+            feature_mode: "pooled".into(),
+            output_type: "float32".into(),
+            model_dir: String::new(),
         }
     }
 }
@@ -66,6 +78,15 @@ impl Params for DeepImageFeaturizerParams {
             ),
             ("batchSize", "images per forward pass"),
             ("device", "cpu, or wgpu when built with the wgpu feature"),
+            (
+                "featureMode",
+                "pooled (feature vector, default) or flattened (last feature map)",
+            ),
+            ("outputType", "float32 (default) or float16"),
+            (
+                "modelDir",
+                "folder with <model>/manifest.json + weights; empty = default",
+            ),
         ]
     }
 
@@ -73,31 +94,59 @@ impl Params for DeepImageFeaturizerParams {
         let s = Self::STAGE;
         check::non_empty(s, "inputCol", &self.input_col)?;
         check::non_empty(s, "outputCol", &self.output_col)?;
-        if !available_models().contains(&self.model_name.as_str()) {
+        check_model_params(s, &self.model_name, self.batch_size, &self.device)?;
+        if FeatureMode::parse(&self.feature_mode).is_none() {
             return Err(Error::param(
                 s,
-                "modelName",
-                format!(
-                    "unknown model `{}`; available: {}",
-                    self.model_name,
-                    available_models().join(", ")
-                ),
+                "featureMode",
+                format!("`{}` is not pooled or flattened", self.feature_mode),
             ));
         }
-        check::in_range(s, "batchSize", self.batch_size as f64, 1.0, 4096.0)?;
-        if !available_devices().contains(&self.device.as_str()) {
+        if !matches!(self.output_type.as_str(), "float32" | "float16") {
             return Err(Error::param(
                 s,
-                "device",
-                format!(
-                    "unknown device `{}`; available: {}",
-                    self.device,
-                    available_devices().join(", ")
-                ),
+                "outputType",
+                format!("`{}` is not float32 or float16", self.output_type),
             ));
         }
         Ok(())
     }
+}
+
+/// Checks the params every network stage shares: a known model, a batch size, a device.
+pub(crate) fn check_model_params(
+    stage: &str,
+    model_name: &str,
+    batch_size: usize,
+    device: &str,
+) -> Result<()> {
+    if !available_models().iter().any(|m| m == model_name) {
+        return Err(Error::param(
+            stage,
+            "modelName",
+            format!(
+                "unknown model `{model_name}`; available: {}",
+                available_models().join(", ")
+            ),
+        ));
+    }
+    check::in_range(stage, "batchSize", batch_size as f64, 1.0, 4096.0)?;
+    if !available_devices().contains(&device) {
+        return Err(Error::param(
+            stage,
+            "device",
+            format!(
+                "unknown device `{device}`; available: {}",
+                available_devices().join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `""` -> `None` (the default model directory), else the path.
+pub(crate) fn dir_param(dir: &str) -> Option<&Path> {
+    (!dir.is_empty()).then(|| Path::new(dir))
 }
 
 /// Turns an image column into a feature column with a pretrained network.
@@ -145,6 +194,9 @@ impl DeepImageFeaturizer {
         with_output_col: output_col,
         with_model_name: model_name,
         with_device: device,
+        with_feature_mode: feature_mode,
+        with_output_type: output_type,
+        with_model_dir: model_dir,
     }
     setters! { with_batch_size: batch_size: usize }
 }
@@ -172,8 +224,18 @@ impl Transformer for DeepImageFeaturizer {
         self.params.validate()?;
         require_image_column(&df, &self.params.input_col).map_err(|e| e.in_stage(&self.uid))?;
         // Load now (cached): a missing or corrupt weight file fails here, not mid-query.
-        let model = load_model(&self.params.model_name, &self.params.device)?;
-        let udf = ScalarUDF::new_from_impl(FeaturizeUdf::new(model, self.params.batch_size));
+        let model = load_model_in(
+            &self.params.model_name,
+            &self.params.device,
+            dir_param(&self.params.model_dir),
+        )?;
+        let mode = FeatureMode::parse(&self.params.feature_mode).unwrap_or(FeatureMode::Pooled);
+        let udf = ScalarUDF::new_from_impl(FeaturizeUdf::new(
+            model,
+            self.params.batch_size,
+            mode,
+            self.params.output_type == "float16",
+        ));
         Ok(df.with_column(
             &self.params.output_col,
             udf.call(vec![ident(self.params.input_col.as_str())]),
@@ -186,12 +248,7 @@ impl Transformer for DeepImageFeaturizer {
 
     /// Params plus a reference to the network (name + weight sha256); weights are not copied.
     fn save_stage(&self) -> Result<SavedStage> {
-        let (manifest, _) = crate::models::manifest(&self.params.model_name)?;
-        let reference = ModelReference {
-            name: manifest.name,
-            weights_file: manifest.weights.file,
-            sha256: manifest.weights.sha256,
-        };
+        let reference = model_reference(&self.params.model_name, &self.params.model_dir)?;
         Ok(
             SavedStage::of(CLASS_DEEP_IMAGE_FEATURIZER, &self.uid, &self.params)
                 .with_extra(serde_json::json!({ "model": reference })),
@@ -208,30 +265,51 @@ impl Transformer for DeepImageFeaturizer {
 
 pub(crate) const CLASS_DEEP_IMAGE_FEATURIZER: &str = "DeepImageFeaturizer";
 
-/// How a saved featurizer names its network: loading checks the installed weights are the same.
+/// How a saved network stage names its network: loading checks the installed weights are the
+/// same (name + weight sha256; weights are not copied).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct ModelReference {
+pub(crate) struct ModelReference {
     name: String,
     weights_file: String,
     sha256: Option<String>,
 }
 
+pub(crate) fn model_reference(model_name: &str, model_dir: &str) -> Result<ModelReference> {
+    let (manifest, _) = crate::models::manifest_in(model_name, dir_param(model_dir))?;
+    Ok(ModelReference {
+        name: manifest.name,
+        weights_file: manifest.weights.file,
+        sha256: manifest.weights.sha256,
+    })
+}
+
+/// Checks that the model a stage was saved with is the one installed now.
+pub(crate) fn check_model_reference(
+    saved: &SavedStage,
+    model_name: &str,
+    model_dir: &str,
+) -> Result<()> {
+    let reference: ModelReference = saved.extra_field("model")?;
+    let (manifest, dir) = crate::models::manifest_in(model_name, dir_param(model_dir))?;
+    if reference.sha256 != manifest.weights.sha256 {
+        return Err(Error::Persistence(format!(
+            "{} `{}` was saved with {} weights sha256 {}, but the installed model ({}) has sha256 {}",
+            saved.class,
+            saved.uid,
+            reference.name,
+            reference.sha256.as_deref().unwrap_or("(none)"),
+            dir.join(&manifest.weights.file).display(),
+            manifest.weights.sha256.as_deref().unwrap_or("(none)"),
+        )));
+    }
+    Ok(())
+}
+
 impl DeepImageFeaturizer {
     pub(crate) fn from_saved(saved: &SavedStage) -> Result<Self> {
         let params: DeepImageFeaturizerParams = saved.params()?;
-        let reference: ModelReference = saved.extra_field("model")?;
-        let (manifest, dir) = crate::models::manifest(&params.model_name)?;
-        if reference.sha256 != manifest.weights.sha256 {
-            return Err(Error::Persistence(format!(
-                "DeepImageFeaturizer `{}` was saved with {} weights sha256 {}, but the installed model ({}) has sha256 {}",
-                saved.uid,
-                reference.name,
-                reference.sha256.as_deref().unwrap_or("(none)"),
-                dir.join(&manifest.weights.file).display(),
-                manifest.weights.sha256.as_deref().unwrap_or("(none)"),
-            )));
-        }
+        check_model_reference(saved, &params.model_name, &params.model_dir)?;
         Ok(DeepImageFeaturizer {
             uid: saved.uid.clone(),
             params,
@@ -244,25 +322,34 @@ impl DeepImageFeaturizer {
 struct FeaturizeUdf {
     model: Arc<LoadedModel>,
     batch_size: usize,
+    mode: FeatureMode,
+    half: bool,
     signature: Signature,
     name: String,
 }
 
 impl FeaturizeUdf {
-    fn new(model: Arc<LoadedModel>, batch_size: usize) -> Self {
+    fn new(model: Arc<LoadedModel>, batch_size: usize, mode: FeatureMode, half: bool) -> Self {
         FeaturizeUdf {
             name: format!("featurize_{}", model.manifest.name),
             model,
             batch_size,
+            mode,
+            half,
             // Volatile: an expensive call the optimiser must never duplicate or inline twice.
             signature: Signature::exact(vec![image_type()], Volatility::Volatile),
         }
     }
 
     fn output_type(&self) -> DataType {
+        let item = if self.half {
+            DataType::Float16
+        } else {
+            DataType::Float32
+        };
         DataType::FixedSizeList(
-            Arc::new(Field::new("item", DataType::Float32, true)),
-            self.model.manifest.feature_dim as i32,
+            Arc::new(Field::new("item", item, true)),
+            self.model.manifest.output_dim(self.mode) as i32,
         )
     }
 }
@@ -271,6 +358,8 @@ impl PartialEq for FeaturizeUdf {
     fn eq(&self, other: &Self) -> bool {
         self.name == other.name
             && self.batch_size == other.batch_size
+            && self.mode == other.mode
+            && self.half == other.half
             && Arc::ptr_eq(&self.model, &other.model)
     }
 }
@@ -281,6 +370,8 @@ impl Hash for FeaturizeUdf {
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.name.hash(state);
         self.batch_size.hash(state);
+        self.mode.hash(state);
+        self.half.hash(state);
     }
 }
 
@@ -306,31 +397,33 @@ impl ScalarUDFImpl for FeaturizeUdf {
             let Some(images) = arrays[0].as_struct_opt() else {
                 return exec_err!("featurizer input must be an image struct");
             };
-            let features = featurize(&self.model, images, self.batch_size)
-                .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+            let dim = self.model.manifest.output_dim(self.mode);
+            let (values, valid) = run_batched(&self.model, images, self.batch_size, dim, |x, n| {
+                self.model.run(x, n, self.mode)
+            })
+            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
             let DataType::FixedSizeList(field, dim) = self.output_type() else {
                 unreachable!("output_type is a FixedSizeList")
             };
-            let (values, valid) = features;
-            let array = FixedSizeListArray::try_new(
-                field,
-                dim,
-                Arc::new(Float32Array::from(values)),
-                Some(NullBuffer::from(valid)),
-            )?;
+            let values: ArrayRef = Arc::new(Float32Array::from(values));
+            let values = cast(&values, field.data_type())?;
+            let array =
+                FixedSizeListArray::try_new(field, dim, values, Some(NullBuffer::from(valid)))?;
             Ok(ColumnarValue::Array(Arc::new(array) as ArrayRef))
         })
     }
 }
 
-/// Preprocesses every valid image of `images` and runs them through the network in batches.
-/// Returns the flat feature values (zeros for null rows) and the validity of each row.
-pub(crate) fn featurize(
+/// Preprocesses every valid image of `images` (in parallel) and runs them through `forward`
+/// `batch_size` at a time, each image giving `dim` values. Returns the flat values (zeros for
+/// null rows) and the validity of each row.
+pub(crate) fn run_batched(
     model: &LoadedModel,
     images: &datafusion::arrow::array::StructArray,
     batch_size: usize,
+    dim: usize,
+    forward: impl Fn(Vec<f32>, usize) -> Result<Vec<f32>>,
 ) -> Result<(Vec<f32>, Vec<bool>)> {
-    let dim = model.manifest.feature_dim;
     let inputs: Vec<Option<Vec<f32>>> = (0..images.len())
         .into_par_iter()
         .map(|row| {
@@ -368,7 +461,7 @@ pub(crate) fn featurize(
         for &row in chunk {
             batch.extend(inputs[row].take().unwrap_or_default());
         }
-        let out = model.features(batch, chunk.len())?;
+        let out = forward(batch, chunk.len())?;
         for (k, &row) in chunk.iter().enumerate() {
             values[row * dim..(row + 1) * dim].copy_from_slice(&out[k * dim..(k + 1) * dim]);
         }

@@ -38,6 +38,7 @@ pub mod optim;
 pub mod params;
 pub mod persistence;
 pub mod pipeline;
+pub mod predictor;
 pub mod preprocess;
 pub mod split;
 pub mod sql;
@@ -54,6 +55,7 @@ pub use featurizer::DeepImageFeaturizer;
 pub use image::{ReadImagesOptions, decode_image_column, read_images};
 pub use params::{ParamMap, Params};
 pub use pipeline::{Estimator, Pipeline, PipelineModel, Transformer};
+pub use predictor::DeepImagePredictor;
 pub use split::random_split;
 pub use sql::{register_featurizer, register_images_table, register_model};
 pub use tuning::{CrossValidator, ParamGridBuilder, TrainValidationSplit};
@@ -62,11 +64,11 @@ pub use tuning::{CrossValidator, ParamGridBuilder, TrainValidationSplit};
 pub mod prelude {
     pub use crate::{
         BinaryClassificationEvaluator, ConfusionMatrix, CrossValidator, DeepImageFeaturizer,
-        Estimator, Evaluator, IndexToString, LogisticRegression, LogisticRegressionModel,
-        MulticlassClassificationEvaluator, ParamGridBuilder, ParamMap, Params, Pipeline,
-        PipelineModel, ReadImagesOptions, StringIndexer, StringIndexerModel, TrainValidationSplit,
-        Transformer, confusion_matrix, decode_image_column, random_split, read_images,
-        register_featurizer, register_images_table, register_model,
+        DeepImagePredictor, Estimator, Evaluator, IndexToString, LogisticRegression,
+        LogisticRegressionModel, MulticlassClassificationEvaluator, ParamGridBuilder, ParamMap,
+        Params, Pipeline, PipelineModel, ReadImagesOptions, StringIndexer, StringIndexerModel,
+        TrainValidationSplit, Transformer, confusion_matrix, decode_image_column, random_split,
+        read_images, register_featurizer, register_images_table, register_model,
     };
     pub use datafusion::prelude::{DataFrame, SessionContext, col, ident, lit};
 }

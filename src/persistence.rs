@@ -382,6 +382,9 @@ pub fn build(stage: SavedStage) -> Result<LoadedStage> {
         crate::featurizer::CLASS_DEEP_IMAGE_FEATURIZER => {
             T(Arc::new(DeepImageFeaturizer::from_saved(&stage)?))
         }
+        crate::predictor::CLASS_DEEP_IMAGE_PREDICTOR => {
+            T(Arc::new(crate::DeepImagePredictor::from_saved(&stage)?))
+        }
         other => {
             return Err(Error::Persistence(format!(
                 "stage `{}`: unknown class `{other}`",

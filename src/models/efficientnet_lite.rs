@@ -1,11 +1,14 @@
-//! EfficientNet-Lite (Lite0 for now): MBConv blocks without squeeze-excite, ReLU6, TF "SAME"
+//! EfficientNet-Lite0/1/2: MBConv blocks without squeeze-excite, ReLU6, TF "SAME"
 //! padding, BatchNorm eps 1e-3. Field names follow the PyTorch checkpoint with the leading
 //! underscores dropped (`_blocks.3._bn1.weight` -> `blocks.3.bn1.gamma`), see [`WEIGHT_NAME_MAP`].
 
-use burn::module::{Module, Param};
+use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
+
+use super::ImageNetwork;
+use super::layers::{fold_batch_norm as fold, global_average_pool};
 
 /// One stage of MBConv blocks; the stride applies to the stage's first block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,25 +34,50 @@ pub struct EfficientNetLiteConfig {
 impl EfficientNetLiteConfig {
     /// EfficientNet-Lite0 as in the TF reference (MODEL.md of the bundled weights).
     pub fn lite0() -> Self {
-        let s = |repeats, kernel, stride, expand, input, output| StageConfig {
-            repeats,
-            kernel,
-            stride,
-            expand,
-            input,
-            output,
-        };
+        Self::scaled([1, 2, 2, 3, 3, 4, 1], [16, 24, 40, 80, 112, 192, 320])
+    }
+
+    /// EfficientNet-Lite1 (depth x1.1, width x1.0; 240 px): the Lite0 table with more repeats.
+    pub fn lite1() -> Self {
+        Self::scaled([1, 3, 3, 4, 4, 5, 1], [16, 24, 40, 80, 112, 192, 320])
+    }
+
+    /// EfficientNet-Lite2 (depth x1.2, width x1.1; 260 px). Lite keeps the stem (32) and the
+    /// head (1280) fixed and the first and last stages at one block.
+    pub fn lite2() -> Self {
+        Self::scaled([1, 3, 3, 4, 4, 5, 1], [16, 24, 48, 88, 120, 208, 352])
+    }
+
+    /// The Lite stage table (kernel, stride, expand per stage) with the given repeats and widths.
+    fn scaled(repeats: [usize; 7], widths: [usize; 7]) -> Self {
+        const KERNEL_STRIDE_EXPAND: [(usize, usize, usize); 7] = [
+            (3, 1, 1),
+            (3, 2, 6),
+            (5, 2, 6),
+            (3, 2, 6),
+            (5, 1, 6),
+            (5, 2, 6),
+            (3, 1, 6),
+        ];
+        let mut input = 32;
+        let stages = (0..7)
+            .map(|i| {
+                let (kernel, stride, expand) = KERNEL_STRIDE_EXPAND[i];
+                let stage = StageConfig {
+                    repeats: repeats[i],
+                    kernel,
+                    stride,
+                    expand,
+                    input,
+                    output: widths[i],
+                };
+                input = widths[i];
+                stage
+            })
+            .collect();
         EfficientNetLiteConfig {
             stem_channels: 32,
-            stages: vec![
-                s(1, 3, 1, 1, 32, 16),
-                s(2, 3, 2, 6, 16, 24),
-                s(2, 5, 2, 6, 24, 40),
-                s(3, 3, 2, 6, 40, 80),
-                s(3, 5, 1, 6, 80, 112),
-                s(4, 5, 2, 6, 112, 192),
-                s(1, 3, 1, 6, 192, 320),
-            ],
+            stages,
             head_channels: 1280,
             num_classes: 1000,
             bn_eps: 1e-3,
@@ -186,27 +214,6 @@ impl EfficientNetLite {
     }
 }
 
-fn global_average_pool(x: Tensor<4>) -> Tensor<2> {
-    let [batch, channels, _, _] = x.dims();
-    x.mean_dim(3).mean_dim(2).reshape([batch, channels])
-}
-
-/// `bn(conv(x))` as one convolution: `w' = w * s`, `b' = beta + (b - mean) * s`,
-/// `s = gamma / sqrt(var + eps)` per output channel.
-fn fold(mut conv: Conv2d, bn: &BatchNorm) -> Conv2d {
-    let scale = bn.gamma.val() / (bn.running_var.value() + bn.epsilon).sqrt();
-    let [out_channels, ..] = conv.weight.dims();
-    let weight = conv.weight.val() * scale.clone().reshape([out_channels, 1, 1, 1]);
-    let bias = conv
-        .bias
-        .as_ref()
-        .map_or_else(|| bn.running_mean.value().zeros_like(), |b| b.val());
-    let bias = bn.beta.val() + (bias - bn.running_mean.value()) * scale;
-    conv.weight = Param::from_tensor(weight);
-    conv.bias = Some(Param::from_tensor(bias));
-    conv
-}
-
 /// [`MbConv`] with its BatchNorms folded away (inference only).
 #[derive(Module, Debug)]
 pub struct FoldedMbConv {
@@ -237,18 +244,16 @@ pub struct FoldedEfficientNetLite {
     fc: Linear,
 }
 
-impl FoldedEfficientNetLite {
-    /// `[batch, 3, H, W]` normalised RGB -> `[batch, head_channels]` features.
-    pub fn features(&self, input: Tensor<4>) -> Tensor<2> {
+impl ImageNetwork for FoldedEfficientNetLite {
+    fn feature_map(&self, input: Tensor<4>) -> Tensor<4> {
         let mut x = relu6(self.conv_stem.forward(input));
         for block in &self.blocks {
             x = block.forward(x);
         }
-        global_average_pool(relu6(self.conv_head.forward(x)))
+        relu6(self.conv_head.forward(x))
     }
 
-    /// Features -> ImageNet logits.
-    pub fn logits(&self, features: Tensor<2>) -> Tensor<2> {
-        self.fc.forward(features)
+    fn logits(&self, map: Tensor<4>) -> Option<Tensor<2>> {
+        Some(self.fc.forward(global_average_pool(map)))
     }
 }

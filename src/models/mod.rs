@@ -1,38 +1,105 @@
-//! Pretrained networks: one manifest per model (input size, preprocessing, feature size, weight
-//! file + sha256, licence), one file per architecture, and a per-process cache so a model is
-//! loaded once however many partitions and batches use it.
+//! Pretrained networks: one manifest per model (input size, preprocessing, feature layer and
+//! size, classifier head, weight file + sha256 + where to get it, licence), one file per
+//! architecture, weight loading from safetensors or PyTorch checkpoints (read without running
+//! pickle code), users' own networks ([`ImageNetwork`] + [`register_model`]), and a per-process
+//! cache so a model is loaded once however many partitions and batches use it.
 
+pub mod efficientnet;
 pub mod efficientnet_lite;
+pub mod inception_v3;
+pub mod layers;
+pub mod mobilenet_v2;
+pub mod mobilenet_v3;
+pub mod resnet;
+pub mod squeezenet;
+pub mod vgg;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use burn::prelude::*;
-use burn::store::{ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
+use burn::store::{
+    ApplyResult, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter, PytorchStore, SafetensorsStore,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use efficientnet_lite::{EfficientNetLiteConfig, FoldedEfficientNetLite};
+use layers::{NameMap, flatten, global_average_pool};
 
 /// Environment variable naming the folder that holds one sub-folder per model.
 pub const MODEL_DIR_ENV: &str = "DEEP_PIPELINES_MODEL_DIR";
 
 /// Named models: (name used in `modelName`, folder under the model directory).
-const REGISTRY: &[(&str, &str)] = &[("EfficientNetLite0", "efficientnet_lite0")];
+const REGISTRY: &[(&str, &str)] = &[
+    ("EfficientNetLite0", "efficientnet_lite0"),
+    ("EfficientNetLite1", "efficientnet_lite1"),
+    ("EfficientNetLite2", "efficientnet_lite2"),
+    ("ResNet18", "resnet18"),
+    ("ResNet34", "resnet34"),
+    ("ResNet50", "resnet50"),
+    ("ResNet101", "resnet101"),
+    ("ResNet152", "resnet152"),
+    ("MobileNetV2", "mobilenet_v2"),
+    ("MobileNetV3Large", "mobilenet_v3_large"),
+    ("MobileNetV3Small", "mobilenet_v3_small"),
+    ("SqueezeNet1_1", "squeezenet1_1"),
+    ("EfficientNetB0", "efficientnet_b0"),
+    ("InceptionV3", "inception_v3"),
+    ("VGG16", "vgg16"),
+    ("VGG16BN", "vgg16_bn"),
+    ("VGG19", "vgg19"),
+    ("VGG19BN", "vgg19_bn"),
+];
 
-/// Names accepted by `DeepImageFeaturizer.modelName`.
-pub fn available_models() -> Vec<&'static str> {
-    REGISTRY.iter().map(|(name, _)| *name).collect()
+/// A network the featurizer and predictor can run. Implement it for any burn module to use
+/// your own model (see [`register_model`]); the built-in architectures implement it too.
+///
+/// The input is a normalised RGB batch `[N, 3, S, S]` made as the model's [`Manifest`] says.
+pub trait ImageNetwork: Send + Sync + std::fmt::Debug {
+    /// The last feature map, `[N, C, h, w]` (`featureMode = flattened` returns it flattened).
+    /// A network that ends in a vector can return it as `[N, D, 1, 1]`.
+    fn feature_map(&self, input: Tensor<4>) -> Tensor<4>;
+
+    /// The feature vector from the map (`featureMode = pooled`); global average pool by default.
+    fn features(&self, map: Tensor<4>) -> Tensor<2> {
+        global_average_pool(map)
+    }
+
+    /// Class logits from the map, for [`crate::DeepImagePredictor`]; `None` if there is no head.
+    fn logits(&self, _map: Tensor<4>) -> Option<Tensor<2>> {
+        None
+    }
 }
 
-/// The model directory: `$DEEP_PIPELINES_MODEL_DIR`, else this crate's bundled `models/`.
+/// Names accepted by `modelName`: the named models, then any registered with [`register_model`].
+pub fn available_models() -> Vec<String> {
+    let mut names: Vec<String> = REGISTRY.iter().map(|(name, _)| name.to_string()).collect();
+    names.extend(user_models().read().map_or_else(
+        |_| Vec::new(),
+        |m| {
+            m.keys()
+                .filter(|k| !names.contains(k))
+                .cloned()
+                .collect::<Vec<_>>()
+        },
+    ));
+    names
+}
+
+/// The default model directory: `$DEEP_PIPELINES_MODEL_DIR`, else this crate's bundled `models/`.
 pub fn model_dir() -> PathBuf {
     std::env::var_os(MODEL_DIR_ENV)
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/models")))
+}
+
+/// `dir` if given and not empty, else [`model_dir`].
+fn resolve_dir(dir: Option<&Path>) -> PathBuf {
+    dir.filter(|d| !d.as_os_str().is_empty())
+        .map_or_else(model_dir, Path::to_path_buf)
 }
 
 /// Resize filter named in a manifest.
@@ -78,9 +145,50 @@ pub struct Manifest {
     pub description: String,
     pub input_size: u32,
     pub preprocess: PreprocessSpec,
+    /// Which layer the pooled feature vector comes from (e.g. "global average pool of layer4").
+    #[serde(default)]
+    pub feature_layer: String,
+    /// Size of the pooled feature vector.
     pub feature_dim: usize,
+    /// Shape `[C, h, w]` of the last feature map at `input_size` (`featureMode = flattened`).
+    pub feature_map: [usize; 3],
+    /// The classifier head (e.g. "fc 2048 -> 1000").
+    #[serde(default)]
+    pub classifier: String,
     pub num_classes: usize,
+    /// Class names: `imagenet` (bundled ILSVRC-2012 names) or a text file (one name per line)
+    /// relative to the model's folder.
+    #[serde(default)]
+    pub labels: Option<String>,
     pub weights: WeightsSpec,
+}
+
+impl Manifest {
+    /// Length of one output row in the given mode.
+    pub fn output_dim(&self, mode: FeatureMode) -> usize {
+        match mode {
+            FeatureMode::Pooled => self.feature_dim,
+            FeatureMode::Flattened => self.feature_map.iter().product(),
+        }
+    }
+}
+
+/// What the featurizer returns: the pooled feature vector or the flattened last feature map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FeatureMode {
+    Pooled,
+    Flattened,
+}
+
+impl FeatureMode {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "pooled" => Some(FeatureMode::Pooled),
+            "flattened" => Some(FeatureMode::Flattened),
+            _ => None,
+        }
+    }
 }
 
 fn model_error(model: &str, message: impl Into<String>) -> Error {
@@ -90,8 +198,17 @@ fn model_error(model: &str, message: impl Into<String>) -> Error {
     }
 }
 
-/// Reads the manifest of a named model.
+/// Reads the manifest of a named model from the default model directory.
 pub fn manifest(name: &str) -> Result<(Manifest, PathBuf)> {
+    manifest_in(name, None)
+}
+
+/// Reads the manifest of a named model from `dir` (or the default directory when `None`).
+/// A model registered with [`register_model`] answers with its own manifest.
+pub fn manifest_in(name: &str, dir: Option<&Path>) -> Result<(Manifest, PathBuf)> {
+    if let Some(user) = user_model(name) {
+        return Ok((user.manifest.clone(), PathBuf::new()));
+    }
     let folder = REGISTRY
         .iter()
         .find(|(n, _)| *n == name)
@@ -105,13 +222,13 @@ pub fn manifest(name: &str) -> Result<(Manifest, PathBuf)> {
                 ),
             )
         })?;
-    let dir = model_dir().join(folder);
+    let dir = resolve_dir(dir).join(folder);
     let path = dir.join("manifest.json");
     let text = std::fs::read_to_string(&path).map_err(|e| {
         model_error(
             name,
             format!(
-                "cannot read {}: {e} (set {MODEL_DIR_ENV} to the folder holding `{folder}/`)",
+                "cannot read {}: {e} (set {MODEL_DIR_ENV} or modelDir to the folder holding `{folder}/`)",
                 path.display()
             ),
         )
@@ -199,29 +316,35 @@ fn header_len(bytes: &[u8]) -> usize {
 
 /// Loads safetensors weights (PyTorch layout) from a file into `module`, failing on any
 /// missing, unexpected or mis-shaped tensor and naming it.
-pub fn load_safetensors<M: ModuleSnapshot + Module>(
+pub fn load_safetensors<M: ModuleSnapshot + Module, A: AsRef<str>, B: AsRef<str>>(
     module: &mut M,
     path: &Path,
-    name_map: &[(&str, &str)],
+    name_map: &[(A, B)],
     model: &str,
 ) -> Result<()> {
-    if !path.is_file() {
-        return Err(model_error(
-            model,
-            format!("weight file {} not found", path.display()),
-        ));
-    }
+    require_file(path, model)?;
     let bytes = read_weight_file(path, max_weight_bytes(module), model)?;
     load_safetensors_bytes(module, bytes, &path.display().to_string(), name_map, model)
 }
 
+fn require_file(path: &Path, model: &str) -> Result<()> {
+    if path.is_file() {
+        Ok(())
+    } else {
+        Err(model_error(
+            model,
+            format!("weight file {} not found", path.display()),
+        ))
+    }
+}
+
 /// [`load_safetensors`] from bytes already read (`what` names them in errors). The header is
 /// checked by [`check_safetensors_header`] first: hostile files fail before any allocation.
-pub fn load_safetensors_bytes<M: ModuleSnapshot + Module>(
+pub fn load_safetensors_bytes<M: ModuleSnapshot + Module, A: AsRef<str>, B: AsRef<str>>(
     module: &mut M,
     bytes: Vec<u8>,
     what: &str,
-    name_map: &[(&str, &str)],
+    name_map: &[(A, B)],
     model: &str,
 ) -> Result<()> {
     check_safetensors_header(&bytes, module.num_params(), what)
@@ -231,10 +354,54 @@ pub fn load_safetensors_bytes<M: ModuleSnapshot + Module>(
         .allow_partial(true)
         .validate(false);
     for (from, to) in name_map {
-        store = store.with_key_remapping(*from, *to);
+        store = store.with_key_remapping(from.as_ref(), to.as_ref());
     }
-    let result = module
-        .load_from(&mut store)
+    apply_store(module, &mut store, what, model)
+}
+
+/// Loads a PyTorch checkpoint (`torch.save(state_dict)`, zip or legacy format) into `module`.
+/// burn-store's reader parses the pickle stream as data and never executes it.
+pub fn load_pytorch<M: ModuleSnapshot + Module, A: AsRef<str>, B: AsRef<str>>(
+    module: &mut M,
+    path: &Path,
+    name_map: &[(A, B)],
+    model: &str,
+) -> Result<()> {
+    require_file(path, model)?;
+    let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let max = max_weight_bytes(module);
+    if len > max {
+        return Err(model_error(
+            model,
+            format!(
+                "weight file {} is {len} bytes, more than the {max} the architecture can need",
+                path.display()
+            ),
+        ));
+    }
+    let mut store = PytorchStore::from_file(path)
+        .map_indices_contiguous(false)
+        .allow_partial(true)
+        .validate(false);
+    for (from, to) in name_map {
+        store = store.with_key_remapping(from.as_ref(), to.as_ref());
+    }
+    apply_store(module, &mut store, &path.display().to_string(), model)
+}
+
+/// Applies a store to `module` and turns missing, unexpected and mis-shaped tensors into one
+/// error naming up to five of them.
+fn apply_store<M: ModuleSnapshot, S: ModuleStore>(
+    module: &mut M,
+    store: &mut S,
+    what: &str,
+    model: &str,
+) -> Result<()>
+where
+    S::Error: std::fmt::Display,
+{
+    let result: ApplyResult = module
+        .load_from(store)
         .map_err(|e| model_error(model, format!("reading {what}: {e}")))?;
     let mut problems: Vec<String> = result.errors.iter().map(|e| format!("{e:?}")).collect();
     problems.extend(
@@ -264,6 +431,43 @@ pub fn load_safetensors_bytes<M: ModuleSnapshot + Module>(
     Ok(())
 }
 
+/// Loads weights into `module` from a safetensors file or a PyTorch checkpoint (by extension:
+/// `.pth`, `.pt`, `.bin` are PyTorch), checking the sha256 when one is given.
+pub fn load_weights<M: ModuleSnapshot + Module>(
+    mut module: M,
+    path: &Path,
+    names: &NameMap,
+    sha256: Option<&str>,
+    model: &str,
+) -> Result<M> {
+    require_file(path, model)?;
+    let extension = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if matches!(extension.as_str(), "pth" | "pt" | "bin") {
+        if let Some(sha) = sha256 {
+            let bytes = read_weight_file(path, max_weight_bytes(&module), model)?;
+            check_sha256(&bytes, path, sha, model)?;
+        }
+        load_pytorch(&mut module, path, &names.0, model)?;
+    } else {
+        let bytes = read_weight_file(path, max_weight_bytes(&module), model)?;
+        if let Some(sha) = sha256 {
+            check_sha256(&bytes, path, sha, model)?;
+        }
+        load_safetensors_bytes(
+            &mut module,
+            bytes,
+            &path.display().to_string(),
+            &names.0,
+            model,
+        )?;
+    }
+    Ok(module)
+}
+
 fn check_sha256(bytes: &[u8], path: &Path, expected: &str, model: &str) -> Result<()> {
     let found = hex::encode(Sha256::digest(bytes));
     if !found.eq_ignore_ascii_case(expected) {
@@ -278,75 +482,253 @@ fn check_sha256(bytes: &[u8], path: &Path, expected: &str, model: &str) -> Resul
     Ok(())
 }
 
-/// A network ready to run: `features` for the featurizer, `logits` for ImageNet predictions.
-#[derive(Debug)]
-pub enum Network {
-    EfficientNetLite(FoldedEfficientNetLite),
+/// Architectures a manifest's `architecture` may name.
+pub const ARCHITECTURES: &[&str] = &[
+    "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "mobilenet_v3_small",
+    "squeezenet1_1",
+    "efficientnet_b0",
+    "inception_v3",
+    "vgg16",
+    "vgg16_bn",
+    "vgg19",
+    "vgg19_bn",
+];
+
+/// Builds the full-size `architecture` (1000 ImageNet classes) and loads `weights` into it.
+pub fn load_architecture(
+    architecture: &str,
+    weights: &Path,
+    sha256: Option<&str>,
+    device: &Device,
+    model: &str,
+) -> Result<Arc<dyn ImageNetwork>> {
+    use efficientnet::EfficientNetConfig;
+    use efficientnet_lite::EfficientNetLiteConfig as Lite;
+    use inception_v3::InceptionV3Config;
+    use mobilenet_v2::MobileNetV2Config;
+    use mobilenet_v3::MobileNetV3Config;
+    use resnet::ResNetConfig;
+    use squeezenet::SqueezeNetConfig;
+    use vgg::VggConfig;
+
+    fn shared<N: ImageNetwork + 'static>(net: N) -> Result<Arc<dyn ImageNetwork>> {
+        Ok(Arc::new(net))
+    }
+    let lite = |config: Lite| {
+        let names = NameMap(
+            efficientnet_lite::WEIGHT_NAME_MAP
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
+        );
+        let net = load_weights(config.init(device), weights, &names, sha256, model)?;
+        shared(net.fold_batch_norms())
+    };
+    let resnet = |c: ResNetConfig| {
+        shared(load_weights(
+            c.init(device),
+            weights,
+            &resnet::weight_names(),
+            sha256,
+            model,
+        )?)
+    };
+    let vgg = |c: VggConfig| {
+        shared(load_weights(
+            c.init(device),
+            weights,
+            &c.weight_names(),
+            sha256,
+            model,
+        )?)
+    };
+    match architecture {
+        "efficientnet_lite0" => lite(Lite::lite0()),
+        "efficientnet_lite1" => lite(Lite::lite1()),
+        "efficientnet_lite2" => lite(Lite::lite2()),
+        "resnet18" => resnet(ResNetConfig::resnet18()),
+        "resnet34" => resnet(ResNetConfig::resnet34()),
+        "resnet50" => resnet(ResNetConfig::resnet50()),
+        "resnet101" => resnet(ResNetConfig::resnet101()),
+        "resnet152" => resnet(ResNetConfig::resnet152()),
+        "vgg16" => vgg(VggConfig::vgg16(false)),
+        "vgg16_bn" => vgg(VggConfig::vgg16(true)),
+        "vgg19" => vgg(VggConfig::vgg19(false)),
+        "vgg19_bn" => vgg(VggConfig::vgg19(true)),
+        "mobilenet_v2" => {
+            let c = MobileNetV2Config::mobilenet_v2();
+            shared(load_weights(
+                c.init(device),
+                weights,
+                &c.weight_names(),
+                sha256,
+                model,
+            )?)
+        }
+        "mobilenet_v3_large" | "mobilenet_v3_small" => {
+            let c = if architecture.ends_with("large") {
+                MobileNetV3Config::large()
+            } else {
+                MobileNetV3Config::small()
+            };
+            shared(load_weights(
+                c.init(device),
+                weights,
+                &c.weight_names(),
+                sha256,
+                model,
+            )?)
+        }
+        "squeezenet1_1" => {
+            let c = SqueezeNetConfig::squeezenet1_1();
+            shared(load_weights(
+                c.init(device),
+                weights,
+                &squeezenet::weight_names(),
+                sha256,
+                model,
+            )?)
+        }
+        "efficientnet_b0" => {
+            let c = EfficientNetConfig::b0();
+            shared(load_weights(
+                c.init(device),
+                weights,
+                &c.weight_names(),
+                sha256,
+                model,
+            )?)
+        }
+        "inception_v3" => {
+            let c = InceptionV3Config::inception_v3();
+            shared(load_weights(
+                c.init(device),
+                weights,
+                &inception_v3::weight_names(),
+                sha256,
+                model,
+            )?)
+        }
+        other => Err(model_error(
+            model,
+            format!(
+                "unknown architecture `{other}`; available: {}",
+                ARCHITECTURES.join(", ")
+            ),
+        )),
+    }
 }
 
-impl Network {
-    pub fn features(&self, input: Tensor<4>) -> Tensor<2> {
-        match self {
-            Network::EfficientNetLite(n) => n.features(input),
-        }
-    }
-
-    pub fn logits(&self, features: Tensor<2>) -> Tensor<2> {
-        match self {
-            Network::EfficientNetLite(n) => n.logits(features),
-        }
-    }
-}
-
-/// A named model loaded on a device.
+/// A model loaded on a device: its manifest, network and class names.
 #[derive(Debug)]
 pub struct LoadedModel {
     pub manifest: Manifest,
-    pub network: Network,
+    pub network: Arc<dyn ImageNetwork>,
     pub device: Device,
-    /// Images run through the network so far (all callers of [`LoadedModel::features`]).
+    /// Class names (index = class), when the manifest names them.
+    pub labels: Option<Arc<Vec<String>>>,
+    /// Images run through the network so far (all callers).
     images_processed: AtomicU64,
 }
 
+/// The 1000 ILSVRC-2012 class names (torchvision's spelling), index = class.
+pub fn imagenet_labels() -> Vec<String> {
+    include_str!("../../models/imagenet_classes.txt")
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn read_labels(manifest: &Manifest, dir: &Path) -> Result<Option<Arc<Vec<String>>>> {
+    let labels = match manifest.labels.as_deref() {
+        None => return Ok(None),
+        Some("imagenet") => imagenet_labels(),
+        Some(file) => {
+            let path = dir.join(file);
+            std::fs::read_to_string(&path)
+                .map_err(|e| {
+                    model_error(
+                        &manifest.name,
+                        format!("cannot read labels {}: {e}", path.display()),
+                    )
+                })?
+                .lines()
+                .map(str::to_string)
+                .collect()
+        }
+    };
+    if labels.len() != manifest.num_classes {
+        return Err(model_error(
+            &manifest.name,
+            format!(
+                "{} class names for {} classes",
+                labels.len(),
+                manifest.num_classes
+            ),
+        ));
+    }
+    Ok(Some(Arc::new(labels)))
+}
+
 impl LoadedModel {
-    /// Loads a named model from the model directory (uncached; see [`load_model`]).
+    /// Loads a named model from the default model directory (uncached; see [`load_model`]).
     pub fn load(name: &str, device: &Device) -> Result<Self> {
-        let (manifest, dir) = manifest(name)?;
-        let weights = dir.join(&manifest.weights.file);
+        Self::load_from(name, None, device)
+    }
+
+    /// Loads a named model from `dir` (or the default directory).
+    pub fn load_from(name: &str, dir: Option<&Path>, device: &Device) -> Result<Self> {
+        let (manifest, folder) = manifest_in(name, dir)?;
+        let weights = folder.join(&manifest.weights.file);
         if !weights.is_file() {
             return Err(model_error(
                 name,
                 format!(
-                    "weight file {} not found; get it from: {} and put it there (or set {MODEL_DIR_ENV})",
+                    "weight file {} not found. Get it from {} (licence: {}) and put it at that path, \
+                     or point {MODEL_DIR_ENV} / the modelDir param at a folder holding `{}/{}`",
                     weights.display(),
-                    manifest.weights.source
+                    manifest.weights.source,
+                    manifest.weights.license,
+                    folder
+                        .file_name()
+                        .map_or_else(String::new, |f| f.to_string_lossy().into_owned()),
+                    manifest.weights.file,
                 ),
             ));
         }
-        let network = match manifest.architecture.as_str() {
-            "efficientnet_lite0" => {
-                let mut net = EfficientNetLiteConfig::lite0().init(device);
-                let bytes = read_weight_file(&weights, max_weight_bytes(&net), name)?;
-                if let Some(sha) = &manifest.weights.sha256 {
-                    check_sha256(&bytes, &weights, sha, name)?;
-                }
-                load_safetensors_bytes(
-                    &mut net,
-                    bytes,
-                    &weights.display().to_string(),
-                    efficientnet_lite::WEIGHT_NAME_MAP,
-                    name,
-                )?;
-                Network::EfficientNetLite(net.fold_batch_norms())
-            }
-            other => {
-                return Err(model_error(name, format!("unknown architecture `{other}`")));
-            }
-        };
+        Self::from_weights(manifest, &weights, &folder, device)
+    }
+
+    /// Builds the manifest's architecture with the weights in `weights` (labels from `dir`).
+    pub fn from_weights(
+        manifest: Manifest,
+        weights: &Path,
+        dir: &Path,
+        device: &Device,
+    ) -> Result<Self> {
+        let network = load_architecture(
+            &manifest.architecture,
+            weights,
+            manifest.weights.sha256.as_deref(),
+            device,
+            &manifest.name,
+        )?;
+        let labels = read_labels(&manifest, dir)?;
         Ok(LoadedModel {
             manifest,
             network,
             device: device.clone(),
+            labels,
             images_processed: AtomicU64::new(0),
         })
     }
@@ -357,26 +739,32 @@ impl LoadedModel {
         self.images_processed.load(Ordering::Relaxed)
     }
 
-    /// Runs a batch of preprocessed inputs (`batch` x 3 x S x S, concatenated) to features.
+    /// Runs a batch of preprocessed inputs (`batch` x 3 x S x S, concatenated) to pooled features.
     pub fn features(&self, inputs: Vec<f32>, batch: usize) -> Result<Vec<f32>> {
-        let s = self.manifest.input_size as usize;
-        let x = self.input_tensor(inputs, batch, s)?;
-        self.images_processed
-            .fetch_add(batch as u64, Ordering::Relaxed);
-        tensor_to_vec(self.network.features(x), &self.manifest.name)
+        self.run(inputs, batch, FeatureMode::Pooled)
     }
 
-    /// Runs a batch of preprocessed inputs to ImageNet logits.
+    /// Runs a batch to the pooled features or the flattened feature map.
+    pub fn run(&self, inputs: Vec<f32>, batch: usize, mode: FeatureMode) -> Result<Vec<f32>> {
+        let map = self.feature_map(inputs, batch)?;
+        let out = match mode {
+            FeatureMode::Pooled => self.network.features(map),
+            FeatureMode::Flattened => flatten(map),
+        };
+        self.output(out, batch, self.manifest.output_dim(mode), "features")
+    }
+
+    /// Runs a batch of preprocessed inputs to class logits.
     pub fn logits(&self, inputs: Vec<f32>, batch: usize) -> Result<Vec<f32>> {
-        let s = self.manifest.input_size as usize;
-        let x = self.input_tensor(inputs, batch, s)?;
-        tensor_to_vec(
-            self.network.logits(self.network.features(x)),
-            &self.manifest.name,
-        )
+        let map = self.feature_map(inputs, batch)?;
+        let logits = self.network.logits(map).ok_or_else(|| {
+            model_error(&self.manifest.name, "this network has no classifier head")
+        })?;
+        self.output(logits, batch, self.manifest.num_classes, "logits")
     }
 
-    fn input_tensor(&self, inputs: Vec<f32>, batch: usize, s: usize) -> Result<Tensor<4>> {
+    fn feature_map(&self, inputs: Vec<f32>, batch: usize) -> Result<Tensor<4>> {
+        let s = self.manifest.input_size as usize;
         if inputs.len() != batch * 3 * s * s {
             return Err(model_error(
                 &self.manifest.name,
@@ -386,21 +774,31 @@ impl LoadedModel {
                 ),
             ));
         }
-        Ok(Tensor::from_data(
-            TensorData::new(inputs, [batch, 3, s, s]),
-            &self.device,
-        ))
+        self.images_processed
+            .fetch_add(batch as u64, Ordering::Relaxed);
+        let x = Tensor::from_data(TensorData::new(inputs, [batch, 3, s, s]), &self.device);
+        Ok(self.network.feature_map(x))
+    }
+
+    /// Reads an output tensor, checking it has the size the manifest promises.
+    fn output(&self, t: Tensor<2>, batch: usize, dim: usize, what: &str) -> Result<Vec<f32>> {
+        let dims = t.dims();
+        if dims != [batch, dim] {
+            return Err(model_error(
+                &self.manifest.name,
+                format!(
+                    "the network returned {what} of shape {dims:?}, the manifest says [{batch}, {dim}]"
+                ),
+            ));
+        }
+        t.into_data()
+            .try_to_vec::<f32>()
+            .map_err(|e| model_error(&self.manifest.name, format!("reading output: {e:?}")))
     }
 }
 
-fn tensor_to_vec(t: Tensor<2>, model: &str) -> Result<Vec<f32>> {
-    t.into_data()
-        .try_to_vec::<f32>()
-        .map_err(|e| model_error(model, format!("reading output: {e:?}")))
-}
-
-/// The device named by a featurizer's `device` param: `cpu` (burn's flex backend) or, with the
-/// `wgpu` feature, `wgpu`. Always explicit: `Device::default()` may pick a software GPU.
+/// The device named by a `device` param: `cpu` (burn's flex backend) or, with the `wgpu`
+/// feature, `wgpu`. Always explicit: `Device::default()` may pick a software GPU.
 pub fn device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::flex()),
@@ -426,13 +824,26 @@ pub fn available_devices() -> Vec<&'static str> {
     devices
 }
 
-type Cache = Mutex<HashMap<(String, String), Arc<LoadedModel>>>;
+type Cache = Mutex<HashMap<(String, String, PathBuf), Arc<LoadedModel>>>;
 
 /// Loads a named model on a named device once per process and shares it.
 pub fn load_model(name: &str, device_name: &str) -> Result<Arc<LoadedModel>> {
+    load_model_in(name, device_name, None)
+}
+
+/// [`load_model`] from a given model directory (`None` or empty: the default one).
+pub fn load_model_in(
+    name: &str,
+    device_name: &str,
+    dir: Option<&Path>,
+) -> Result<Arc<LoadedModel>> {
+    if let Some(user) = user_model(name) {
+        return Ok(user);
+    }
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
-    let key = (name.to_string(), device_name.to_string());
+    let dir = resolve_dir(dir);
+    let key = (name.to_string(), device_name.to_string(), dir.clone());
     // Holding the lock while loading makes concurrent partitions wait for one load.
     let mut map = cache
         .lock()
@@ -440,7 +851,78 @@ pub fn load_model(name: &str, device_name: &str) -> Result<Arc<LoadedModel>> {
     if let Some(model) = map.get(&key) {
         return Ok(Arc::clone(model));
     }
-    let model = Arc::new(LoadedModel::load(name, &device(device_name)?)?);
+    let model = Arc::new(LoadedModel::load_from(
+        name,
+        Some(&dir),
+        &device(device_name)?,
+    )?);
     map.insert(key, Arc::clone(&model));
     Ok(model)
+}
+
+type UserModels = RwLock<HashMap<String, Arc<LoadedModel>>>;
+
+fn user_models() -> &'static UserModels {
+    static USER: OnceLock<UserModels> = OnceLock::new();
+    USER.get_or_init(Default::default)
+}
+
+fn user_model(name: &str) -> Option<Arc<LoadedModel>> {
+    user_models().read().ok()?.get(name).cloned()
+}
+
+/// Makes your own network usable by name in `DeepImageFeaturizer` / `DeepImagePredictor` (and
+/// SQL) in this process: the equivalent of sparkdl's `TFImageTransformer`. The manifest says how
+/// images are preprocessed and what the network returns; outputs are checked against it.
+/// Labels: `Some("imagenet")` or a file path (absolute, or relative to the working directory).
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use burn::prelude::*;
+/// use deep_pipelines::models::{ImageNetwork, register_model, manifest};
+///
+/// #[derive(Debug)]
+/// struct MeanColour; // any burn module works the same way
+/// impl ImageNetwork for MeanColour {
+///     fn feature_map(&self, input: Tensor<4>) -> Tensor<4> { input } // [N, 3, S, S]
+/// }
+///
+/// let (mut m, _) = manifest("EfficientNetLite0").unwrap(); // start from a known manifest
+/// m.name = "MeanColour".into();
+/// m.architecture = "custom".into();
+/// m.feature_dim = 3;
+/// m.feature_map = [3, m.input_size as usize, m.input_size as usize];
+/// register_model(m, Arc::new(MeanColour), &Device::flex()).unwrap();
+/// // DeepImageFeaturizer::new().with_model_name("MeanColour") now yields 3-d mean colours.
+/// ```
+pub fn register_model(
+    manifest: Manifest,
+    network: Arc<dyn ImageNetwork>,
+    device: &Device,
+) -> Result<()> {
+    if REGISTRY.iter().any(|(n, _)| *n == manifest.name) {
+        return Err(model_error(
+            &manifest.name,
+            "a built-in model has this name; choose another",
+        ));
+    }
+    if manifest.input_size == 0 || manifest.feature_dim == 0 {
+        return Err(model_error(
+            &manifest.name,
+            "manifest input_size and feature_dim must be positive",
+        ));
+    }
+    let labels = read_labels(&manifest, Path::new(""))?;
+    let model = LoadedModel {
+        manifest,
+        network,
+        device: device.clone(),
+        labels,
+        images_processed: AtomicU64::new(0),
+    };
+    let mut models = user_models()
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    models.insert(model.manifest.name.clone(), Arc::new(model));
+    Ok(())
 }
