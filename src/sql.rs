@@ -39,6 +39,7 @@ use crate::feature::StringIndexerModel;
 use crate::featurizer::DeepImageFeaturizer;
 use crate::image::{DecodeLimits, ReadImagesOptions, decode_binary_array, image_type, read_images};
 use crate::pipeline::{PipelineModel, Transformer};
+use crate::predictor::DeepImagePredictor;
 
 /// Registers the images under `path` as table `name` (columns as [`read_images`] gives them).
 pub fn register_images_table(
@@ -118,10 +119,13 @@ struct ModelFunction {
     signature: Signature,
 }
 
-/// One line per stage for EXPLAIN: the network's name for featurizers, the class otherwise.
+/// One line per stage for EXPLAIN: the network's name for network stages, the class otherwise.
 fn describe(stage: &Arc<dyn Transformer>) -> String {
     if let Some(f) = stage.as_any().downcast_ref::<DeepImageFeaturizer>() {
         return format!("DeepImageFeaturizer({})", f.params().model_name);
+    }
+    if let Some(p) = stage.as_any().downcast_ref::<DeepImagePredictor>() {
+        return format!("DeepImagePredictor({})", p.params().model_name);
     }
     if let Some(lr) = stage.as_any().downcast_ref::<LogisticRegressionModel>() {
         return format!("LogisticRegressionModel({} classes)", lr.num_classes());
@@ -144,11 +148,16 @@ impl ModelFunction {
         let input_col = model
             .stage::<DeepImageFeaturizer>()
             .map(|f| f.params().input_col.clone())
+            .or_else(|| {
+                model
+                    .stage::<DeepImagePredictor>()
+                    .map(|p| p.params().input_col.clone())
+            })
             .ok_or_else(|| {
                 Error::param(
                     "register_model",
                     "model",
-                    "the pipeline has no DeepImageFeaturizer stage to feed images to",
+                    "the pipeline has no DeepImageFeaturizer or DeepImagePredictor stage to feed images to",
                 )
             })?;
         // Plan once on an empty input: checks the pipeline and finds the output types.

@@ -410,6 +410,15 @@ async fn predictor_gives_model_md_top5_with_imagenet_labels() {
         assert!(p[0] > 0.0 && p.iter().sum::<f32>() <= 1.0 + 1e-6);
     }
     println!("{rows:?}");
+
+    // The same predictor as a SQL function.
+    let model = PipelineModel::new("top", vec![Arc::new(predictor)]);
+    register_model(&ctx, "top5", &model).unwrap();
+    register_images_table(&ctx, "photos", PHOTOS, ReadImagesOptions::default()).unwrap();
+    let sql = "SELECT top5(image) AS p FROM photos ORDER BY image.origin";
+    let out = common::collect(ctx.sql(sql).await.unwrap()).await;
+    let from_sql = decoded(&out, "p");
+    assert_eq!(from_sql, rows);
 }
 
 #[tokio::test]
@@ -497,7 +506,9 @@ async fn featurizer_flattened_and_float16_outputs() {
         .unwrap()
         .with_column(
             "labelIndex",
-            datafusion::prelude::when(coffee, lit(1.0)).otherwise(lit(0.0)).unwrap(),
+            datafusion::prelude::when(coffee, lit(1.0))
+                .otherwise(lit(0.0))
+                .unwrap(),
         )
         .unwrap();
     let lr = LogisticRegression::new()
