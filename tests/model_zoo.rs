@@ -18,14 +18,15 @@ use datafusion::functions::core::expr_ext::FieldAccessor;
 use deep_pipelines::image::{DecodeLimits, decode_image, to_rgb8};
 use deep_pipelines::models::efficientnet::EfficientNetConfig;
 use deep_pipelines::models::inception_v3::{self, InceptionV3Config};
-use deep_pipelines::models::layers::NameMap;
+use deep_pipelines::models::layers::{FoldBatchNorms, NameMap};
 use deep_pipelines::models::mobilenet_v2::MobileNetV2Config;
 use deep_pipelines::models::mobilenet_v3::MobileNetV3Config;
 use deep_pipelines::models::resnet::{self, ResNetConfig};
 use deep_pipelines::models::squeezenet::{self, SqueezeNetConfig};
 use deep_pipelines::models::vgg::VggConfig;
 use deep_pipelines::models::{
-    ImageNetwork, LoadedModel, available_models, load_model, load_weights, manifest, register_model,
+    ImageNetwork, LoadedModel, available_models, load_model, load_weights, manifest,
+    register_network,
 };
 use deep_pipelines::prelude::*;
 use deep_pipelines::preprocess::preprocess;
@@ -70,8 +71,9 @@ fn values<const D: usize>(t: Tensor<D>) -> (Vec<usize>, Vec<f32>) {
 }
 
 /// Loads `<case>.safetensors` (or `weights`) into `net` through the users' loader and compares
-/// feature map, features and logits with torchvision's, within 1e-4.
-fn parity<N: ImageNetwork + ModuleSnapshot + Module>(
+/// feature map, features and logits with torchvision's, within 1e-4: as loaded, and with the
+/// BatchNorms folded into the convolutions (as the featurizer runs it).
+fn parity<N: ImageNetwork + ModuleSnapshot + Module + FoldBatchNorms>(
     case: &str,
     net: N,
     names: &NameMap,
@@ -86,6 +88,16 @@ fn parity<N: ImageNetwork + ModuleSnapshot + Module>(
     )
     .unwrap_or_else(|e| panic!("{case}: {e}"));
     let io = read_tensors(&format!("{ZOO}/{case}_io.safetensors"));
+    compare(case, "as loaded", &net, &io);
+    compare(case, "folded", &net.fold_batch_norms(), &io);
+}
+
+fn compare(
+    case: &str,
+    variant: &str,
+    net: &impl ImageNetwork,
+    io: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+) {
     let (shape, input) = &io["input"];
     let device = Device::flex();
     let x = Tensor::<4>::from_data(
@@ -103,8 +115,13 @@ fn parity<N: ImageNetwork + ModuleSnapshot + Module>(
         assert_eq!(&shape, want_shape, "{case} {name} shape");
         let diff = max_abs_diff(&got, want);
         let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        println!("{case:>20} {name:<12} max |diff| {diff:.2e} (max |value| {scale:.2})");
-        assert!(diff <= 1e-4, "{case} {name}: max |diff| {diff:e} > 1e-4");
+        println!(
+            "{case:>20} {variant:<9} {name:<12} max |diff| {diff:.2e} (max |value| {scale:.2})"
+        );
+        assert!(
+            diff <= 1e-4,
+            "{case} {variant} {name}: max |diff| {diff:e} > 1e-4"
+        );
     }
 }
 
@@ -551,7 +568,7 @@ async fn users_own_network_works_in_featurizer_predictor_and_sql() {
     let net = MeanColour {
         scale: burn::module::Param::from_tensor(Tensor::from_data([1.0f32, 1.0, 1.0], &device)),
     };
-    register_model(m.clone(), Arc::new(net), &device).unwrap();
+    register_network(m.clone(), Arc::new(net), &device).unwrap();
     assert!(available_models().contains(&"MeanColour".to_string()));
 
     let ctx = SessionContext::new();
@@ -618,7 +635,7 @@ async fn users_own_network_works_in_featurizer_predictor_and_sql() {
     // Registering over a built-in name is refused.
     let mut clash = m;
     clash.name = "ResNet50".into();
-    let err = register_model(
+    let err = register_network(
         clash,
         Arc::new(MeanColour {
             scale: burn::module::Param::from_tensor(Tensor::from_data([1.0f32, 1.0, 1.0], &device)),

@@ -7,7 +7,8 @@ use burn::prelude::*;
 
 use super::ImageNetwork;
 use super::layers::{
-    Act, ConvBn, ConvSpec, NameMap, SqueezeExcitation, global_average_pool, make_divisible,
+    Act, ConvBn, ConvSpec, FoldBatchNorms, NameMap, SqueezeExcitation, global_average_pool,
+    make_divisible,
 };
 
 const BN_EPS: f64 = 1e-5;
@@ -180,5 +181,20 @@ impl ImageNetwork for EfficientNet {
 
     fn logits(&self, map: Tensor<4>) -> Option<Tensor<2>> {
         Some(self.classifier.forward(global_average_pool(map)))
+    }
+}
+
+impl FoldBatchNorms for EfficientNet {
+    fn fold_batch_norms(mut self) -> Self {
+        self.stem.fold();
+        self.head.fold();
+        for b in &mut self.blocks {
+            if let Some(expand) = &mut b.expand {
+                expand.fold();
+            }
+            b.depthwise.fold();
+            b.project.fold();
+        }
+        self
     }
 }

@@ -10,7 +10,10 @@ use burn::nn::{BatchNorm, Linear, LinearConfig};
 use burn::prelude::*;
 
 use super::ImageNetwork;
-use super::layers::{Act, ConvSpec, NameMap, avg_pool, batch_norm, global_average_pool, max_pool};
+use super::layers::{
+    Act, ConvSpec, FoldBatchNorms, NameMap, avg_pool, batch_norm, bn_forward, fold_into,
+    global_average_pool, max_pool,
+};
 
 const BN_EPS: f64 = 1e-3;
 
@@ -109,7 +112,7 @@ impl Narrow<'_> {
                 .stride(stride)
                 .padding(padding)
                 .init(self.device),
-            bn: batch_norm(output, BN_EPS, self.device),
+            bn: Some(batch_norm(output, BN_EPS, self.device)),
         }
     }
 
@@ -185,12 +188,51 @@ impl Narrow<'_> {
 #[derive(Module, Debug)]
 pub struct BasicConv2d {
     conv: Conv2d,
-    bn: BatchNorm,
+    bn: Option<BatchNorm>,
 }
 
 impl BasicConv2d {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        Act::Relu.apply(self.bn.forward(self.conv.forward(x)))
+        Act::Relu.apply(bn_forward(&self.bn, self.conv.forward(x)))
+    }
+
+    fn fold(&mut self) {
+        fold_into(&mut self.conv, &mut self.bn);
+    }
+}
+
+/// `fold()` on each listed `BasicConv2d` field of a block.
+macro_rules! fold_fields {
+    ($($block:ty: $($field:ident),+;)+) => {
+        $(impl $block {
+            fn fold(&mut self) {
+                $(self.$field.fold();)+
+            }
+        })+
+    };
+}
+
+fold_fields! {
+    InceptionA: branch1x1, branch5x5_1, branch5x5_2, branch3x3dbl_1, branch3x3dbl_2,
+        branch3x3dbl_3, branch_pool;
+    InceptionB: branch3x3, branch3x3dbl_1, branch3x3dbl_2, branch3x3dbl_3;
+    InceptionC: branch1x1, branch7x7_1, branch7x7_2, branch7x7_3, branch7x7dbl_1,
+        branch7x7dbl_2, branch7x7dbl_3, branch7x7dbl_4, branch7x7dbl_5, branch_pool;
+    InceptionD: branch3x3_1, branch3x3_2, branch7x7x3_1, branch7x7x3_2, branch7x7x3_3,
+        branch7x7x3_4;
+    InceptionE: branch1x1, branch3x3_1, branch3x3_2a, branch3x3_2b, branch3x3dbl_1,
+        branch3x3dbl_2, branch3x3dbl_3a, branch3x3dbl_3b, branch_pool;
+    InceptionV3: conv2d_1a_3x3, conv2d_2a_3x3, conv2d_2b_3x3, conv2d_3b_1x1, conv2d_4a_3x3,
+        mixed_5b, mixed_5c, mixed_5d, mixed_6a, mixed_6b, mixed_6c, mixed_6d, mixed_6e, mixed_7a,
+        mixed_7b, mixed_7c;
+}
+
+/// The auxiliary classifier is dropped: it only runs in training.
+impl FoldBatchNorms for InceptionV3 {
+    fn fold_batch_norms(mut self) -> Self {
+        self.fold();
+        self.aux_logits = None;
+        self
     }
 }
 

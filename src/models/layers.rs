@@ -93,7 +93,7 @@ impl ConvSpec {
     pub fn with_bn(&self, eps: f64, device: &Device) -> ConvBn {
         ConvBn {
             conv: self.init(device),
-            bn: batch_norm(self.output, eps, device),
+            bn: Some(batch_norm(self.output, eps, device)),
         }
     }
 }
@@ -105,22 +105,43 @@ pub fn batch_norm(channels: usize, eps: f64, device: &Device) -> BatchNorm {
 }
 
 /// `bn(conv(x))`: torchvision's `Conv2dNormActivation` without its activation, whose weights
-/// are `<prefix>.0.*` (conv) and `<prefix>.1.*` (bn), see [`NameMap::conv_bn`].
+/// are `<prefix>.0.*` (conv) and `<prefix>.1.*` (bn), see [`NameMap::conv_bn`]. The BatchNorm is
+/// `None` once folded into the convolution.
 #[derive(Module, Debug)]
 pub struct ConvBn {
     pub conv: Conv2d,
-    pub bn: BatchNorm,
+    pub bn: Option<BatchNorm>,
 }
 
 impl ConvBn {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.bn.forward(self.conv.forward(x))
+        bn_forward(&self.bn, self.conv.forward(x))
     }
 
-    /// The BatchNorm folded into the convolution (inference only).
-    pub fn fold(self) -> Conv2d {
-        fold_batch_norm(self.conv, &self.bn)
+    pub fn fold(&mut self) {
+        fold_into(&mut self.conv, &mut self.bn);
     }
+}
+
+/// `bn(x)`, or `x` when the BatchNorm has been folded away.
+pub fn bn_forward(bn: &Option<BatchNorm>, x: Tensor<4>) -> Tensor<4> {
+    match bn {
+        Some(bn) => bn.forward(x),
+        None => x,
+    }
+}
+
+/// Folds `bn` (if still there) into `conv` and removes it.
+pub fn fold_into(conv: &mut Conv2d, bn: &mut Option<BatchNorm>) {
+    if let Some(bn) = bn.take() {
+        *conv = fold_batch_norm(conv.clone(), &bn);
+    }
+}
+
+/// Inference networks fold every BatchNorm into the convolution before it: the same function
+/// with one convolution + bias per layer instead of a convolution and four element-wise passes.
+pub trait FoldBatchNorms: Sized {
+    fn fold_batch_norms(self) -> Self;
 }
 
 /// `bn(conv(x))` as one convolution: `w' = w * s`, `b' = beta + (b - mean) * s`,

@@ -5,7 +5,9 @@ use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 
 use super::ImageNetwork;
-use super::layers::{Act, ConvBn, ConvSpec, NameMap, global_average_pool, make_divisible};
+use super::layers::{
+    Act, ConvBn, ConvSpec, FoldBatchNorms, NameMap, global_average_pool, make_divisible,
+};
 
 const BN_EPS: f64 = 1e-5;
 /// (expand ratio t, output channels c, repeats n, first stride s), from the paper.
@@ -146,5 +148,20 @@ impl ImageNetwork for MobileNetV2 {
 
     fn logits(&self, map: Tensor<4>) -> Option<Tensor<2>> {
         Some(self.classifier.forward(global_average_pool(map)))
+    }
+}
+
+impl FoldBatchNorms for MobileNetV2 {
+    fn fold_batch_norms(mut self) -> Self {
+        self.stem.fold();
+        self.head.fold();
+        for b in &mut self.blocks {
+            if let Some(expand) = &mut b.expand {
+                expand.fold();
+            }
+            b.depthwise.fold();
+            b.project.fold();
+        }
+        self
     }
 }

@@ -6,7 +6,8 @@ use burn::prelude::*;
 
 use super::ImageNetwork;
 use super::layers::{
-    Act, ConvBn, ConvSpec, NameMap, SqueezeExcitation, global_average_pool, make_divisible,
+    Act, ConvBn, ConvSpec, FoldBatchNorms, NameMap, SqueezeExcitation, global_average_pool,
+    make_divisible,
 };
 
 const BN_EPS: f64 = 1e-3;
@@ -242,5 +243,20 @@ impl ImageNetwork for MobileNetV3 {
     fn logits(&self, map: Tensor<4>) -> Option<Tensor<2>> {
         let hidden = Act::HardSwish.apply(self.fc1.forward(global_average_pool(map)));
         Some(self.fc2.forward(hidden))
+    }
+}
+
+impl FoldBatchNorms for MobileNetV3 {
+    fn fold_batch_norms(mut self) -> Self {
+        self.stem.fold();
+        self.head.fold();
+        for b in &mut self.blocks {
+            if let Some(expand) = &mut b.expand {
+                expand.fold();
+            }
+            b.depthwise.fold();
+            b.project.fold();
+        }
+        self
     }
 }

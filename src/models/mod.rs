@@ -1,7 +1,7 @@
 //! Pretrained networks: one manifest per model (input size, preprocessing, feature layer and
 //! size, classifier head, weight file + sha256 + where to get it, licence), one file per
 //! architecture, weight loading from safetensors or PyTorch checkpoints (read without running
-//! pickle code), users' own networks ([`ImageNetwork`] + [`register_model`]), and a per-process
+//! pickle code), users' own networks ([`ImageNetwork`] + [`register_network`]), and a per-process
 //! cache so a model is loaded once however many partitions and batches use it.
 
 pub mod efficientnet;
@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use layers::{NameMap, flatten, global_average_pool};
+use layers::{FoldBatchNorms, NameMap, flatten, global_average_pool};
 
 /// Environment variable naming the folder that holds one sub-folder per model.
 pub const MODEL_DIR_ENV: &str = "DEEP_PIPELINES_MODEL_DIR";
@@ -55,7 +55,7 @@ const REGISTRY: &[(&str, &str)] = &[
 ];
 
 /// A network the featurizer and predictor can run. Implement it for any burn module to use
-/// your own model (see [`register_model`]); the built-in architectures implement it too.
+/// your own model (see [`register_network`]); the built-in architectures implement it too.
 ///
 /// The input is a normalised RGB batch `[N, 3, S, S]` made as the model's [`Manifest`] says.
 pub trait ImageNetwork: Send + Sync + std::fmt::Debug {
@@ -74,7 +74,7 @@ pub trait ImageNetwork: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// Names accepted by `modelName`: the named models, then any registered with [`register_model`].
+/// Names accepted by `modelName`: the named models, then any registered with [`register_network`].
 pub fn available_models() -> Vec<String> {
     let mut names: Vec<String> = REGISTRY.iter().map(|(name, _)| name.to_string()).collect();
     names.extend(user_models().read().map_or_else(
@@ -204,7 +204,7 @@ pub fn manifest(name: &str) -> Result<(Manifest, PathBuf)> {
 }
 
 /// Reads the manifest of a named model from `dir` (or the default directory when `None`).
-/// A model registered with [`register_model`] answers with its own manifest.
+/// A model registered with [`register_network`] answers with its own manifest.
 pub fn manifest_in(name: &str, dir: Option<&Path>) -> Result<(Manifest, PathBuf)> {
     if let Some(user) = user_model(name) {
         return Ok((user.manifest.clone(), PathBuf::new()));
@@ -504,7 +504,8 @@ pub const ARCHITECTURES: &[&str] = &[
     "vgg19_bn",
 ];
 
-/// Builds the full-size `architecture` (1000 ImageNet classes) and loads `weights` into it.
+/// Builds the full-size `architecture` (1000 ImageNet classes), loads `weights` into it and
+/// folds its BatchNorms into the convolutions (what the featurizer and predictor run).
 pub fn load_architecture(
     architecture: &str,
     weights: &Path,
@@ -521,8 +522,8 @@ pub fn load_architecture(
     use squeezenet::SqueezeNetConfig;
     use vgg::VggConfig;
 
-    fn shared<N: ImageNetwork + 'static>(net: N) -> Result<Arc<dyn ImageNetwork>> {
-        Ok(Arc::new(net))
+    fn shared<N: ImageNetwork + FoldBatchNorms + 'static>(net: N) -> Result<Arc<dyn ImageNetwork>> {
+        Ok(Arc::new(net.fold_batch_norms()))
     }
     let lite = |config: Lite| {
         let names = NameMap(
@@ -532,7 +533,7 @@ pub fn load_architecture(
                 .collect(),
         );
         let net = load_weights(config.init(device), weights, &names, sha256, model)?;
-        shared(net.fold_batch_norms())
+        Ok(Arc::new(net.fold_batch_norms()) as Arc<dyn ImageNetwork>)
     };
     let resnet = |c: ResNetConfig| {
         shared(load_weights(
@@ -879,7 +880,7 @@ fn user_model(name: &str) -> Option<Arc<LoadedModel>> {
 /// ```no_run
 /// use std::sync::Arc;
 /// use burn::prelude::*;
-/// use deep_pipelines::models::{ImageNetwork, register_model, manifest};
+/// use deep_pipelines::models::{ImageNetwork, register_network, manifest};
 ///
 /// #[derive(Debug)]
 /// struct MeanColour; // any burn module works the same way
@@ -892,10 +893,10 @@ fn user_model(name: &str) -> Option<Arc<LoadedModel>> {
 /// m.architecture = "custom".into();
 /// m.feature_dim = 3;
 /// m.feature_map = [3, m.input_size as usize, m.input_size as usize];
-/// register_model(m, Arc::new(MeanColour), &Device::flex()).unwrap();
+/// register_network(m, Arc::new(MeanColour), &Device::flex()).unwrap();
 /// // DeepImageFeaturizer::new().with_model_name("MeanColour") now yields 3-d mean colours.
 /// ```
-pub fn register_model(
+pub fn register_network(
     manifest: Manifest,
     network: Arc<dyn ImageNetwork>,
     device: &Device,

@@ -6,7 +6,10 @@ use burn::nn::{BatchNorm, Linear, LinearConfig};
 use burn::prelude::*;
 
 use super::ImageNetwork;
-use super::layers::{Act, ConvBn, ConvSpec, NameMap, batch_norm, global_average_pool, max_pool};
+use super::layers::{
+    Act, ConvBn, ConvSpec, FoldBatchNorms, NameMap, batch_norm, bn_forward, fold_into,
+    global_average_pool, max_pool,
+};
 
 const BN_EPS: f64 = 1e-5;
 
@@ -84,9 +87,9 @@ impl ResNetConfig {
                 let block = if self.bottleneck {
                     Block {
                         conv1: ConvSpec::new(inplanes, planes, 1).init(device),
-                        bn1: batch_norm(planes, BN_EPS, device),
+                        bn1: Some(batch_norm(planes, BN_EPS, device)),
                         conv2: ConvSpec::new(planes, planes, 3).stride(stride).init(device),
-                        bn2: batch_norm(planes, BN_EPS, device),
+                        bn2: Some(batch_norm(planes, BN_EPS, device)),
                         conv3: Some(ConvSpec::new(planes, out, 1).init(device)),
                         bn3: Some(batch_norm(out, BN_EPS, device)),
                         downsample,
@@ -96,9 +99,9 @@ impl ResNetConfig {
                         conv1: ConvSpec::new(inplanes, planes, 3)
                             .stride(stride)
                             .init(device),
-                        bn1: batch_norm(planes, BN_EPS, device),
+                        bn1: Some(batch_norm(planes, BN_EPS, device)),
                         conv2: ConvSpec::new(planes, planes, 3).init(device),
-                        bn2: batch_norm(planes, BN_EPS, device),
+                        bn2: Some(batch_norm(planes, BN_EPS, device)),
                         conv3: None,
                         bn3: None,
                         downsample,
@@ -113,7 +116,7 @@ impl ResNetConfig {
         let mut next = || stages.next().unwrap_or_default();
         ResNet {
             conv1: ConvSpec::new(3, self.stem_width, 7).stride(2).init(device),
-            bn1: batch_norm(self.stem_width, BN_EPS, device),
+            bn1: Some(batch_norm(self.stem_width, BN_EPS, device)),
             layer1: next(),
             layer2: next(),
             layer3: next(),
@@ -135,9 +138,9 @@ pub fn weight_names() -> NameMap {
 #[derive(Module, Debug)]
 pub struct Block {
     conv1: Conv2d,
-    bn1: BatchNorm,
+    bn1: Option<BatchNorm>,
     conv2: Conv2d,
-    bn2: BatchNorm,
+    bn2: Option<BatchNorm>,
     conv3: Option<Conv2d>,
     bn3: Option<BatchNorm>,
     downsample: Option<ConvBn>,
@@ -149,19 +152,30 @@ impl Block {
             Some(d) => d.forward(x.clone()),
             None => x.clone(),
         };
-        let mut out = Act::Relu.apply(self.bn1.forward(self.conv1.forward(x)));
-        out = self.bn2.forward(self.conv2.forward(out));
-        if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
-            out = bn3.forward(conv3.forward(Act::Relu.apply(out)));
+        let mut out = Act::Relu.apply(bn_forward(&self.bn1, self.conv1.forward(x)));
+        out = bn_forward(&self.bn2, self.conv2.forward(out));
+        if let Some(conv3) = &self.conv3 {
+            out = bn_forward(&self.bn3, conv3.forward(Act::Relu.apply(out)));
         }
         Act::Relu.apply(out + identity)
+    }
+
+    fn fold(&mut self) {
+        fold_into(&mut self.conv1, &mut self.bn1);
+        fold_into(&mut self.conv2, &mut self.bn2);
+        if let Some(conv3) = &mut self.conv3 {
+            fold_into(conv3, &mut self.bn3);
+        }
+        if let Some(d) = &mut self.downsample {
+            d.fold();
+        }
     }
 }
 
 #[derive(Module, Debug)]
 pub struct ResNet {
     conv1: Conv2d,
-    bn1: BatchNorm,
+    bn1: Option<BatchNorm>,
     layer1: Vec<Block>,
     layer2: Vec<Block>,
     layer3: Vec<Block>,
@@ -171,7 +185,7 @@ pub struct ResNet {
 
 impl ImageNetwork for ResNet {
     fn feature_map(&self, input: Tensor<4>) -> Tensor<4> {
-        let mut x = Act::Relu.apply(self.bn1.forward(self.conv1.forward(input)));
+        let mut x = Act::Relu.apply(bn_forward(&self.bn1, self.conv1.forward(input)));
         x = max_pool(x, 3, 2, 1, false);
         for block in self
             .layer1
@@ -187,5 +201,21 @@ impl ImageNetwork for ResNet {
 
     fn logits(&self, map: Tensor<4>) -> Option<Tensor<2>> {
         Some(self.fc.forward(global_average_pool(map)))
+    }
+}
+
+impl FoldBatchNorms for ResNet {
+    fn fold_batch_norms(mut self) -> Self {
+        fold_into(&mut self.conv1, &mut self.bn1);
+        for block in self
+            .layer1
+            .iter_mut()
+            .chain(&mut self.layer2)
+            .chain(&mut self.layer3)
+            .chain(&mut self.layer4)
+        {
+            block.fold();
+        }
+        self
     }
 }

@@ -6,7 +6,7 @@ use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 
 use super::ImageNetwork;
-use super::layers::{Act, ConvSpec, NameMap, global_average_pool, max_pool};
+use super::layers::{Act, ConvSpec, FoldBatchNorms, NameMap, global_average_pool, max_pool};
 
 /// Fire module widths: (squeeze, expand 1x1, expand 3x3).
 const FIRES: [(usize, usize, usize); 8] = [
@@ -141,5 +141,12 @@ impl ImageNetwork for SqueezeNet {
         Some(global_average_pool(
             Act::Relu.apply(self.classifier.forward(map)),
         ))
+    }
+}
+
+/// SqueezeNet has no BatchNorm.
+impl FoldBatchNorms for SqueezeNet {
+    fn fold_batch_norms(self) -> Self {
+        self
     }
 }

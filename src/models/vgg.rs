@@ -8,7 +8,9 @@ use burn::prelude::*;
 use burn::tensor::module::adaptive_avg_pool2d;
 
 use super::ImageNetwork;
-use super::layers::{Act, ConvSpec, NameMap, batch_norm, flatten, max_pool};
+use super::layers::{
+    Act, ConvSpec, FoldBatchNorms, NameMap, batch_norm, flatten, fold_into, max_pool,
+};
 
 const BN_EPS: f64 = 1e-5;
 /// `None` is a 2x2 max pool, `Some(c)` a 3x3 convolution to `c` channels.
@@ -149,6 +151,7 @@ pub struct Vgg {
     #[module(skip)]
     layers: Vec<bool>,
     convs: Vec<Conv2d>,
+    /// One per convolution in the BN variants; empty without BatchNorm or once folded.
     bns: Vec<BatchNorm>,
     fc1: Linear,
     fc2: Linear,
@@ -183,5 +186,15 @@ impl ImageNetwork for Vgg {
 
     fn logits(&self, map: Tensor<4>) -> Option<Tensor<2>> {
         Some(self.fc3.forward(self.features(map)))
+    }
+}
+
+impl FoldBatchNorms for Vgg {
+    fn fold_batch_norms(mut self) -> Self {
+        let bns = std::mem::take(&mut self.bns);
+        for (conv, bn) in self.convs.iter_mut().zip(bns) {
+            fold_into(conv, &mut Some(bn));
+        }
+        self
     }
 }
