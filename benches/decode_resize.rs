@@ -3,7 +3,7 @@
 //! `cargo bench --bench decode_resize`
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use deep_pipelines::image::{DecodeLimits, decode_image, to_rgb8};
+use deep_pipelines::image::{DecodeLimits, decode_rgb8};
 use deep_pipelines::models::manifest;
 use deep_pipelines::preprocess::preprocess;
 
@@ -38,15 +38,7 @@ fn bench_decode_resize(c: &mut Criterion) {
     group.bench_function("jpeg_4032x3024_to_224_input", |b| {
         b.iter(|| {
             for jpeg in &jpegs {
-                let img = decode_image(jpeg, "bench.jpg", &limits).expect("decode");
-                let rgb = to_rgb8(
-                    img.height as i32,
-                    img.width as i32,
-                    img.channels as i32,
-                    img.mode,
-                    &img.data,
-                )
-                .expect("rgb");
+                let rgb = decode_rgb8(jpeg, "bench.jpg", &limits).expect("rgb");
                 preprocess(&rgb, &manifest).expect("preprocess");
             }
         })

@@ -3,6 +3,8 @@
 //! layers kept), side by side: the ratio is what the folding buys for one forward pass.
 //! `cargo bench --bench featurizer`
 
+mod common;
+
 use burn::prelude::*;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use deep_pipelines::models::efficientnet_lite::{EfficientNetLiteConfig, WEIGHT_NAME_MAP};
@@ -11,16 +13,7 @@ use deep_pipelines::models::{load_model, load_safetensors, manifest};
 fn bench_featurizer(c: &mut Criterion) {
     let model = load_model("EfficientNetLite0", "cpu").expect("bundled model loads");
     let batch = 32;
-    // Deterministic inputs in the network's normalised range.
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let inputs: Vec<f32> = (0..batch * 3 * 224 * 224)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % 256) as f32 / 128.0 - 1.0
-        })
-        .collect();
+    let inputs = common::inputs(batch * 3 * 224 * 224);
 
     let device = Device::flex();
     let (m, dir) = manifest("EfficientNetLite0").expect("bundled manifest");

@@ -6,6 +6,8 @@
 //! prints the ratios.
 //! `cargo bench --bench zoo`
 
+mod common;
+
 use std::sync::Arc;
 
 use burn::prelude::*;
@@ -78,16 +80,7 @@ fn bench_zoo(c: &mut Criterion) {
     group.sample_size(10);
     group.throughput(Throughput::Elements(BATCH as u64));
     for (name, size, net) in models {
-        // Deterministic inputs in the normalised range.
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let inputs: Vec<f32> = (0..BATCH * 3 * size * size)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state % 256) as f32 / 128.0 - 1.0
-            })
-            .collect();
+        let inputs = common::inputs(BATCH * 3 * size * size);
         group.bench_function(format!("{name}_batch{BATCH}_{size}"), |b| {
             b.iter(|| {
                 let x = Tensor::<4>::from_data(

@@ -230,12 +230,11 @@ impl Transformer for DeepImageFeaturizer {
             dir_param(&self.params.model_dir),
         )?;
         let mode = FeatureMode::parse(&self.params.feature_mode).unwrap_or(FeatureMode::Pooled);
-        let udf = ScalarUDF::new_from_impl(FeaturizeUdf::new(
-            model,
-            self.params.batch_size,
+        let head = Head::Features {
             mode,
-            self.params.output_type == "float16",
-        ));
+            half: self.params.output_type == "float16",
+        };
+        let udf = ScalarUDF::new_from_impl(NetworkUdf::new(model, self.params.batch_size, head));
         Ok(df.with_column(
             &self.params.output_col,
             udf.call(vec![ident(self.params.input_col.as_str())]),
@@ -317,65 +316,112 @@ impl DeepImageFeaturizer {
     }
 }
 
-/// The UDF behind the featurizer: image struct -> `FixedSizeList<Float32>[feature_dim]`.
+/// What a network UDF returns for each image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Head {
+    /// The featurizer's: features (pooled or flattened), float32 or float16.
+    Features { mode: FeatureMode, half: bool },
+    /// The predictor's: softmax probabilities of every class, or the top K decoded.
+    Predictions { top_k: usize, decode: bool },
+}
+
+/// The UDF behind the featurizer and the predictor: image struct -> one network output per
+/// row, computed per record batch in `batch_size`-image forward passes.
 #[derive(Debug)]
-struct FeaturizeUdf {
+pub(crate) struct NetworkUdf {
     model: Arc<LoadedModel>,
     batch_size: usize,
-    mode: FeatureMode,
-    half: bool,
+    head: Head,
     signature: Signature,
     name: String,
 }
 
-impl FeaturizeUdf {
-    fn new(model: Arc<LoadedModel>, batch_size: usize, mode: FeatureMode, half: bool) -> Self {
-        FeaturizeUdf {
-            name: format!("featurize_{}", model.manifest.name),
+impl NetworkUdf {
+    pub(crate) fn new(model: Arc<LoadedModel>, batch_size: usize, head: Head) -> Self {
+        let verb = match head {
+            Head::Features { .. } => "featurize",
+            Head::Predictions { .. } => "predict",
+        };
+        NetworkUdf {
+            name: format!("{verb}_{}", model.manifest.name),
             model,
             batch_size,
-            mode,
-            half,
+            head,
             // Volatile: an expensive call the optimiser must never duplicate or inline twice.
             signature: Signature::exact(vec![image_type()], Volatility::Volatile),
         }
     }
 
     fn output_type(&self) -> DataType {
-        let item = if self.half {
-            DataType::Float16
-        } else {
-            DataType::Float32
-        };
-        DataType::FixedSizeList(
-            Arc::new(Field::new("item", item, true)),
-            self.model.manifest.output_dim(self.mode) as i32,
-        )
+        match self.head {
+            Head::Features { mode, half } => DataType::FixedSizeList(
+                Arc::new(Field::new(
+                    "item",
+                    if half {
+                        DataType::Float16
+                    } else {
+                        DataType::Float32
+                    },
+                    true,
+                )),
+                self.model.manifest.output_dim(mode) as i32,
+            ),
+            Head::Predictions { decode, .. } => {
+                crate::predictor::predictions_type(decode, self.model.manifest.num_classes)
+            }
+        }
+    }
+
+    fn compute(&self, images: &datafusion::arrow::array::StructArray) -> Result<ArrayRef> {
+        let model = &self.model;
+        match self.head {
+            Head::Features { mode, .. } => {
+                let dim = model.manifest.output_dim(mode);
+                let (values, valid) = run_batched(model, images, self.batch_size, dim, |x, n| {
+                    model.run(x, n, mode)
+                })?;
+                let DataType::FixedSizeList(field, dim) = self.output_type() else {
+                    unreachable!("features are a FixedSizeList")
+                };
+                let values: ArrayRef = Arc::new(Float32Array::from(values));
+                let values = cast(&values, field.data_type())?;
+                let valid = Some(NullBuffer::from(valid));
+                Ok(Arc::new(FixedSizeListArray::try_new(
+                    field, dim, values, valid,
+                )?))
+            }
+            Head::Predictions { top_k, decode } => {
+                let classes = model.manifest.num_classes;
+                let (logits, valid) =
+                    run_batched(model, images, self.batch_size, classes, |x, n| {
+                        model.logits(x, n)
+                    })?;
+                crate::predictor::predictions(model, top_k, decode, logits, valid)
+            }
+        }
     }
 }
 
-impl PartialEq for FeaturizeUdf {
+impl PartialEq for NetworkUdf {
     fn eq(&self, other: &Self) -> bool {
         self.name == other.name
             && self.batch_size == other.batch_size
-            && self.mode == other.mode
-            && self.half == other.half
+            && self.head == other.head
             && Arc::ptr_eq(&self.model, &other.model)
     }
 }
 
-impl Eq for FeaturizeUdf {}
+impl Eq for NetworkUdf {}
 
-impl Hash for FeaturizeUdf {
+impl Hash for NetworkUdf {
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.name.hash(state);
         self.batch_size.hash(state);
-        self.mode.hash(state);
-        self.half.hash(state);
+        self.head.hash(state);
     }
 }
 
-impl ScalarUDFImpl for FeaturizeUdf {
+impl ScalarUDFImpl for NetworkUdf {
     fn name(&self) -> &str {
         &self.name
     }
@@ -395,21 +441,12 @@ impl ScalarUDFImpl for FeaturizeUdf {
         crate::error::catch_panics(self.name(), || {
             let arrays = ColumnarValue::values_to_arrays(&args.args)?;
             let Some(images) = arrays[0].as_struct_opt() else {
-                return exec_err!("featurizer input must be an image struct");
+                return exec_err!("{} input must be an image struct", self.name);
             };
-            let dim = self.model.manifest.output_dim(self.mode);
-            let (values, valid) = run_batched(&self.model, images, self.batch_size, dim, |x, n| {
-                self.model.run(x, n, self.mode)
-            })
-            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
-            let DataType::FixedSizeList(field, dim) = self.output_type() else {
-                unreachable!("output_type is a FixedSizeList")
-            };
-            let values: ArrayRef = Arc::new(Float32Array::from(values));
-            let values = cast(&values, field.data_type())?;
-            let array =
-                FixedSizeListArray::try_new(field, dim, values, Some(NullBuffer::from(valid)))?;
-            Ok(ColumnarValue::Array(Arc::new(array) as ArrayRef))
+            let array = self
+                .compute(images)
+                .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+            Ok(ColumnarValue::Array(array))
         })
     }
 }

@@ -185,6 +185,23 @@ pub struct Rgb8 {
     pub data: Vec<u8>,
 }
 
+/// Decodes an encoded image (with `limits`) straight to 8-bit RGB, through the same
+/// `ImageSchema` row the DataFrame path makes.
+pub fn decode_rgb8(
+    bytes: &[u8],
+    origin: &str,
+    limits: &DecodeLimits,
+) -> std::result::Result<Rgb8, String> {
+    let row = decode_image(bytes, origin, limits)?;
+    to_rgb8(
+        row.height as i32,
+        row.width as i32,
+        row.channels as i32,
+        row.mode,
+        &row.data,
+    )
+}
+
 /// Converts an `ImageSchema` row (grey, BGR or BGRA) to RGB, checking that the fields agree.
 pub fn to_rgb8(
     height: i32,

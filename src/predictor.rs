@@ -2,28 +2,22 @@
 //! classes of each image (sparkdl's `DeepImagePredictor` with `decodePredictions`).
 
 use std::any::Any;
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    ArrayRef, AsArray, FixedSizeListArray, Float32Array, Int32Array, ListArray, StringArray,
-    StructArray,
+    ArrayRef, FixedSizeListArray, Float32Array, Int32Array, ListArray, StringArray, StructArray,
 };
 use datafusion::arrow::buffer::{NullBuffer, OffsetBuffer};
 use datafusion::arrow::datatypes::{DataType, Field, Fields};
-use datafusion::common::exec_err;
-use datafusion::logical_expr::{
-    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
-};
+use datafusion::logical_expr::ScalarUDF;
 use datafusion::prelude::{DataFrame, ident};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::featurizer::{
-    check_model_params, check_model_reference, dir_param, model_reference, require_image_column,
-    run_batched,
+    Head, NetworkUdf, check_model_params, check_model_reference, dir_param, model_reference,
+    require_image_column,
 };
-use crate::image::image_type;
 use crate::models::{LoadedModel, load_model_in};
 use crate::params::{ParamMap, Params, check, new_uid, setters, string_setters};
 use crate::persistence::SavedStage;
@@ -179,7 +173,11 @@ impl Transformer for DeepImagePredictor {
                 format!("model `{}` has no classifier head", self.params.model_name),
             ));
         }
-        let udf = ScalarUDF::new_from_impl(PredictUdf::new(model, &self.params));
+        let head = Head::Predictions {
+            top_k: self.params.top_k.min(model.manifest.num_classes),
+            decode: self.params.decode_predictions,
+        };
+        let udf = ScalarUDF::new_from_impl(NetworkUdf::new(model, self.params.batch_size, head));
         Ok(df.with_column(
             &self.params.output_col,
             udf.call(vec![ident(self.params.input_col.as_str())]),
@@ -215,92 +213,77 @@ fn prediction_fields() -> Fields {
     ])
 }
 
-#[derive(Debug)]
-struct PredictUdf {
-    model: Arc<LoadedModel>,
-    batch_size: usize,
-    top_k: usize,
-    decode: bool,
-    signature: Signature,
-    name: String,
+/// The predictor's output column type.
+pub(crate) fn predictions_type(decode: bool, classes: usize) -> DataType {
+    if decode {
+        DataType::List(Arc::new(Field::new(
+            "item",
+            DataType::Struct(prediction_fields()),
+            true,
+        )))
+    } else {
+        DataType::FixedSizeList(
+            Arc::new(Field::new("item", DataType::Float32, true)),
+            classes as i32,
+        )
+    }
 }
 
-impl PredictUdf {
-    fn new(model: Arc<LoadedModel>, params: &DeepImagePredictorParams) -> Self {
-        PredictUdf {
-            name: format!("predict_{}", model.manifest.name),
-            top_k: params.top_k.min(model.manifest.num_classes),
-            model,
-            batch_size: params.batch_size,
-            decode: params.decode_predictions,
-            signature: Signature::exact(vec![image_type()], Volatility::Volatile),
-        }
-    }
-
-    fn output_type(&self) -> DataType {
-        if self.decode {
-            DataType::List(Arc::new(Field::new(
-                "item",
-                DataType::Struct(prediction_fields()),
-                true,
-            )))
-        } else {
-            DataType::FixedSizeList(
-                Arc::new(Field::new("item", DataType::Float32, true)),
-                self.model.manifest.num_classes as i32,
-            )
-        }
-    }
-
-    /// Softmax of every row's logits, then either all probabilities or the top K decoded.
-    fn predictions(&self, logits: Vec<f32>, valid: Vec<bool>) -> Result<ArrayRef> {
-        let classes = self.model.manifest.num_classes;
-        let probabilities: Vec<f32> = logits.chunks(classes).flat_map(softmax).collect();
-        let nulls = Some(NullBuffer::from(valid.clone()));
-        if !self.decode {
-            let field = Arc::new(Field::new("item", DataType::Float32, true));
-            let values = Arc::new(Float32Array::from(probabilities));
-            return Ok(Arc::new(FixedSizeListArray::try_new(
-                field,
-                classes as i32,
-                values,
-                nulls,
-            )?));
-        }
-        let labels = self.model.labels.as_deref();
-        let (mut class, mut label, mut probability) = (Vec::new(), Vec::new(), Vec::new());
-        let mut lengths = Vec::with_capacity(valid.len());
-        for (row, p) in probabilities.chunks(classes).enumerate() {
-            if !valid[row] {
-                lengths.push(0);
-                continue;
-            }
-            for c in top_k(p, self.top_k) {
-                class.push(c as i32);
-                label.push(labels.and_then(|l| l.get(c)).cloned());
-                probability.push(p[c]);
-            }
-            lengths.push(self.top_k);
-        }
-        let entries = StructArray::try_new(
-            prediction_fields(),
-            vec![
-                Arc::new(Int32Array::from(class)),
-                Arc::new(StringArray::from(label)),
-                Arc::new(Float32Array::from(probability)),
-            ],
-            None,
-        )?;
-        let DataType::List(field) = self.output_type() else {
-            unreachable!("decoded output is a List")
-        };
-        Ok(Arc::new(ListArray::try_new(
+/// Softmax of every row's logits, then either all probabilities or the top K decoded
+/// (class names from the model's labels, null without them). Invalid rows are null.
+pub(crate) fn predictions(
+    model: &LoadedModel,
+    top_k: usize,
+    decode: bool,
+    logits: Vec<f32>,
+    valid: Vec<bool>,
+) -> Result<ArrayRef> {
+    let classes = model.manifest.num_classes;
+    let probabilities: Vec<f32> = logits.chunks(classes).flat_map(softmax).collect();
+    let nulls = Some(NullBuffer::from(valid.clone()));
+    let field = match predictions_type(decode, classes) {
+        DataType::List(field) | DataType::FixedSizeList(field, _) => field,
+        _ => unreachable!("predictions are a list"),
+    };
+    if !decode {
+        let values = Arc::new(Float32Array::from(probabilities));
+        return Ok(Arc::new(FixedSizeListArray::try_new(
             field,
-            OffsetBuffer::from_lengths(lengths),
-            Arc::new(entries),
+            classes as i32,
+            values,
             nulls,
-        )?))
+        )?));
     }
+    let labels = model.labels.as_deref();
+    let (mut class, mut label, mut probability) = (Vec::new(), Vec::new(), Vec::new());
+    let mut lengths = Vec::with_capacity(valid.len());
+    for (row, p) in probabilities.chunks(classes).enumerate() {
+        if !valid[row] {
+            lengths.push(0);
+            continue;
+        }
+        for c in top_k_indices(p, top_k) {
+            class.push(c as i32);
+            label.push(labels.and_then(|l| l.get(c)).cloned());
+            probability.push(p[c]);
+        }
+        lengths.push(top_k);
+    }
+    let entries = StructArray::try_new(
+        prediction_fields(),
+        vec![
+            Arc::new(Int32Array::from(class)),
+            Arc::new(StringArray::from(label)),
+            Arc::new(Float32Array::from(probability)),
+        ],
+        None,
+    )?;
+    Ok(Arc::new(ListArray::try_new(
+        field,
+        OffsetBuffer::from_lengths(lengths),
+        Arc::new(entries),
+        nulls,
+    )?))
 }
 
 /// Softmax in f64 (stable: the max logit is subtracted first).
@@ -312,67 +295,11 @@ fn softmax(logits: &[f32]) -> Vec<f32> {
 }
 
 /// Indices of the `k` largest values, largest first (ties: lower index first).
-fn top_k(values: &[f32], k: usize) -> Vec<usize> {
+fn top_k_indices(values: &[f32], k: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..values.len()).collect();
     order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
     order.truncate(k);
     order
-}
-
-impl PartialEq for PredictUdf {
-    fn eq(&self, other: &Self) -> bool {
-        self.name == other.name
-            && self.batch_size == other.batch_size
-            && self.top_k == other.top_k
-            && self.decode == other.decode
-            && Arc::ptr_eq(&self.model, &other.model)
-    }
-}
-
-impl Eq for PredictUdf {}
-
-impl Hash for PredictUdf {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.name.hash(state);
-        self.batch_size.hash(state);
-        self.top_k.hash(state);
-        self.decode.hash(state);
-    }
-}
-
-impl ScalarUDFImpl for PredictUdf {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn signature(&self) -> &Signature {
-        &self.signature
-    }
-
-    fn return_type(&self, _arg_types: &[DataType]) -> datafusion::common::Result<DataType> {
-        Ok(self.output_type())
-    }
-
-    fn invoke_with_args(
-        &self,
-        args: ScalarFunctionArgs,
-    ) -> datafusion::common::Result<ColumnarValue> {
-        crate::error::catch_panics(self.name(), || {
-            let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-            let Some(images) = arrays[0].as_struct_opt() else {
-                return exec_err!("predictor input must be an image struct");
-            };
-            let external = |e: Error| datafusion::error::DataFusionError::External(Box::new(e));
-            let classes = self.model.manifest.num_classes;
-            let (logits, valid) =
-                run_batched(&self.model, images, self.batch_size, classes, |x, n| {
-                    self.model.logits(x, n)
-                })
-                .map_err(external)?;
-            let predictions = self.predictions(logits, valid).map_err(external)?;
-            Ok(ColumnarValue::Array(predictions))
-        })
-    }
 }
 
 #[cfg(test)]
@@ -381,7 +308,7 @@ mod tests {
 
     #[test]
     fn top_k_orders_by_value_then_index() {
-        assert_eq!(top_k(&[0.1, 0.5, 0.2, 0.5], 3), vec![1, 3, 2]);
+        assert_eq!(top_k_indices(&[0.1, 0.5, 0.2, 0.5], 3), vec![1, 3, 2]);
     }
 
     #[test]

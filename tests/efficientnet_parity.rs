@@ -1,7 +1,7 @@
 //! Parity of the burn EfficientNet-Lite0 with the reference framework (golden tensors), and the
 //! whole path from photo files through our own decode + preprocessing to ImageNet predictions.
 
-use deep_pipelines::image::{DecodeLimits, decode_image, to_rgb8};
+use deep_pipelines::image::{DecodeLimits, decode_rgb8};
 use deep_pipelines::models::load_model;
 use deep_pipelines::preprocess::preprocess;
 use safetensors::SafeTensors;
@@ -61,15 +61,7 @@ fn top5(photo: &str) -> Vec<(usize, f32)> {
     let model = load_model("EfficientNetLite0", "cpu").unwrap();
     let path = format!("{FIXTURES}/photos/{photo}");
     let bytes = std::fs::read(&path).unwrap();
-    let img = decode_image(&bytes, &path, &DecodeLimits::default()).unwrap();
-    let rgb = to_rgb8(
-        img.height as i32,
-        img.width as i32,
-        img.channels as i32,
-        img.mode,
-        &img.data,
-    )
-    .unwrap();
+    let rgb = decode_rgb8(&bytes, &path, &DecodeLimits::default()).unwrap();
     let input = preprocess(&rgb, &model.manifest).unwrap();
     let logits = model.logits(input, 1).unwrap();
     let mut ranked: Vec<(usize, f32)> = logits.into_iter().enumerate().collect();

@@ -13,7 +13,7 @@ use std::path::Path;
 use datafusion::arrow::array::{Array, AsArray};
 use datafusion::arrow::datatypes::Float32Type;
 use deep_pipelines::image::{
-    DecodeLimits, MODE_BGR8, MODE_BGRA8, MODE_GRAY8, decode_image, to_rgb8,
+    DecodeLimits, MODE_BGR8, MODE_BGRA8, MODE_GRAY8, decode_image, decode_rgb8,
 };
 use deep_pipelines::models::load_model;
 use deep_pipelines::prelude::*;
@@ -201,15 +201,7 @@ fn peak_rss_bytes() -> u64 {
 
 fn standalone_features(bytes: &[u8]) -> Vec<f32> {
     let model = load_model("EfficientNetLite0", "cpu").unwrap();
-    let img = decode_image(bytes, "x", &DecodeLimits::default()).unwrap();
-    let rgb = to_rgb8(
-        img.height as i32,
-        img.width as i32,
-        img.channels as i32,
-        img.mode,
-        &img.data,
-    )
-    .unwrap();
+    let rgb = decode_rgb8(bytes, "x", &DecodeLimits::default()).unwrap();
     model
         .features(preprocess(&rgb, &model.manifest).unwrap(), 1)
         .unwrap()

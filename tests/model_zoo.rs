@@ -15,7 +15,7 @@ use burn::store::ModuleSnapshot;
 use datafusion::arrow::array::{Array, AsArray, Float32Array};
 use datafusion::arrow::datatypes::{DataType, Float16Type, Int32Type};
 use datafusion::functions::core::expr_ext::FieldAccessor;
-use deep_pipelines::image::{DecodeLimits, decode_image, to_rgb8};
+use deep_pipelines::image::{DecodeLimits, decode_rgb8};
 use deep_pipelines::models::efficientnet::EfficientNetConfig;
 use deep_pipelines::models::inception_v3::{self, InceptionV3Config};
 use deep_pipelines::models::layers::{FoldBatchNorms, NameMap};
@@ -596,15 +596,7 @@ async fn users_own_network_works_in_featurizer_predictor_and_sql() {
         .to_string();
     let path = origin.trim_start_matches("file://");
     let bytes = std::fs::read(path).unwrap();
-    let img = decode_image(&bytes, path, &DecodeLimits::default()).unwrap();
-    let rgb = to_rgb8(
-        img.height as i32,
-        img.width as i32,
-        img.channels as i32,
-        img.mode,
-        &img.data,
-    )
-    .unwrap();
+    let rgb = decode_rgb8(&bytes, path, &DecodeLimits::default()).unwrap();
     let input = preprocess(&rgb, &m).unwrap();
     let plane = input.len() / 3;
     let f0 = features.value(0);

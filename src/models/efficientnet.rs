@@ -7,8 +7,8 @@ use burn::prelude::*;
 
 use super::ImageNetwork;
 use super::layers::{
-    Act, ConvBn, ConvSpec, FoldBatchNorms, NameMap, SqueezeExcitation, global_average_pool,
-    make_divisible,
+    Act, ConvSpec, FoldBatchNorms, InvertedResidual, InvertedResidualBody, NameMap,
+    SqueezeExcitation, global_average_pool, make_divisible,
 };
 
 const BN_EPS: f64 = 1e-5;
@@ -87,31 +87,36 @@ impl EfficientNetConfig {
             .into_iter()
             .map(|(expand, kernel, stride, input, output)| {
                 let expanded = make_divisible((input * expand) as f64, 8);
-                MbConv {
+                InvertedResidual {
                     expand: (expanded != input)
                         .then(|| ConvSpec::new(input, expanded, 1).with_bn(BN_EPS, device)),
                     depthwise: ConvSpec::new(expanded, expanded, kernel)
                         .stride(stride)
                         .depthwise()
                         .with_bn(BN_EPS, device),
-                    se: SqueezeExcitation::new(expanded, (input / 4).max(1), device),
+                    se: Some(SqueezeExcitation::new(expanded, (input / 4).max(1), device)),
                     project: ConvSpec::new(expanded, output, 1).with_bn(BN_EPS, device),
                     residual: stride == 1 && input == output,
+                    act: Act::Silu,
+                    se_acts: (Act::Silu, Act::Sigmoid),
                 }
             })
             .collect();
         let last_in = self.stages.last().map_or(stem, |s| self.adjust(s.4));
         EfficientNet {
-            stem: ConvSpec::new(3, stem, 3).stride(2).with_bn(BN_EPS, device),
-            blocks,
-            head: ConvSpec::new(last_in, self.feature_dim(), 1).with_bn(BN_EPS, device),
+            body: InvertedResidualBody {
+                stem: ConvSpec::new(3, stem, 3).stride(2).with_bn(BN_EPS, device),
+                blocks,
+                head: ConvSpec::new(last_in, self.feature_dim(), 1).with_bn(BN_EPS, device),
+                act: Act::Silu,
+            },
             classifier: LinearConfig::new(self.feature_dim(), self.num_classes).init(device),
         }
     }
 
     pub fn weight_names(&self) -> NameMap {
         let mut map = NameMap::default();
-        map.conv_bn("features.0", "stem");
+        map.conv_bn("features.0", "body.stem");
         let mut j = 0;
         for (s, &(expand, _, _, input, output, n)) in self.stages.iter().enumerate() {
             for i in 0..self.layers(n) {
@@ -121,7 +126,7 @@ impl EfficientNetConfig {
                     self.adjust(output)
                 };
                 let from = format!("features.{}.{i}.block", s + 1);
-                let to = format!("blocks.{j}");
+                let to = format!("body.blocks.{j}");
                 let mut k = 0;
                 if make_divisible((input * expand) as f64, 8) != input {
                     map.conv_bn(&format!("{from}.0"), &format!("{to}.expand"));
@@ -133,50 +138,21 @@ impl EfficientNetConfig {
                 j += 1;
             }
         }
-        map.conv_bn(&format!("features.{}", self.stages.len() + 1), "head")
+        map.conv_bn(&format!("features.{}", self.stages.len() + 1), "body.head")
             .prefix("classifier.1", "classifier");
         map
     }
 }
 
-/// [1x1 expand + SiLU] -> depthwise kxk + SiLU -> squeeze-excite -> 1x1 project [+ input].
-#[derive(Module, Debug)]
-pub struct MbConv {
-    expand: Option<ConvBn>,
-    depthwise: ConvBn,
-    se: SqueezeExcitation,
-    project: ConvBn,
-    residual: bool,
-}
-
-impl MbConv {
-    fn forward(&self, input: Tensor<4>) -> Tensor<4> {
-        let mut x = input.clone();
-        if let Some(expand) = &self.expand {
-            x = Act::Silu.apply(expand.forward(x));
-        }
-        x = Act::Silu.apply(self.depthwise.forward(x));
-        x = self.se.forward(x, Act::Silu, Act::Sigmoid);
-        x = self.project.forward(x);
-        if self.residual { x + input } else { x }
-    }
-}
-
 #[derive(Module, Debug)]
 pub struct EfficientNet {
-    stem: ConvBn,
-    blocks: Vec<MbConv>,
-    head: ConvBn,
+    body: InvertedResidualBody,
     classifier: Linear,
 }
 
 impl ImageNetwork for EfficientNet {
     fn feature_map(&self, input: Tensor<4>) -> Tensor<4> {
-        let mut x = Act::Silu.apply(self.stem.forward(input));
-        for block in &self.blocks {
-            x = block.forward(x);
-        }
-        Act::Silu.apply(self.head.forward(x))
+        self.body.forward(input)
     }
 
     fn logits(&self, map: Tensor<4>) -> Option<Tensor<2>> {
@@ -186,15 +162,7 @@ impl ImageNetwork for EfficientNet {
 
 impl FoldBatchNorms for EfficientNet {
     fn fold_batch_norms(mut self) -> Self {
-        self.stem.fold();
-        self.head.fold();
-        for b in &mut self.blocks {
-            if let Some(expand) = &mut b.expand {
-                expand.fold();
-            }
-            b.depthwise.fold();
-            b.project.fold();
-        }
+        self.body.fold();
         self
     }
 }

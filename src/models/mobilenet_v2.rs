@@ -6,7 +6,8 @@ use burn::prelude::*;
 
 use super::ImageNetwork;
 use super::layers::{
-    Act, ConvBn, ConvSpec, FoldBatchNorms, NameMap, global_average_pool, make_divisible,
+    Act, ConvSpec, FoldBatchNorms, InvertedResidual, InvertedResidualBody, NameMap,
+    global_average_pool, make_divisible,
 };
 
 const BN_EPS: f64 = 1e-5;
@@ -68,29 +69,35 @@ impl MobileNetV2Config {
                         .stride(stride)
                         .depthwise()
                         .with_bn(BN_EPS, device),
+                    se: None,
                     project: ConvSpec::new(hidden, out, 1).with_bn(BN_EPS, device),
                     residual: stride == 1 && channels == out,
+                    act: Act::Relu6,
+                    se_acts: (Act::Relu, Act::Sigmoid),
                 });
                 channels = out;
             }
         }
         let last = self.feature_dim();
         MobileNetV2 {
-            stem,
-            blocks,
-            head: ConvSpec::new(channels, last, 1).with_bn(BN_EPS, device),
+            body: InvertedResidualBody {
+                stem,
+                blocks,
+                head: ConvSpec::new(channels, last, 1).with_bn(BN_EPS, device),
+                act: Act::Relu6,
+            },
             classifier: LinearConfig::new(last, self.num_classes).init(device),
         }
     }
 
     pub fn weight_names(&self) -> NameMap {
         let mut map = NameMap::default();
-        map.conv_bn("features.0", "stem");
+        map.conv_bn("features.0", "body.stem");
         let mut i = 0;
         for &(t, _, n, _) in &SETTINGS {
             for _ in 0..n {
                 let from = format!("features.{}.conv", i + 1);
-                let to = format!("blocks.{i}");
+                let to = format!("body.blocks.{i}");
                 let mut k = 0;
                 if t != 1 {
                     map.conv_bn(&format!("{from}.0"), &format!("{to}.expand"));
@@ -102,48 +109,21 @@ impl MobileNetV2Config {
                 i += 1;
             }
         }
-        map.conv_bn(&format!("features.{}", i + 1), "head")
+        map.conv_bn(&format!("features.{}", i + 1), "body.head")
             .prefix("classifier.1", "classifier");
         map
     }
 }
 
-/// [1x1 expand + ReLU6] -> 3x3 depthwise + ReLU6 -> 1x1 project (linear) [+ input].
-#[derive(Module, Debug)]
-pub struct InvertedResidual {
-    expand: Option<ConvBn>,
-    depthwise: ConvBn,
-    project: ConvBn,
-    residual: bool,
-}
-
-impl InvertedResidual {
-    fn forward(&self, input: Tensor<4>) -> Tensor<4> {
-        let mut x = input.clone();
-        if let Some(expand) = &self.expand {
-            x = Act::Relu6.apply(expand.forward(x));
-        }
-        x = Act::Relu6.apply(self.depthwise.forward(x));
-        x = self.project.forward(x);
-        if self.residual { x + input } else { x }
-    }
-}
-
 #[derive(Module, Debug)]
 pub struct MobileNetV2 {
-    stem: ConvBn,
-    blocks: Vec<InvertedResidual>,
-    head: ConvBn,
+    body: InvertedResidualBody,
     classifier: Linear,
 }
 
 impl ImageNetwork for MobileNetV2 {
     fn feature_map(&self, input: Tensor<4>) -> Tensor<4> {
-        let mut x = Act::Relu6.apply(self.stem.forward(input));
-        for block in &self.blocks {
-            x = block.forward(x);
-        }
-        Act::Relu6.apply(self.head.forward(x))
+        self.body.forward(input)
     }
 
     fn logits(&self, map: Tensor<4>) -> Option<Tensor<2>> {
@@ -153,15 +133,7 @@ impl ImageNetwork for MobileNetV2 {
 
 impl FoldBatchNorms for MobileNetV2 {
     fn fold_batch_norms(mut self) -> Self {
-        self.stem.fold();
-        self.head.fold();
-        for b in &mut self.blocks {
-            if let Some(expand) = &mut b.expand {
-                expand.fold();
-            }
-            b.depthwise.fold();
-            b.project.fold();
-        }
+        self.body.fold();
         self
     }
 }

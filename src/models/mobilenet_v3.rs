@@ -6,8 +6,8 @@ use burn::prelude::*;
 
 use super::ImageNetwork;
 use super::layers::{
-    Act, ConvBn, ConvSpec, FoldBatchNorms, NameMap, SqueezeExcitation, global_average_pool,
-    make_divisible,
+    Act, ConvSpec, FoldBatchNorms, InvertedResidual, InvertedResidualBody, NameMap,
+    SqueezeExcitation, global_average_pool, make_divisible,
 };
 
 const BN_EPS: f64 = 1e-3;
@@ -134,7 +134,7 @@ impl MobileNetV3Config {
                     self.adjust(spec.expanded),
                     self.adjust(spec.output),
                 );
-                Block {
+                InvertedResidual {
                     expand: (expanded != input)
                         .then(|| ConvSpec::new(input, expanded, 1).with_bn(BN_EPS, device)),
                     depthwise: ConvSpec::new(expanded, expanded, spec.kernel)
@@ -150,16 +150,24 @@ impl MobileNetV3Config {
                     }),
                     project: ConvSpec::new(expanded, output, 1).with_bn(BN_EPS, device),
                     residual: spec.stride == 1 && input == output,
-                    hard_swish: spec.hard_swish,
+                    act: if spec.hard_swish {
+                        Act::HardSwish
+                    } else {
+                        Act::Relu
+                    },
+                    se_acts: (Act::Relu, Act::HardSigmoid),
                 }
             })
             .collect();
         let last_in = self.blocks.last().map_or(first, |b| self.adjust(b.output));
         let hidden = self.adjust(self.last_channel);
         MobileNetV3 {
-            stem: ConvSpec::new(3, first, 3).stride(2).with_bn(BN_EPS, device),
-            blocks,
-            head: ConvSpec::new(last_in, self.feature_dim(), 1).with_bn(BN_EPS, device),
+            body: InvertedResidualBody {
+                stem: ConvSpec::new(3, first, 3).stride(2).with_bn(BN_EPS, device),
+                blocks,
+                head: ConvSpec::new(last_in, self.feature_dim(), 1).with_bn(BN_EPS, device),
+                act: Act::HardSwish,
+            },
             fc1: LinearConfig::new(self.feature_dim(), hidden).init(device),
             fc2: LinearConfig::new(hidden, self.num_classes).init(device),
         }
@@ -167,10 +175,10 @@ impl MobileNetV3Config {
 
     pub fn weight_names(&self) -> NameMap {
         let mut map = NameMap::default();
-        map.conv_bn("features.0", "stem");
+        map.conv_bn("features.0", "body.stem");
         for (i, spec) in self.blocks.iter().enumerate() {
             let from = format!("features.{}.block", i + 1);
-            let to = format!("blocks.{i}");
+            let to = format!("body.blocks.{i}");
             let mut k = 0;
             if self.adjust(spec.expanded) != self.adjust(spec.input) {
                 map.conv_bn(&format!("{from}.0"), &format!("{to}.expand"));
@@ -184,60 +192,23 @@ impl MobileNetV3Config {
             }
             map.conv_bn(&format!("{from}.{k}"), &format!("{to}.project"));
         }
-        map.conv_bn(&format!("features.{}", self.blocks.len() + 1), "head")
+        map.conv_bn(&format!("features.{}", self.blocks.len() + 1), "body.head")
             .prefix("classifier.0", "fc1")
             .prefix("classifier.3", "fc2");
         map
     }
 }
 
-/// [1x1 expand] -> depthwise kxk -> [squeeze-excite] -> 1x1 project [+ input].
-#[derive(Module, Debug)]
-pub struct Block {
-    expand: Option<ConvBn>,
-    depthwise: ConvBn,
-    se: Option<SqueezeExcitation>,
-    project: ConvBn,
-    residual: bool,
-    hard_swish: bool,
-}
-
-impl Block {
-    fn forward(&self, input: Tensor<4>) -> Tensor<4> {
-        let act = if self.hard_swish {
-            Act::HardSwish
-        } else {
-            Act::Relu
-        };
-        let mut x = input.clone();
-        if let Some(expand) = &self.expand {
-            x = act.apply(expand.forward(x));
-        }
-        x = act.apply(self.depthwise.forward(x));
-        if let Some(se) = &self.se {
-            x = se.forward(x, Act::Relu, Act::HardSigmoid);
-        }
-        x = self.project.forward(x);
-        if self.residual { x + input } else { x }
-    }
-}
-
 #[derive(Module, Debug)]
 pub struct MobileNetV3 {
-    stem: ConvBn,
-    blocks: Vec<Block>,
-    head: ConvBn,
+    body: InvertedResidualBody,
     fc1: Linear,
     fc2: Linear,
 }
 
 impl ImageNetwork for MobileNetV3 {
     fn feature_map(&self, input: Tensor<4>) -> Tensor<4> {
-        let mut x = Act::HardSwish.apply(self.stem.forward(input));
-        for block in &self.blocks {
-            x = block.forward(x);
-        }
-        Act::HardSwish.apply(self.head.forward(x))
+        self.body.forward(input)
     }
 
     fn logits(&self, map: Tensor<4>) -> Option<Tensor<2>> {
@@ -248,15 +219,7 @@ impl ImageNetwork for MobileNetV3 {
 
 impl FoldBatchNorms for MobileNetV3 {
     fn fold_batch_norms(mut self) -> Self {
-        self.stem.fold();
-        self.head.fold();
-        for b in &mut self.blocks {
-            if let Some(expand) = &mut b.expand {
-                expand.fold();
-            }
-            b.depthwise.fold();
-            b.project.fold();
-        }
+        self.body.fold();
         self
     }
 }

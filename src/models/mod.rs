@@ -240,6 +240,17 @@ pub fn manifest_in(name: &str, dir: Option<&Path>) -> Result<(Manifest, PathBuf)
 
 /// Reads a weight file, refusing one larger than `max_bytes` before reading it.
 pub fn read_weight_file(path: &Path, max_bytes: u64, model: &str) -> Result<Vec<u8>> {
+    check_weight_size(path, max_bytes, model)?;
+    std::fs::read(path).map_err(|e| {
+        model_error(
+            model,
+            format!("cannot read weight file {}: {e}", path.display()),
+        )
+    })
+}
+
+/// Refuses a weight file larger than `max_bytes`, from its metadata, before reading it.
+fn check_weight_size(path: &Path, max_bytes: u64, model: &str) -> Result<()> {
     let len = std::fs::metadata(path)
         .map_err(|e| {
             model_error(
@@ -257,12 +268,7 @@ pub fn read_weight_file(path: &Path, max_bytes: u64, model: &str) -> Result<Vec<
             ),
         ));
     }
-    std::fs::read(path).map_err(|e| {
-        model_error(
-            model,
-            format!("cannot read weight file {}: {e}", path.display()),
-        )
-    })
+    Ok(())
 }
 
 /// The most bytes a safetensors file for `module` can hold: 8 bytes per parameter (f64 at most)
@@ -368,17 +374,7 @@ pub fn load_pytorch<M: ModuleSnapshot + Module, A: AsRef<str>, B: AsRef<str>>(
     model: &str,
 ) -> Result<()> {
     require_file(path, model)?;
-    let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    let max = max_weight_bytes(module);
-    if len > max {
-        return Err(model_error(
-            model,
-            format!(
-                "weight file {} is {len} bytes, more than the {max} the architecture can need",
-                path.display()
-            ),
-        ));
-    }
+    check_weight_size(path, max_weight_bytes(module), model)?;
     let mut store = PytorchStore::from_file(path)
         .map_indices_contiguous(false)
         .allow_partial(true)
