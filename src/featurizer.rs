@@ -144,11 +144,6 @@ pub(crate) fn check_model_params(
     Ok(())
 }
 
-/// `""` -> `None` (the default model directory), else the path.
-pub(crate) fn dir_param(dir: &str) -> Option<&Path> {
-    (!dir.is_empty()).then(|| Path::new(dir))
-}
-
 /// Turns an image column into a feature column with a pretrained network.
 ///
 /// ```no_run
@@ -227,7 +222,7 @@ impl Transformer for DeepImageFeaturizer {
         let model = load_model_in(
             &self.params.model_name,
             &self.params.device,
-            dir_param(&self.params.model_dir),
+            Some(Path::new(&self.params.model_dir)),
         )?;
         let mode = FeatureMode::parse(&self.params.feature_mode).unwrap_or(FeatureMode::Pooled);
         let head = Head::Features {
@@ -275,7 +270,7 @@ pub(crate) struct ModelReference {
 }
 
 pub(crate) fn model_reference(model_name: &str, model_dir: &str) -> Result<ModelReference> {
-    let (manifest, _) = crate::models::manifest_in(model_name, dir_param(model_dir))?;
+    let (manifest, _) = crate::models::manifest_in(model_name, Some(Path::new(model_dir)))?;
     Ok(ModelReference {
         name: manifest.name,
         weights_file: manifest.weights.file,
@@ -290,7 +285,7 @@ pub(crate) fn check_model_reference(
     model_dir: &str,
 ) -> Result<()> {
     let reference: ModelReference = saved.extra_field("model")?;
-    let (manifest, dir) = crate::models::manifest_in(model_name, dir_param(model_dir))?;
+    let (manifest, dir) = crate::models::manifest_in(model_name, Some(Path::new(model_dir)))?;
     if reference.sha256 != manifest.weights.sha256 {
         return Err(Error::Persistence(format!(
             "{} `{}` was saved with {} weights sha256 {}, but the installed model ({}) has sha256 {}",

@@ -2,6 +2,7 @@
 //! classes of each image (sparkdl's `DeepImagePredictor` with `decodePredictions`).
 
 use std::any::Any;
+use std::path::Path;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
@@ -15,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::featurizer::{
-    Head, NetworkUdf, check_model_params, check_model_reference, dir_param, model_reference,
+    Head, NetworkUdf, check_model_params, check_model_reference, model_reference,
     require_image_column,
 };
 use crate::models::{LoadedModel, load_model_in};
@@ -164,7 +165,7 @@ impl Transformer for DeepImagePredictor {
         let model = load_model_in(
             &self.params.model_name,
             &self.params.device,
-            dir_param(&self.params.model_dir),
+            Some(Path::new(&self.params.model_dir)),
         )?;
         if model.manifest.num_classes == 0 {
             return Err(Error::param(

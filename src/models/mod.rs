@@ -96,7 +96,7 @@ pub fn model_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/models")))
 }
 
-/// `dir` if given and not empty, else [`model_dir`].
+/// `dir` if given and not empty (an empty `modelDir` param means the default), else [`model_dir`].
 fn resolve_dir(dir: Option<&Path>) -> PathBuf {
     dir.filter(|d| !d.as_os_str().is_empty())
         .map_or_else(model_dir, Path::to_path_buf)
@@ -872,6 +872,7 @@ fn user_model(name: &str) -> Option<Arc<LoadedModel>> {
 /// SQL) in this process: the equivalent of sparkdl's `TFImageTransformer`. The manifest says how
 /// images are preprocessed and what the network returns; outputs are checked against it.
 /// Labels: `Some("imagenet")` or a file path (absolute, or relative to the working directory).
+/// The network runs on `device`: the stages' `device` and `modelDir` params do not apply to it.
 ///
 /// ```no_run
 /// use std::sync::Arc;
