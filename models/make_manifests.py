@@ -7,6 +7,7 @@ torchvision 0.29.2). Feature-map shapes are at each model's input size.
 """
 import json
 import pathlib
+import re
 
 ROOT = pathlib.Path(__file__).resolve().parent
 TV = json.loads((ROOT.parent / "tests/fixtures/zoo/torchvision_weights.json").read_text())
@@ -65,7 +66,9 @@ for name, folder, description, layer, dim, fmap, head in TORCHVISION:
         "weights": {
             "file": tv["file"],
             "sha256": None,
-            "source": tv["url"] + " (torchvision; the file name's 8 hex digits are the start of its sha256)",
+            # torchvision publishes the first 8 hex digits of each file's sha256 in its name.
+            "sha256_prefix": re.search(r"-([0-9a-f]{8})\.pth$", tv["file"]).group(1),
+            "source": tv["url"] + " (torchvision)",
             "license": "BSD-3-Clause (torchvision code); ImageNet-trained weights, see torchvision's model docs",
         },
     })

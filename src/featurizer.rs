@@ -272,9 +272,9 @@ pub(crate) struct ModelReference {
 pub(crate) fn model_reference(model_name: &str, model_dir: &str) -> Result<ModelReference> {
     let (manifest, _) = crate::models::manifest_in(model_name, Some(Path::new(model_dir)))?;
     Ok(ModelReference {
+        sha256: manifest.weights.expected_sha256().map(str::to_string),
         name: manifest.name,
         weights_file: manifest.weights.file,
-        sha256: manifest.weights.sha256,
     })
 }
 
@@ -286,7 +286,7 @@ pub(crate) fn check_model_reference(
 ) -> Result<()> {
     let reference: ModelReference = saved.extra_field("model")?;
     let (manifest, dir) = crate::models::manifest_in(model_name, Some(Path::new(model_dir)))?;
-    if reference.sha256 != manifest.weights.sha256 {
+    if reference.sha256.as_deref() != manifest.weights.expected_sha256() {
         return Err(Error::Persistence(format!(
             "{} `{}` was saved with {} weights sha256 {}, but the installed model ({}) has sha256 {}",
             saved.class,
@@ -294,7 +294,7 @@ pub(crate) fn check_model_reference(
             reference.name,
             reference.sha256.as_deref().unwrap_or("(none)"),
             dir.join(&manifest.weights.file).display(),
-            manifest.weights.sha256.as_deref().unwrap_or("(none)"),
+            manifest.weights.expected_sha256().unwrap_or("(none)"),
         )));
     }
     Ok(())

@@ -181,7 +181,14 @@ fn squeezenet_matches_torchvision_from_safetensors_and_pth() {
         &names,
         "squeezenet1_1.safetensors",
     );
-    // The same weights from a torch.save() checkpoint, read without running pickle code.
+    // The same weights from torch.save() checkpoints (zip and pre-1.6 legacy formats), read
+    // without running pickle code.
+    parity(
+        "squeezenet1_1",
+        c.init(&Device::flex()),
+        &names,
+        "squeezenet1_1_legacy.pth",
+    );
     parity(
         "squeezenet1_1",
         c.init(&Device::flex()),
@@ -210,6 +217,11 @@ fn mobilenet_v3_large_and_small_match_torchvision() {
         ("mobilenet_v3_small", MobileNetV3Config::small()),
     ] {
         let c = c.with_width_mult(0.25).with_num_classes(10);
+        if case == "mobilenet_v3_small" {
+            // torch.save(model.state_dict()) as is: int64 num_batches_tracked buffers included.
+            let file = "mobilenet_v3_small_full_state.pth";
+            parity(case, c.init(&Device::flex()), &c.weight_names(), file);
+        }
         parity(
             case,
             c.init(&Device::flex()),
@@ -312,6 +324,20 @@ fn full_size_models_load_torchvision_names_and_give_manifest_dimensions() {
             .path()
             .join(format!("{}.safetensors", manifest.architecture));
         random_torchvision_weights(&manifest.architecture, &weights);
+        // The manifest names torchvision's file by the start of its sha256: random values fail it.
+        let prefix = manifest
+            .weights
+            .sha256_prefix
+            .clone()
+            .expect("torchvision hash prefix");
+        if name == "SqueezeNet1_1" {
+            let err = LoadedModel::from_weights(manifest.clone(), &weights, dir.path(), &device)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&prefix) && err.contains("sha256"), "{err}");
+        }
+        let mut manifest = manifest;
+        manifest.weights.sha256_prefix = None;
         let model = LoadedModel::from_weights(manifest.clone(), &weights, dir.path(), &device)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         std::fs::remove_file(&weights).unwrap();
@@ -624,6 +650,20 @@ async fn users_own_network_works_in_featurizer_predictor_and_sql() {
         assert_eq!(entries[0].0 as usize, brightest);
     }
 
+    // A manifest that preprocessing could not honour is refused when registered.
+    let mut bad = m.clone();
+    bad.name = "ZeroStd".into();
+    bad.preprocess.std = [128.0, 0.0, 128.0];
+    let err = register_network(
+        bad,
+        Arc::new(MeanColour {
+            scale: burn::module::Param::from_tensor(Tensor::from_data([1.0f32; 3], &device)),
+        }),
+        &device,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("std"), "{err}");
+
     // Registering over a built-in name is refused.
     let mut clash = m;
     clash.name = "ResNet50".into();
@@ -640,13 +680,8 @@ async fn users_own_network_works_in_featurizer_predictor_and_sql() {
 
 #[test]
 fn missing_weight_file_says_which_file_where_to_get_it_and_where_to_put_it() {
+    // A model folder without a manifest: the bundled one describes the weights expected there.
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("resnet50")).unwrap();
-    std::fs::copy(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/models/resnet50/manifest.json"),
-        dir.path().join("resnet50/manifest.json"),
-    )
-    .unwrap();
     let err = LoadedModel::load_from("ResNet50", Some(dir.path()), &Device::flex()).unwrap_err();
     let msg = err.to_string();
     println!("{msg}");

@@ -325,8 +325,9 @@ pub fn make_divisible(v: f64, divisor: usize) -> usize {
     rounded
 }
 
-/// Checkpoint-name -> field-path rewrites, applied in order by burn-store's key remapper.
-/// Each rule matches a literal prefix, so a map is explicit and built from the config.
+/// Checkpoint-name -> field-path rewrites (regex, replacement), applied one after another to
+/// each name by burn-store's key remapper. The built-in maps are explicit, built from the
+/// config, and their outputs never match a later rule.
 #[derive(Debug, Default, Clone)]
 pub struct NameMap(pub Vec<(String, String)>);
 
@@ -334,7 +335,7 @@ impl NameMap {
     /// Renames the prefix `from.` to `to.` (literal match at the start of a name).
     pub fn prefix(&mut self, from: &str, to: &str) -> &mut Self {
         self.0
-            .push((format!("^{}\\.", regex_escape(from)), format!("{to}.")));
+            .push((format!("^{}\\.", regex::escape(from)), format!("{to}.")));
         self
     }
 
@@ -351,8 +352,15 @@ impl NameMap {
     }
 }
 
-fn regex_escape(s: &str) -> String {
-    s.replace('.', "\\.")
+impl NameMap {
+    /// Checks every rule is a valid regex (burn-store would panic on a bad one).
+    pub fn check(&self) -> Result<(), String> {
+        for (from, _) in &self.0 {
+            regex::Regex::new(from)
+                .map_err(|e| format!("invalid weight-name rule `{from}`: {e}"))?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -93,7 +93,12 @@ pub fn available_models() -> Vec<String> {
 pub fn model_dir() -> PathBuf {
     std::env::var_os(MODEL_DIR_ENV)
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/models")))
+        .unwrap_or_else(model_dir_bundled)
+}
+
+/// This crate's `models/`: manifests of every named model, Lite weights, class names.
+fn model_dir_bundled() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/models"))
 }
 
 /// `dir` if given and not empty (an empty `modelDir` param means the default), else [`model_dir`].
@@ -133,8 +138,19 @@ pub struct PreprocessSpec {
 pub struct WeightsSpec {
     pub file: String,
     pub sha256: Option<String>,
+    /// The first hex digits of the sha256 when only those are published (torchvision puts 8
+    /// of them in its file names); checked when `sha256` is absent.
+    #[serde(default)]
+    pub sha256_prefix: Option<String>,
     pub source: String,
     pub license: String,
+}
+
+impl WeightsSpec {
+    /// What the file's sha256 must be (or start with), if anything is known.
+    pub fn expected_sha256(&self) -> Option<&str> {
+        self.sha256.as_deref().or(self.sha256_prefix.as_deref())
+    }
 }
 
 /// Everything about one named model, read from `<model_dir>/<folder>/manifest.json`.
@@ -150,7 +166,9 @@ pub struct Manifest {
     pub feature_layer: String,
     /// Size of the pooled feature vector.
     pub feature_dim: usize,
-    /// Shape `[C, h, w]` of the last feature map at `input_size` (`featureMode = flattened`).
+    /// Shape `[C, h, w]` of the last feature map at `input_size` (`featureMode = flattened`;
+    /// zeros when unknown, which refuses that mode).
+    #[serde(default)]
     pub feature_map: [usize; 3],
     /// The classifier head (e.g. "fc 2048 -> 1000").
     #[serde(default)]
@@ -164,11 +182,50 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// Checks what preprocessing and the output columns rely on.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let p = &self.preprocess;
+        let problem = if self.input_size == 0 || self.feature_dim == 0 {
+            "input_size and feature_dim must be positive".to_string()
+        } else if p.resize_shorter_side != 0 && p.resize_shorter_side < self.input_size {
+            format!(
+                "resize_shorter_side {} is smaller than the {} crop",
+                p.resize_shorter_side, self.input_size
+            )
+        } else if p.resize_shorter_side != 0 && p.crop != "center" {
+            format!("unsupported crop `{}` (only `center`)", p.crop)
+        } else if p.channel_order != "RGB" {
+            format!(
+                "unsupported channel_order `{}` (only `RGB`)",
+                p.channel_order
+            )
+        } else if p.std.iter().any(|s| !s.is_finite() || *s == 0.0)
+            || p.mean.iter().any(|m| !m.is_finite())
+        {
+            "mean must be finite and std finite and non-zero".to_string()
+        } else if [self.feature_dim, self.num_classes, self.feature_map_len()]
+            .iter()
+            .any(|&d| d > i32::MAX as usize)
+        {
+            "an output size is larger than an Arrow list can hold".to_string()
+        } else {
+            return Ok(());
+        };
+        Err(format!("invalid manifest for `{}`: {problem}", self.name))
+    }
+
+    fn feature_map_len(&self) -> usize {
+        self.feature_map
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .unwrap_or(usize::MAX)
+    }
+
     /// Length of one output row in the given mode.
     pub fn output_dim(&self, mode: FeatureMode) -> usize {
         match mode {
             FeatureMode::Pooled => self.feature_dim,
-            FeatureMode::Flattened => self.feature_map.iter().product(),
+            FeatureMode::Flattened => self.feature_map_len(),
         }
     }
 }
@@ -223,7 +280,10 @@ pub fn manifest_in(name: &str, dir: Option<&Path>) -> Result<(Manifest, PathBuf)
             )
         })?;
     let dir = resolve_dir(dir).join(folder);
-    let path = dir.join("manifest.json");
+    // A model folder may hold just the weights: the bundled manifest then describes them.
+    let path = Some(dir.join("manifest.json"))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| model_dir_bundled().join(folder).join("manifest.json"));
     let text = std::fs::read_to_string(&path).map_err(|e| {
         model_error(
             name,
@@ -235,6 +295,9 @@ pub fn manifest_in(name: &str, dir: Option<&Path>) -> Result<(Manifest, PathBuf)
     })?;
     let manifest: Manifest = serde_json::from_str(&text)
         .map_err(|e| model_error(name, format!("malformed {}: {e}", path.display())))?;
+    manifest
+        .validate()
+        .map_err(|e| model_error(name, format!("{}: {e}", path.display())))?;
     Ok((manifest, dir))
 }
 
@@ -285,7 +348,9 @@ pub fn check_safetensors_header(bytes: &[u8], max_values: usize, what: &str) -> 
         .map_err(|e| format!("{what}: not a valid safetensors file: {e}"))?;
     let data_len = bytes.len().saturating_sub(8 + header_len(bytes));
     for (name, info) in metadata.tensors() {
-        if info.dtype != safetensors::Dtype::F32 {
+        // PyTorch's BatchNorm step counters (int64 scalars) are ignored on load.
+        let counter = is_batch_counter(&name);
+        if info.dtype != safetensors::Dtype::F32 && !counter {
             return Err(format!(
                 "{what}: tensor `{name}` has dtype {:?}, expected F32",
                 info.dtype
@@ -303,7 +368,7 @@ pub fn check_safetensors_header(bytes: &[u8], max_values: usize, what: &str) -> 
                 )
             })?;
         let (start, end) = info.data_offsets;
-        if end > data_len || start > end || end - start != values * 4 {
+        if end > data_len || start > end || end - start != values * info.dtype.bitsize() / 8 {
             return Err(format!(
                 "{what}: tensor `{name}` has offsets {start}..{end} that do not fit its shape {:?} or the file",
                 info.shape
@@ -311,6 +376,11 @@ pub fn check_safetensors_header(bytes: &[u8], max_values: usize, what: &str) -> 
         }
     }
     Ok(())
+}
+
+/// `bn.num_batches_tracked`: a training counter PyTorch saves with every BatchNorm; no weight.
+fn is_batch_counter(name: &str) -> bool {
+    name.ends_with("num_batches_tracked")
 }
 
 fn header_len(bytes: &[u8]) -> usize {
@@ -410,6 +480,7 @@ where
         result
             .unused
             .iter()
+            .filter(|p| !is_batch_counter(p))
             .map(|p| format!("unexpected tensor `{p}` in the file")),
     );
     if !problems.is_empty() {
@@ -437,6 +508,7 @@ pub fn load_weights<M: ModuleSnapshot + Module>(
     model: &str,
 ) -> Result<M> {
     require_file(path, model)?;
+    names.check().map_err(|e| model_error(model, e))?;
     let extension = path
         .extension()
         .and_then(|e| e.to_str())
@@ -464,9 +536,11 @@ pub fn load_weights<M: ModuleSnapshot + Module>(
     Ok(module)
 }
 
+/// Checks the file's sha256 against `expected`: the whole digest, or its first digits.
 fn check_sha256(bytes: &[u8], path: &Path, expected: &str, model: &str) -> Result<()> {
     let found = hex::encode(Sha256::digest(bytes));
-    if !found.eq_ignore_ascii_case(expected) {
+    let expected_lower = expected.to_ascii_lowercase();
+    if expected.len() < 8 || !found.starts_with(&expected_lower) {
         return Err(model_error(
             model,
             format!(
@@ -716,7 +790,7 @@ impl LoadedModel {
         let network = load_architecture(
             &manifest.architecture,
             weights,
-            manifest.weights.sha256.as_deref(),
+            manifest.weights.expected_sha256(),
             device,
             &manifest.name,
         )?;
@@ -802,7 +876,7 @@ pub fn device(name: &str) -> Result<Device> {
         #[cfg(feature = "wgpu")]
         "wgpu" => Ok(Device::wgpu(Default::default())),
         other => Err(Error::param(
-            "DeepImageFeaturizer",
+            "models",
             "device",
             format!(
                 "unknown device `{other}`; available: {}",
@@ -904,12 +978,9 @@ pub fn register_network(
             "a built-in model has this name; choose another",
         ));
     }
-    if manifest.input_size == 0 || manifest.feature_dim == 0 {
-        return Err(model_error(
-            &manifest.name,
-            "manifest input_size and feature_dim must be positive",
-        ));
-    }
+    manifest
+        .validate()
+        .map_err(|e| model_error(&manifest.name, e))?;
     let labels = read_labels(&manifest, Path::new(""))?;
     let model = LoadedModel {
         manifest,
