@@ -8,7 +8,7 @@ mod common;
 use burn::prelude::*;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use deep_pipelines::models::efficientnet_lite::{EfficientNetLiteConfig, WEIGHT_NAME_MAP};
-use deep_pipelines::models::{load_model, load_safetensors, manifest};
+use deep_pipelines::models::{ImageNetwork, load_model, load_safetensors, manifest};
 
 fn bench_featurizer(c: &mut Criterion) {
     let model = load_model("EfficientNetLite0", "cpu").expect("bundled model loads");
@@ -39,7 +39,7 @@ fn bench_featurizer(c: &mut Criterion) {
         b.iter(|| model.features(inputs.clone(), batch).expect("forward pass"))
     });
     group.bench_function("efficientnet_lite0_batch32_224_batchnorm_layers", |b| {
-        b.iter(|| unfolded.features(input()).into_data())
+        b.iter(|| unfolded.features(unfolded.feature_map(input())).into_data())
     });
     group.finish();
 }

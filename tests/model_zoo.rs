@@ -703,43 +703,74 @@ fn missing_weight_file_says_which_file_where_to_get_it_and_where_to_put_it() {
     assert!(err.to_string().contains("resnet50-0676ba61.pth"), "{err}");
 }
 
-#[test]
-fn wrong_tensor_shape_names_the_tensor() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("resnet18.safetensors");
-    random_torchvision_weights("resnet18", &path);
-    // Rewrite fc.weight as [10, 512]: a checkpoint for another head.
+/// Random torchvision-named weights for `folder` with tensor `name` given `shape` instead.
+fn weights_with_wrong_shape(
+    dir: &Path,
+    folder: &str,
+    name: &str,
+    shape: Vec<usize>,
+) -> std::path::PathBuf {
+    let path = dir.join(format!("{folder}.safetensors"));
+    random_torchvision_weights(folder, &path);
     let bytes = std::fs::read(&path).unwrap();
     let tensors = SafeTensors::deserialize(&bytes).unwrap();
-    let small = vec![0u8; 10 * 512 * 4];
+    let zeros = vec![0u8; shape.iter().product::<usize>() * 4];
     let views: Vec<(String, TensorView)> = tensors
         .tensors()
         .into_iter()
-        .map(|(name, view)| {
-            if name == "fc.weight" {
-                (
-                    name,
-                    TensorView::new(safetensors::Dtype::F32, vec![10, 512], &small).unwrap(),
-                )
+        .map(|(n, view)| {
+            if n == name {
+                let wrong = TensorView::new(safetensors::Dtype::F32, shape.clone(), &zeros);
+                (n, wrong.unwrap())
             } else {
-                (name, view)
+                (n, view)
             }
         })
         .collect();
-    let bad = dir.path().join("bad.safetensors");
+    let bad = dir.join(format!("{folder}_bad.safetensors"));
     safetensors::serialize_to_file(views, None, &bad).unwrap();
-    let err = load_weights(
-        ResNetConfig::resnet18().init(&Device::flex()),
-        &bad,
-        &resnet::weight_names(),
-        None,
-        "ResNet18",
-    )
-    .unwrap_err();
+    bad
+}
+
+#[test]
+fn wrong_tensor_shape_names_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    // fc.weight as [10, 512]: a checkpoint for another head.
+    let bad = weights_with_wrong_shape(dir.path(), "resnet18", "fc.weight", vec![10, 512]);
+    let net = ResNetConfig::resnet18().init(&Device::flex());
+    let err = load_weights(net, &bad, &resnet::weight_names(), None, "ResNet18").unwrap_err();
     let msg = err.to_string();
     println!("{msg}");
-    assert!(msg.contains("fc.weight"), "{msg}");
+    assert!(
+        msg.contains("fc.weight") && msg.contains("[512, 1000]"),
+        "{msg}"
+    );
     assert!(matches!(err, Error::Model { .. }));
+
+    // A renamed layer is reported by the checkpoint's name (and the module path).
+    let name = "features.1.conv.1.weight";
+    let bad = weights_with_wrong_shape(dir.path(), "mobilenet_v2", name, vec![16, 32, 3, 3]);
+    let c = MobileNetV2Config::mobilenet_v2();
+    let msg = load_weights(
+        c.init(&Device::flex()),
+        &bad,
+        &c.weight_names(),
+        None,
+        "MobileNetV2",
+    )
+    .unwrap_err()
+    .to_string();
+    println!("{msg}");
+    assert!(
+        msg.contains(&format!(
+            "`{name}` (module path `body.blocks.0.project.conv.weight`)"
+        )),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("[16, 32, 3, 3]") && msg.contains("[16, 32, 1, 1]"),
+        "{msg}"
+    );
 }
 
 #[test]

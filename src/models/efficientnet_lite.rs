@@ -1,14 +1,16 @@
-//! EfficientNet-Lite0/1/2: MBConv blocks without squeeze-excite, ReLU6, TF "SAME"
-//! padding, BatchNorm eps 1e-3. Field names follow the PyTorch checkpoint with the leading
-//! underscores dropped (`_blocks.3._bn1.weight` -> `blocks.3.bn1.gamma`), see [`WEIGHT_NAME_MAP`].
+//! EfficientNet-Lite0/1/2: inverted residuals without squeeze-excite, ReLU6, TF "SAME"
+//! padding, BatchNorm eps 1e-3. The checkpoint's names (`_blocks.3._bn1.weight`, the
+//! efficientnet-lite-pytorch layout) map onto the shared [`InvertedResidualBody`], see
+//! [`WEIGHT_NAME_MAP`].
 
 use burn::module::Module;
-use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 
 use super::ImageNetwork;
-use super::layers::{fold_batch_norm as fold, global_average_pool};
+use super::layers::{
+    Act, ConvSpec, FoldBatchNorms, InvertedResidual, InvertedResidualBody, global_average_pool,
+};
 
 /// One stage of MBConv blocks; the stride applies to the stage's first block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,18 +88,10 @@ impl EfficientNetLiteConfig {
 
     /// Builds the network with freshly initialised weights (load real ones with the store).
     pub fn init(&self, device: &Device) -> EfficientNetLite {
-        let bn = |c: usize| {
-            BatchNormConfig::new(c)
-                .with_epsilon(self.bn_eps)
-                .init(device)
-        };
-        let conv = |i: usize, o: usize, k: usize, stride: usize, groups: usize| {
-            Conv2dConfig::new([i, o], [k, k])
-                .with_stride([stride, stride])
-                .with_groups(groups)
-                .with_padding(PaddingConfig2d::Same)
-                .with_bias(false)
-                .init(device)
+        let conv_bn = |i: usize, o: usize, k: usize, stride: usize, depthwise: bool| {
+            let spec = ConvSpec::new(i, o, k).stride(stride).same();
+            let spec = if depthwise { spec.depthwise() } else { spec };
+            spec.with_bn(self.bn_eps, device)
         };
         let mut blocks = Vec::new();
         for stage in &self.stages {
@@ -105,155 +99,75 @@ impl EfficientNetLiteConfig {
                 let input = if r == 0 { stage.input } else { stage.output };
                 let stride = if r == 0 { stage.stride } else { 1 };
                 let hidden = input * stage.expand;
-                let expand = stage.expand != 1;
-                blocks.push(MbConv {
-                    expand_conv: expand.then(|| conv(input, hidden, 1, 1, 1)),
-                    bn0: expand.then(|| bn(hidden)),
-                    depthwise_conv: conv(hidden, hidden, stage.kernel, stride, hidden),
-                    bn1: bn(hidden),
-                    project_conv: conv(hidden, stage.output, 1, 1, 1),
-                    bn2: bn(stage.output),
+                blocks.push(InvertedResidual {
+                    expand: (stage.expand != 1).then(|| conv_bn(input, hidden, 1, 1, false)),
+                    depthwise: conv_bn(hidden, hidden, stage.kernel, stride, true),
+                    se: None,
+                    project: conv_bn(hidden, stage.output, 1, 1, false),
                     residual: stride == 1 && input == stage.output,
+                    act: Act::Relu6,
+                    se_acts: (Act::Relu, Act::Sigmoid),
                 });
             }
         }
         let last = self.stages.last().map_or(self.stem_channels, |s| s.output);
         EfficientNetLite {
-            conv_stem: conv(3, self.stem_channels, 3, 2, 1),
-            bn0: bn(self.stem_channels),
-            blocks,
-            conv_head: conv(last, self.head_channels, 1, 1, 1),
-            bn1: bn(self.head_channels),
+            body: InvertedResidualBody {
+                stem: conv_bn(3, self.stem_channels, 3, 2, false),
+                blocks,
+                head: conv_bn(last, self.head_channels, 1, 1, false),
+                act: Act::Relu6,
+            },
             fc: LinearConfig::new(self.head_channels, self.num_classes).init(device),
         }
     }
 }
 
-/// How checkpoint names map onto this module's fields: drop the leading `_` of every path
-/// segment (`_blocks.0._bn1` -> `blocks.0.bn1`). BatchNorm `weight`/`bias` -> `gamma`/`beta`
-/// and the `fc` transpose are handled by burn-store's PyTorch adapter.
-pub const WEIGHT_NAME_MAP: &[(&str, &str)] = &[(r"(^|\.)_", "$1")];
-
-/// Inverted-residual block: [1x1 expand] -> depthwise kxk -> 1x1 project (+ skip).
-#[derive(Module, Debug)]
-pub struct MbConv {
-    expand_conv: Option<Conv2d>,
-    bn0: Option<BatchNorm>,
-    depthwise_conv: Conv2d,
-    bn1: BatchNorm,
-    project_conv: Conv2d,
-    bn2: BatchNorm,
-    residual: bool,
-}
-
-fn relu6<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    x.clamp(0.0, 6.0)
-}
-
-impl MbConv {
-    fn forward(&self, input: Tensor<4>) -> Tensor<4> {
-        let mut x = input.clone();
-        if let (Some(conv), Some(bn)) = (&self.expand_conv, &self.bn0) {
-            x = relu6(bn.forward(conv.forward(x)));
-        }
-        x = relu6(self.bn1.forward(self.depthwise_conv.forward(x)));
-        x = self.bn2.forward(self.project_conv.forward(x));
-        if self.residual { x + input } else { x }
-    }
-}
+/// Checkpoint names -> fields (regex, replacement, applied in order). BatchNorm
+/// `weight`/`bias` -> `gamma`/`beta` and the `fc` transpose are burn-store's PyTorch adapter's.
+pub const WEIGHT_NAME_MAP: &[(&str, &str)] = &[
+    (r"^_conv_stem\.", "body.stem.conv."),
+    (r"^_bn0\.", "body.stem.bn."),
+    (r"^_conv_head\.", "body.head.conv."),
+    (r"^_bn1\.", "body.head.bn."),
+    (r"^_fc\.", "fc."),
+    (
+        r"^_blocks\.(\d+)\._expand_conv\.",
+        "body.blocks.$1.expand.conv.",
+    ),
+    (r"^_blocks\.(\d+)\._bn0\.", "body.blocks.$1.expand.bn."),
+    (
+        r"^_blocks\.(\d+)\._depthwise_conv\.",
+        "body.blocks.$1.depthwise.conv.",
+    ),
+    (r"^_blocks\.(\d+)\._bn1\.", "body.blocks.$1.depthwise.bn."),
+    (
+        r"^_blocks\.(\d+)\._project_conv\.",
+        "body.blocks.$1.project.conv.",
+    ),
+    (r"^_blocks\.(\d+)\._bn2\.", "body.blocks.$1.project.bn."),
+];
 
 /// The EfficientNet-Lite network.
 #[derive(Module, Debug)]
 pub struct EfficientNetLite {
-    conv_stem: Conv2d,
-    bn0: BatchNorm,
-    blocks: Vec<MbConv>,
-    conv_head: Conv2d,
-    bn1: BatchNorm,
+    body: InvertedResidualBody,
     fc: Linear,
 }
 
-impl EfficientNetLite {
-    /// `[batch, 3, H, W]` normalised RGB -> `[batch, head_channels]` global-average-pooled features.
-    pub fn features(&self, input: Tensor<4>) -> Tensor<2> {
-        let mut x = relu6(self.bn0.forward(self.conv_stem.forward(input)));
-        for block in &self.blocks {
-            x = block.forward(x);
-        }
-        let x = relu6(self.bn1.forward(self.conv_head.forward(x)));
-        global_average_pool(x)
-    }
-
-    /// Features -> ImageNet logits.
-    pub fn logits(&self, features: Tensor<2>) -> Tensor<2> {
-        self.fc.forward(features)
-    }
-
-    /// The same function with every BatchNorm folded into the convolution before it: one
-    /// convolution + bias per layer instead of a convolution and four element-wise passes.
-    pub fn fold_batch_norms(self) -> FoldedEfficientNetLite {
-        let blocks = self
-            .blocks
-            .into_iter()
-            .map(|b| FoldedMbConv {
-                expand_conv: match (b.expand_conv, b.bn0) {
-                    (Some(conv), Some(bn)) => Some(fold(conv, &bn)),
-                    _ => None,
-                },
-                depthwise_conv: fold(b.depthwise_conv, &b.bn1),
-                project_conv: fold(b.project_conv, &b.bn2),
-                residual: b.residual,
-            })
-            .collect();
-        FoldedEfficientNetLite {
-            conv_stem: fold(self.conv_stem, &self.bn0),
-            blocks,
-            conv_head: fold(self.conv_head, &self.bn1),
-            fc: self.fc,
-        }
-    }
-}
-
-/// [`MbConv`] with its BatchNorms folded away (inference only).
-#[derive(Module, Debug)]
-pub struct FoldedMbConv {
-    expand_conv: Option<Conv2d>,
-    depthwise_conv: Conv2d,
-    project_conv: Conv2d,
-    residual: bool,
-}
-
-impl FoldedMbConv {
-    fn forward(&self, input: Tensor<4>) -> Tensor<4> {
-        let mut x = input.clone();
-        if let Some(conv) = &self.expand_conv {
-            x = relu6(conv.forward(x));
-        }
-        x = relu6(self.depthwise_conv.forward(x));
-        x = self.project_conv.forward(x);
-        if self.residual { x + input } else { x }
-    }
-}
-
-/// [`EfficientNetLite`] with its BatchNorms folded away: what the featurizer runs.
-#[derive(Module, Debug)]
-pub struct FoldedEfficientNetLite {
-    conv_stem: Conv2d,
-    blocks: Vec<FoldedMbConv>,
-    conv_head: Conv2d,
-    fc: Linear,
-}
-
-impl ImageNetwork for FoldedEfficientNetLite {
+impl ImageNetwork for EfficientNetLite {
     fn feature_map(&self, input: Tensor<4>) -> Tensor<4> {
-        let mut x = relu6(self.conv_stem.forward(input));
-        for block in &self.blocks {
-            x = block.forward(x);
-        }
-        relu6(self.conv_head.forward(x))
+        self.body.forward(input)
     }
 
     fn logits(&self, map: Tensor<4>) -> Option<Tensor<2>> {
         Some(self.fc.forward(global_average_pool(map)))
+    }
+}
+
+impl FoldBatchNorms for EfficientNetLite {
+    fn fold_batch_norms(mut self) -> Self {
+        self.body.fold();
+        self
     }
 }

@@ -18,7 +18,6 @@ pub struct ConvSpec {
     pub stride: usize,
     pub padding: [usize; 2],
     pub groups: usize,
-    pub dilation: usize,
     pub bias: bool,
     pub same: bool,
 }
@@ -33,7 +32,6 @@ impl ConvSpec {
             stride: 1,
             padding: [(k - 1) / 2; 2],
             groups: 1,
-            dilation: 1,
             bias: false,
             same: false,
         }
@@ -59,10 +57,6 @@ impl ConvSpec {
         let groups = self.input;
         self.groups(groups)
     }
-    pub fn dilation(mut self, dilation: usize) -> Self {
-        self.dilation = dilation;
-        self
-    }
     pub fn bias(mut self) -> Self {
         self.bias = true;
         self
@@ -82,7 +76,6 @@ impl ConvSpec {
         };
         Conv2dConfig::new([self.input, self.output], self.kernel)
             .with_stride([self.stride; 2])
-            .with_dilation([self.dilation; 2])
             .with_groups(self.groups)
             .with_padding(padding)
             .with_bias(self.bias)

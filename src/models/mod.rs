@@ -21,7 +21,8 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use burn::prelude::*;
 use burn::store::{
-    ApplyResult, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter, PytorchStore, SafetensorsStore,
+    ApplyError, ApplyResult, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter, PytorchStore,
+    SafetensorsStore,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -343,10 +344,16 @@ pub fn max_weight_bytes<M: Module>(module: &M) -> u64 {
 /// Checks an untrusted safetensors buffer before anything is allocated for its tensors: the
 /// header parses, offsets lie inside the buffer and match each shape, every tensor is F32 and
 /// none holds more values than the whole module.
-pub fn check_safetensors_header(bytes: &[u8], max_values: usize, what: &str) -> Result<(), String> {
+/// Returns the tensor names.
+pub fn check_safetensors_header(
+    bytes: &[u8],
+    max_values: usize,
+    what: &str,
+) -> Result<Vec<String>, String> {
     let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| format!("{what}: not a valid safetensors file: {e}"))?;
     let data_len = bytes.len().saturating_sub(8 + header_len(bytes));
+    let mut names = Vec::new();
     for (name, info) in metadata.tensors() {
         // PyTorch's BatchNorm step counters (int64 scalars) are ignored on load.
         let counter = is_batch_counter(&name);
@@ -374,8 +381,9 @@ pub fn check_safetensors_header(bytes: &[u8], max_values: usize, what: &str) -> 
                 info.shape
             ));
         }
+        names.push(name);
     }
-    Ok(())
+    Ok(names)
 }
 
 /// `bn.num_batches_tracked`: a training counter PyTorch saves with every BatchNorm; no weight.
@@ -423,7 +431,7 @@ pub fn load_safetensors_bytes<M: ModuleSnapshot + Module, A: AsRef<str>, B: AsRe
     name_map: &[(A, B)],
     model: &str,
 ) -> Result<()> {
-    check_safetensors_header(&bytes, module.num_params(), what)
+    let file_names = check_safetensors_header(&bytes, module.num_params(), what)
         .map_err(|e| model_error(model, e))?;
     let mut store = SafetensorsStore::from_bytes(Some(bytes))
         .with_from_adapter(PyTorchToBurnAdapter)
@@ -432,7 +440,9 @@ pub fn load_safetensors_bytes<M: ModuleSnapshot + Module, A: AsRef<str>, B: AsRe
     for (from, to) in name_map {
         store = store.with_key_remapping(from.as_ref(), to.as_ref());
     }
-    apply_store(module, &mut store, what, model)
+    apply_store(module, &mut store, what, model, || {
+        FileNames::new(file_names, name_map)
+    })
 }
 
 /// Loads a PyTorch checkpoint (`torch.save(state_dict)`, zip or legacy format) into `module`.
@@ -452,16 +462,30 @@ pub fn load_pytorch<M: ModuleSnapshot + Module, A: AsRef<str>, B: AsRef<str>>(
     for (from, to) in name_map {
         store = store.with_key_remapping(from.as_ref(), to.as_ref());
     }
-    apply_store(module, &mut store, &path.display().to_string(), model)
+    apply_store(
+        module,
+        &mut store,
+        &path.display().to_string(),
+        model,
+        || {
+            // Only on error: the file's own names, to report problems as the checkpoint spells them.
+            let names = PytorchStore::from_file(path)
+                .map_indices_contiguous(false)
+                .keys()
+                .unwrap_or_default();
+            FileNames::new(names, name_map)
+        },
+    )
 }
 
 /// Applies a store to `module` and turns missing, unexpected and mis-shaped tensors into one
-/// error naming up to five of them.
+/// error naming up to five of them, as the file names them (`file_names` is called only then).
 fn apply_store<M: ModuleSnapshot, S: ModuleStore>(
     module: &mut M,
     store: &mut S,
     what: &str,
     model: &str,
+    file_names: impl FnOnce() -> FileNames,
 ) -> Result<()>
 where
     S::Error: std::fmt::Display,
@@ -469,7 +493,39 @@ where
     let result: ApplyResult = module
         .load_from(store)
         .map_err(|e| model_error(model, format!("reading {what}: {e}")))?;
-    let mut problems: Vec<String> = result.errors.iter().map(|e| format!("{e:?}")).collect();
+    let unused: Vec<&String> = result
+        .unused
+        .iter()
+        .filter(|p| !is_batch_counter(p))
+        .collect();
+    if result.errors.is_empty() && result.missing.is_empty() && unused.is_empty() {
+        return Ok(());
+    }
+    let names = file_names();
+    let mut problems: Vec<String> = result
+        .errors
+        .iter()
+        .map(|e| match e {
+            ApplyError::ShapeMismatch {
+                path,
+                expected,
+                found,
+            } => {
+                let note = if expected.num_dims() == 2 {
+                    " (2-d shapes in burn's [in, out] layout: PyTorch's linear weights transposed)"
+                } else {
+                    ""
+                };
+                format!(
+                    "tensor {} has shape {:?}, the architecture needs {:?}{note}",
+                    names.name(path),
+                    found.as_slice(),
+                    expected.as_slice()
+                )
+            }
+            other => format!("{other:?}"),
+        })
+        .collect();
     problems.extend(
         result
             .missing
@@ -477,25 +533,54 @@ where
             .map(|(p, _)| format!("tensor `{p}` missing from the file")),
     );
     problems.extend(
-        result
-            .unused
+        unused
             .iter()
-            .filter(|p| !is_batch_counter(p))
-            .map(|p| format!("unexpected tensor `{p}` in the file")),
+            .map(|p| format!("unexpected tensor {} in the file", names.name(p))),
     );
-    if !problems.is_empty() {
-        let shown = problems.len().min(5);
-        return Err(model_error(
-            model,
-            format!(
-                "weights {what} do not match the architecture ({} problem(s)): {}{}",
-                problems.len(),
-                problems[..shown].join("; "),
-                if problems.len() > shown { "; ..." } else { "" }
-            ),
-        ));
+    let shown = problems.len().min(5);
+    Err(model_error(
+        model,
+        format!(
+            "weights {what} do not match the architecture ({} problem(s)): {}{}",
+            problems.len(),
+            problems[..shown].join("; "),
+            if problems.len() > shown { "; ..." } else { "" }
+        ),
+    ))
+}
+
+/// Module paths back to the weight file's names, by running the name map's rules forward on
+/// every name in the file (as burn-store's key remapper does).
+struct FileNames(HashMap<String, String>);
+
+impl FileNames {
+    fn new<A: AsRef<str>, B: AsRef<str>>(names: Vec<String>, rules: &[(A, B)]) -> Self {
+        let rules: Vec<(regex::Regex, &str)> = rules
+            .iter()
+            .filter_map(|(from, to)| Some((regex::Regex::new(from.as_ref()).ok()?, to.as_ref())))
+            .collect();
+        let map = names
+            .into_iter()
+            .map(|original| {
+                let mut mapped = original.clone();
+                for (pattern, to) in &rules {
+                    if pattern.is_match(&mapped) {
+                        mapped = pattern.replace_all(&mapped, *to).into_owned();
+                    }
+                }
+                (mapped, original)
+            })
+            .collect();
+        FileNames(map)
     }
-    Ok(())
+
+    /// `` `file.name` (module path `a.b`) ``, or just `` `a.b` `` when the names agree.
+    fn name(&self, path: &str) -> String {
+        match self.0.get(path) {
+            Some(original) if original != path => format!("`{original}` (module path `{path}`)"),
+            _ => format!("`{path}`"),
+        }
+    }
 }
 
 /// Loads weights into `module` from a safetensors file or a PyTorch checkpoint (by extension:
@@ -595,15 +680,20 @@ pub fn load_architecture(
     fn shared<N: ImageNetwork + FoldBatchNorms + 'static>(net: N) -> Result<Arc<dyn ImageNetwork>> {
         Ok(Arc::new(net.fold_batch_norms()))
     }
-    let lite = |config: Lite| {
+    let lite = |c: Lite| {
         let names = NameMap(
             efficientnet_lite::WEIGHT_NAME_MAP
                 .iter()
                 .map(|(a, b)| (a.to_string(), b.to_string()))
                 .collect(),
         );
-        let net = load_weights(config.init(device), weights, &names, sha256, model)?;
-        Ok(Arc::new(net.fold_batch_norms()) as Arc<dyn ImageNetwork>)
+        shared(load_weights(
+            c.init(device),
+            weights,
+            &names,
+            sha256,
+            model,
+        )?)
     };
     let resnet = |c: ResNetConfig| {
         shared(load_weights(
