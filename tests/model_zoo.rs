@@ -197,6 +197,23 @@ fn squeezenet_matches_torchvision_from_safetensors_and_pth() {
     );
 }
 
+/// A `.pth` is checked against an expected sha256 (or its first hex digits) before parsing.
+#[test]
+fn pytorch_checkpoint_hash_is_checked() {
+    use sha2::{Digest, Sha256};
+    let path = Path::new(ZOO).join("squeezenet1_1.pth");
+    let digest = hex::encode(Sha256::digest(std::fs::read(&path).unwrap()));
+    let c = SqueezeNetConfig::squeezenet1_1()
+        .narrow(8)
+        .with_num_classes(10);
+    let names = squeezenet::weight_names();
+    let load = |sha: &str| load_weights(c.init(&Device::flex()), &path, &names, Some(sha), "sq");
+    assert!(load(&digest[..8]).is_ok());
+    assert!(load(&digest).is_ok());
+    let err = load("00000000").unwrap_err().to_string();
+    assert!(err.contains(&digest) && err.contains("00000000"), "{err}");
+}
+
 #[test]
 fn mobilenet_v2_matches_torchvision() {
     let c = MobileNetV2Config::mobilenet_v2()

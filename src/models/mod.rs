@@ -601,14 +601,15 @@ pub fn load_weights<M: ModuleSnapshot + Module>(
         .to_ascii_lowercase();
     if matches!(extension.as_str(), "pth" | "pt" | "bin") {
         if let Some(sha) = sha256 {
-            let bytes = read_weight_file(path, max_weight_bytes(&module), model)?;
-            check_sha256(&bytes, path, sha, model)?;
+            // Hashed in chunks: a 550 MB VGG checkpoint is not held twice in memory.
+            check_weight_size(path, max_weight_bytes(&module), model)?;
+            check_sha256(file_sha256(path, model)?, path, sha, model)?;
         }
         load_pytorch(&mut module, path, &names.0, model)?;
     } else {
         let bytes = read_weight_file(path, max_weight_bytes(&module), model)?;
         if let Some(sha) = sha256 {
-            check_sha256(&bytes, path, sha, model)?;
+            check_sha256(Sha256::digest(&bytes), path, sha, model)?;
         }
         load_safetensors_bytes(
             &mut module,
@@ -622,8 +623,8 @@ pub fn load_weights<M: ModuleSnapshot + Module>(
 }
 
 /// Checks the file's sha256 against `expected`: the whole digest, or its first digits.
-fn check_sha256(bytes: &[u8], path: &Path, expected: &str, model: &str) -> Result<()> {
-    let found = hex::encode(Sha256::digest(bytes));
+fn check_sha256(digest: impl AsRef<[u8]>, path: &Path, expected: &str, model: &str) -> Result<()> {
+    let found = hex::encode(digest);
     let expected_lower = expected.to_ascii_lowercase();
     if expected.len() < 8 || !found.starts_with(&expected_lower) {
         return Err(model_error(
@@ -635,6 +636,27 @@ fn check_sha256(bytes: &[u8], path: &Path, expected: &str, model: &str) -> Resul
         ));
     }
     Ok(())
+}
+
+/// The sha256 of a file, read 1 MiB at a time.
+fn file_sha256(path: &Path, model: &str) -> Result<impl AsRef<[u8]>> {
+    use std::io::Read;
+    let read_error = |e: std::io::Error| {
+        model_error(
+            model,
+            format!("cannot read weight file {}: {e}", path.display()),
+        )
+    };
+    let mut file = std::fs::File::open(path).map_err(read_error)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer).map_err(read_error)?;
+        if n == 0 {
+            return Ok(hasher.finalize());
+        }
+        hasher.update(&buffer[..n]);
+    }
 }
 
 /// Architectures a manifest's `architecture` may name.
