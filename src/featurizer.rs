@@ -218,34 +218,27 @@ impl Transformer for DeepImageFeaturizer {
     fn transform(&self, df: DataFrame) -> Result<DataFrame> {
         self.params.validate()?;
         require_image_column(&df, &self.params.input_col).map_err(|e| e.in_stage(&self.uid))?;
-        // Load now (cached): a missing or corrupt weight file fails here, not mid-query.
-        let model = load_model_in(
-            &self.params.model_name,
-            &self.params.device,
-            Some(Path::new(&self.params.model_dir)),
-        )?;
-        let mode = FeatureMode::parse(&self.params.feature_mode).unwrap_or(FeatureMode::Pooled);
+        let p = &self.params;
+        let model = stage_model(&p.model_name, &p.device, &p.model_dir)?;
         let head = Head::Features {
-            mode,
-            half: self.params.output_type == "float16",
+            mode: FeatureMode::parse(&p.feature_mode).unwrap_or(FeatureMode::Pooled),
+            half: p.output_type == "float16",
         };
-        let udf = ScalarUDF::new_from_impl(NetworkUdf::new(model, self.params.batch_size, head));
-        Ok(df.with_column(
-            &self.params.output_col,
-            udf.call(vec![ident(self.params.input_col.as_str())]),
-        )?)
+        with_network_column(df, &p.input_col, &p.output_col, model, p.batch_size, head)
     }
 
     fn as_any(&self) -> &dyn Any {
         self
     }
 
-    /// Params plus a reference to the network (name + weight sha256); weights are not copied.
     fn save_stage(&self) -> Result<SavedStage> {
-        let reference = model_reference(&self.params.model_name, &self.params.model_dir)?;
-        Ok(
-            SavedStage::of(CLASS_DEEP_IMAGE_FEATURIZER, &self.uid, &self.params)
-                .with_extra(serde_json::json!({ "model": reference })),
+        let p = &self.params;
+        saved_network_stage(
+            CLASS_DEEP_IMAGE_FEATURIZER,
+            &self.uid,
+            p,
+            &p.model_name,
+            &p.model_dir,
         )
     }
 
@@ -259,6 +252,38 @@ impl Transformer for DeepImageFeaturizer {
 
 pub(crate) const CLASS_DEEP_IMAGE_FEATURIZER: &str = "DeepImageFeaturizer";
 
+/// The model a network stage runs, loaded now (and cached): a missing or corrupt weight file
+/// fails at `transform`, not mid-query.
+pub(crate) fn stage_model(name: &str, device: &str, model_dir: &str) -> Result<Arc<LoadedModel>> {
+    load_model_in(name, device, Some(Path::new(model_dir)))
+}
+
+/// `df` plus `output_col` = the network's `head` output for each image of `input_col`.
+pub(crate) fn with_network_column(
+    df: DataFrame,
+    input_col: &str,
+    output_col: &str,
+    model: Arc<LoadedModel>,
+    batch_size: usize,
+    head: Head,
+) -> Result<DataFrame> {
+    let udf = ScalarUDF::new_from_impl(NetworkUdf::new(model, batch_size, head));
+    Ok(df.with_column(output_col, udf.call(vec![ident(input_col)]))?)
+}
+
+/// A network stage's params plus a reference to its network (name + weight sha256); the
+/// weights are not copied.
+pub(crate) fn saved_network_stage<P: Params>(
+    class: &str,
+    uid: &str,
+    params: &P,
+    model_name: &str,
+    model_dir: &str,
+) -> Result<SavedStage> {
+    let reference = model_reference(model_name, model_dir)?;
+    Ok(SavedStage::of(class, uid, params).with_extra(serde_json::json!({ "model": reference })))
+}
+
 /// How a saved network stage names its network: loading checks the installed weights are the
 /// same (name + weight sha256; weights are not copied).
 #[derive(Debug, Serialize, Deserialize)]
@@ -269,7 +294,7 @@ pub(crate) struct ModelReference {
     sha256: Option<String>,
 }
 
-pub(crate) fn model_reference(model_name: &str, model_dir: &str) -> Result<ModelReference> {
+fn model_reference(model_name: &str, model_dir: &str) -> Result<ModelReference> {
     let (manifest, _) = crate::models::manifest_in(model_name, Some(Path::new(model_dir)))?;
     Ok(ModelReference {
         sha256: manifest.weights.expected_sha256().map(str::to_string),

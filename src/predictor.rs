@@ -2,7 +2,6 @@
 //! classes of each image (sparkdl's `DeepImagePredictor` with `decodePredictions`).
 
 use std::any::Any;
-use std::path::Path;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
@@ -10,16 +9,15 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::buffer::{NullBuffer, OffsetBuffer};
 use datafusion::arrow::datatypes::{DataType, Field, Fields};
-use datafusion::logical_expr::ScalarUDF;
-use datafusion::prelude::{DataFrame, ident};
+use datafusion::prelude::DataFrame;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::featurizer::{
-    Head, NetworkUdf, check_model_params, check_model_reference, model_reference,
-    require_image_column,
+    Head, check_model_params, check_model_reference, require_image_column, saved_network_stage,
+    stage_model, with_network_column,
 };
-use crate::models::{LoadedModel, load_model_in};
+use crate::models::LoadedModel;
 use crate::params::{ParamMap, Params, check, new_uid, setters, string_setters};
 use crate::persistence::SavedStage;
 use crate::pipeline::Transformer;
@@ -162,11 +160,8 @@ impl Transformer for DeepImagePredictor {
     fn transform(&self, df: DataFrame) -> Result<DataFrame> {
         self.params.validate()?;
         require_image_column(&df, &self.params.input_col).map_err(|e| e.in_stage(&self.uid))?;
-        let model = load_model_in(
-            &self.params.model_name,
-            &self.params.device,
-            Some(Path::new(&self.params.model_dir)),
-        )?;
+        let p = &self.params;
+        let model = stage_model(&p.model_name, &p.device, &p.model_dir)?;
         if model.manifest.num_classes == 0 {
             return Err(Error::param(
                 CLASS_DEEP_IMAGE_PREDICTOR,
@@ -175,14 +170,10 @@ impl Transformer for DeepImagePredictor {
             ));
         }
         let head = Head::Predictions {
-            top_k: self.params.top_k.min(model.manifest.num_classes),
-            decode: self.params.decode_predictions,
+            top_k: p.top_k.min(model.manifest.num_classes),
+            decode: p.decode_predictions,
         };
-        let udf = ScalarUDF::new_from_impl(NetworkUdf::new(model, self.params.batch_size, head));
-        Ok(df.with_column(
-            &self.params.output_col,
-            udf.call(vec![ident(self.params.input_col.as_str())]),
-        )?)
+        with_network_column(df, &p.input_col, &p.output_col, model, p.batch_size, head)
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -190,10 +181,13 @@ impl Transformer for DeepImagePredictor {
     }
 
     fn save_stage(&self) -> Result<SavedStage> {
-        let reference = model_reference(&self.params.model_name, &self.params.model_dir)?;
-        Ok(
-            SavedStage::of(CLASS_DEEP_IMAGE_PREDICTOR, &self.uid, &self.params)
-                .with_extra(serde_json::json!({ "model": reference })),
+        let p = &self.params;
+        saved_network_stage(
+            CLASS_DEEP_IMAGE_PREDICTOR,
+            &self.uid,
+            p,
+            &p.model_name,
+            &p.model_dir,
         )
     }
 
