@@ -16,6 +16,19 @@ const DATA: &str = concat!(
 
 #[tokio::main]
 async fn main() -> deep_pipelines::Result<()> {
+    run().await.map(|_| ())
+}
+
+/// What the example counted; `tests/readme.rs` checks README's "once per row" against it.
+pub struct Report {
+    /// Rows the materialised query returned.
+    pub rows: usize,
+    /// Images the network processed for them.
+    pub forward_passes: u64,
+}
+
+/// Fits the example pipeline, queries it with SQL, writes the predictions to Parquet.
+pub async fn run() -> deep_pipelines::Result<Report> {
     let ctx = SessionContext::new();
     let options = ReadImagesOptions::default().with_label_from_folder(true);
     let train = read_images(&ctx, format!("{DATA}/train"), options.clone())?;
@@ -56,11 +69,15 @@ async fn main() -> deep_pipelines::Result<()> {
     let before = network.images_processed();
     let started = Instant::now();
     let classified = ctx.sql(query).await?.cache().await?;
+    let report = Report {
+        rows: classified.clone().count().await?,
+        forward_passes: network.images_processed() - before,
+    };
     println!(
         "ran in {:.1} s: {} rows, {} images through the network",
         started.elapsed().as_secs_f64(),
-        classified.clone().count().await?,
-        network.images_processed() - before
+        report.rows,
+        report.forward_passes
     );
     ctx.register_table("classified", classified.into_view())?;
     let predictions = ctx
@@ -92,5 +109,5 @@ async fn main() -> deep_pipelines::Result<()> {
         )
         .await?;
     println!("predictions written to {}", out.display());
-    Ok(())
+    Ok(report)
 }

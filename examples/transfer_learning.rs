@@ -15,6 +15,17 @@ const DATA: &str = concat!(
 
 #[tokio::main]
 async fn main() -> deep_pipelines::Result<()> {
+    run().await.map(|_| ())
+}
+
+/// What the example measured; `tests/readme.rs` checks README's figures against it.
+pub struct Report {
+    pub test_accuracy: f64,
+    pub test_images: usize,
+}
+
+/// The whole job: fit on `train/`, evaluate on `test/`, print what a user wants to see.
+pub async fn run() -> deep_pipelines::Result<Report> {
     let ctx = SessionContext::new();
     let options = ReadImagesOptions::default().with_label_from_folder(true);
     let train = read_images(&ctx, format!("{DATA}/train"), options.clone())?;
@@ -110,5 +121,8 @@ async fn main() -> deep_pipelines::Result<()> {
         n_train + n_test,
         (n_train + n_test) as f64 / (fit_secs + predict_secs)
     );
-    Ok(())
+    Ok(Report {
+        test_accuracy: metrics["accuracy"],
+        test_images: n_test,
+    })
 }

@@ -46,6 +46,12 @@ fn shorter_side_size(width: u32, height: u32, shorter_side: u32) -> (u32, u32) {
     }
 }
 
+/// torchvision's `CenterCrop` offset: `int(round((side - size) / 2))`, where Python's `round`
+/// takes halves to the even neighbour (a 385-wide image cropped to 224 starts at 80, not 81).
+fn centre_offset(side: u32, size: u32) -> usize {
+    (f64::from(side - size) / 2.0).round_ties_even() as usize
+}
+
 /// Resizes and crops `image` to the model's square input, still as 8-bit RGB.
 pub fn resize_and_crop(image: &Rgb8, manifest: &Manifest) -> Result<Rgb8, String> {
     let size = manifest.input_size;
@@ -63,9 +69,7 @@ pub fn resize_and_crop(image: &Rgb8, manifest: &Manifest) -> Result<Rgb8, String
         ));
     }
     let resized = resize(image, w, h, spec.filter)?;
-    // torchvision CenterCrop: offset = round((side - size) / 2).
-    let top = ((h - size) as f64 / 2.0).round() as usize;
-    let left = ((w - size) as f64 / 2.0).round() as usize;
+    let (top, left) = (centre_offset(h, size), centre_offset(w, size));
     let (size, w) = (size as usize, w as usize);
     let mut data = Vec::with_capacity(size * size * 3);
     for row in top..top + size {
@@ -107,5 +111,15 @@ mod tests {
         assert_eq!(shorter_side_size(451, 300, 256), (384, 256));
         assert_eq!(shorter_side_size(300, 451, 256), (256, 384));
         assert_eq!(shorter_side_size(28, 28, 256), (256, 256));
+    }
+
+    #[test]
+    fn centre_offset_rounds_halves_to_even_like_torchvision() {
+        // Python: int(round((385 - 224) / 2)) == 80, int(round((387 - 224) / 2)) == 82.
+        assert_eq!(centre_offset(385, 224), 80);
+        assert_eq!(centre_offset(387, 224), 82);
+        assert_eq!(centre_offset(384, 224), 80);
+        assert_eq!(centre_offset(342, 299), 22); // round(21.5) == 22
+        assert_eq!(centre_offset(224, 224), 0);
     }
 }

@@ -325,18 +325,104 @@ fn random_torchvision_weights(folder: &str, path: &Path) {
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
 
+/// The built-in full-size torchvision models, `(modelName, torchvision name)`: a fixed list, not
+/// `available_models()`, which other tests in this binary extend with users' networks.
+const FULL_SIZE_MODELS: [(&str, &str); 15] = [
+    ("ResNet18", "resnet18"),
+    ("ResNet34", "resnet34"),
+    ("ResNet50", "resnet50"),
+    ("ResNet101", "resnet101"),
+    ("ResNet152", "resnet152"),
+    ("MobileNetV2", "mobilenet_v2"),
+    ("MobileNetV3Large", "mobilenet_v3_large"),
+    ("MobileNetV3Small", "mobilenet_v3_small"),
+    ("SqueezeNet1_1", "squeezenet1_1"),
+    ("EfficientNetB0", "efficientnet_b0"),
+    ("InceptionV3", "inception_v3"),
+    ("VGG16", "vgg16"),
+    ("VGG16BN", "vgg16_bn"),
+    ("VGG19", "vgg19"),
+    ("VGG19BN", "vgg19_bn"),
+];
+
+/// torchvision's output shapes of one full-size model (`tensors/shapes.json`, written by
+/// `make_shapes.py` from torchvision's own models): input size, feature map `[C, h, w]`, pooled
+/// feature vector length, number of logits.
+struct TorchvisionShapes {
+    input_size: usize,
+    feature_map: [usize; 3],
+    features: usize,
+    logits: usize,
+}
+
+fn torchvision_shapes() -> BTreeMap<String, TorchvisionShapes> {
+    let text = std::fs::read_to_string(format!("{ZOO}/tensors/shapes.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let size = |v: &serde_json::Value| v.as_u64().expect("a size") as usize;
+    json["models"]
+        .as_object()
+        .expect("models")
+        .iter()
+        .map(|(name, m)| {
+            let map: Vec<usize> = m["feature_map"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(size)
+                .collect();
+            let shapes = TorchvisionShapes {
+                input_size: size(&m["input_size"]),
+                feature_map: map.try_into().expect("[C, h, w]"),
+                features: size(&m["features"]),
+                logits: size(&m["logits"]),
+            };
+            (name.clone(), shapes)
+        })
+        .collect()
+}
+
 /// Every full-size torchvision model: torchvision's names and shapes load into our module with
-/// nothing missing or left over, and one image gives the output sizes the manifest promises.
+/// nothing missing or left over, and one image gives the output shapes torchvision's own model
+/// gives (feature map, features, logits, from `tensors/shapes.json`); the manifest states the same.
 #[test]
 fn full_size_models_load_torchvision_names_and_give_manifest_dimensions() {
     let dir = tempfile::tempdir().unwrap();
     let device = Device::flex();
+    let expected = torchvision_shapes();
+    let listed: Vec<&str> = FULL_SIZE_MODELS.iter().map(|m| m.1).collect();
+    assert_eq!(
+        expected.keys().map(String::as_str).collect::<Vec<_>>(),
+        {
+            let mut sorted = listed.clone();
+            sorted.sort();
+            sorted
+        },
+        "shapes.json covers exactly the built-in full-size models"
+    );
+    let available = available_models();
     let mut checked = Vec::new();
-    for name in available_models() {
-        let (manifest, _) = manifest(&name).unwrap();
-        if manifest.architecture.starts_with("efficientnet_lite") {
-            continue; // real weights are bundled: see the Lite tests
-        }
+    for (name, torchvision) in FULL_SIZE_MODELS {
+        assert!(available.iter().any(|a| a == name), "{name} is built in");
+        let want = &expected[torchvision];
+        let (manifest, _) = manifest(name).unwrap();
+        assert_eq!(manifest.architecture, torchvision, "{name} architecture");
+        // The manifest's promises are torchvision's shapes.
+        assert_eq!(
+            manifest.input_size as usize, want.input_size,
+            "{name} manifest input_size"
+        );
+        assert_eq!(
+            manifest.feature_map, want.feature_map,
+            "{name} manifest feature_map"
+        );
+        assert_eq!(
+            manifest.feature_dim, want.features,
+            "{name} manifest feature_dim"
+        );
+        assert_eq!(
+            manifest.num_classes, want.logits,
+            "{name} manifest num_classes"
+        );
         let weights = dir
             .path()
             .join(format!("{}.safetensors", manifest.architecture));
@@ -358,20 +444,17 @@ fn full_size_models_load_torchvision_names_and_give_manifest_dimensions() {
         let model = LoadedModel::from_weights(manifest.clone(), &weights, dir.path(), &device)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         std::fs::remove_file(&weights).unwrap();
-        let s = manifest.input_size as usize;
+        let s = want.input_size;
         let mut rng = Values(7);
         let input: Vec<f32> = (0..3 * s * s).map(|_| rng.next()).collect();
         let x = Tensor::<4>::from_data(TensorData::new(input, [1, 3, s, s]), &device);
         let map = model.network.feature_map(x);
-        assert_eq!(map.dims()[1..], manifest.feature_map, "{name} feature map");
+        assert_eq!(map.dims()[0], 1, "{name} batch");
+        assert_eq!(map.dims()[1..], want.feature_map, "{name} feature map");
         let features = model.network.features(map.clone());
-        assert_eq!(
-            features.dims(),
-            [1, manifest.feature_dim],
-            "{name} features"
-        );
+        assert_eq!(features.dims(), [1, want.features], "{name} features");
         let logits = model.network.logits(map).unwrap();
-        assert_eq!(logits.dims(), [1, manifest.num_classes], "{name} logits");
+        assert_eq!(logits.dims(), [1, want.logits], "{name} logits");
         let logits = logits.into_data().try_to_vec::<f32>().unwrap();
         assert!(
             logits.iter().all(|v| v.is_finite()),
@@ -462,6 +545,7 @@ async fn predictor_gives_model_md_top5_with_imagenet_labels() {
             (504, "coffee mug"),
         ],
     ];
+    assert_eq!(rows.len(), 2, "one row per photo");
     for (row, want) in rows.iter().zip(expect) {
         let got: Vec<(i32, &str)> = row.iter().map(|(c, l, _)| (*c, l.as_str())).collect();
         assert_eq!(got, want);
@@ -470,6 +554,33 @@ async fn predictor_gives_model_md_top5_with_imagenet_labels() {
         assert!(p[0] > 0.0 && p.iter().sum::<f32>() <= 1.0 + 1e-6);
     }
     println!("{rows:?}");
+    // chelsea.png: the probabilities README states, to its three decimals.
+    let chelsea: Vec<f32> = rows[0].iter().map(|r| r.2).collect();
+    for (got, readme) in chelsea.iter().zip([0.400f32, 0.350, 0.169, 0.014, 0.001]) {
+        assert!(
+            (got - readme).abs() <= 5e-4,
+            "README says {readme}, got {got}"
+        );
+    }
+    // ... and the reference's: softmax of PyTorch's logits for chelsea (MODEL.md's golden
+    // tensors, from PIL's resize). Our resize differs from PIL's by rounding (measured against
+    // the reference input in efficientnet_parity.rs), which moves these by up to 0.015; a wrong
+    // softmax, class order or top-K moves them by far more.
+    let golden = read_tensors(&format!(
+        "{}/reference_chelsea.safetensors",
+        PHOTOS.trim_end_matches("/photos")
+    ));
+    let logits = &golden["logits_chelsea"].1;
+    let top = logits.iter().fold(f32::MIN, |m, v| m.max(*v));
+    let total: f64 = logits.iter().map(|v| ((v - top) as f64).exp()).sum();
+    for (class, _, p) in &rows[0] {
+        let reference = (((logits[*class as usize] - top) as f64).exp() / total) as f32;
+        println!("class {class}: ours {p:.4}, reference {reference:.4}");
+        assert!(
+            (p - reference).abs() <= 0.02,
+            "class {class}: {p} vs {reference}"
+        );
+    }
 
     // The same predictor as a SQL function.
     let model = PipelineModel::new("top", vec![Arc::new(predictor)]);
@@ -557,27 +668,155 @@ async fn featurizer_flattened_and_float16_outputs() {
     let c5: f32 = map0.values()[5 * 49..6 * 49].iter().sum::<f32>() / 49.0;
     assert!((c5 - f32s.value(5)).abs() < 1e-4);
 
-    // float16 features feed a logistic regression like float32 ones.
+    // float16 features feed a logistic regression like float32 ones: the same rows (bundled
+    // Fashion-MNIST images, both feature columns computed once and cached), one fit on each
+    // column (Spark's default standardization, L2, run to convergence), compared. f16 keeps
+    // 11 significant bits: every feature is its f32 value within u = 2^-11 = 4.9e-4 relative.
     let ctx = SessionContext::new();
-    let images = read_images(&ctx, PHOTOS, ReadImagesOptions::default()).unwrap();
-    let coffee = col("image").field("origin").like(lit("%coffee%"));
-    let labelled = half
-        .transform(images)
+    let images = common::images(&ctx, "test", 0.08);
+    let indexed = StringIndexer::new()
+        .with_input_col("label")
+        .with_output_col("labelIndex")
+        .fit(&images)
+        .await
         .unwrap()
-        .with_column(
-            "labelIndex",
-            datafusion::prelude::when(coffee, lit(1.0))
-                .otherwise(lit(0.0))
-                .unwrap(),
-        )
+        .transform(images)
         .unwrap();
-    let lr = LogisticRegression::new()
-        .with_features_col("f16")
-        .with_label_col("labelIndex")
-        .fit(&labelled)
+    let both = half
+        .transform(pooled.transform(indexed).unwrap())
+        .unwrap()
+        .cache()
         .await
         .unwrap();
-    assert_eq!(lr.num_features(), 1280);
+    let fit = |column: &'static str| {
+        let both = both.clone();
+        async move {
+            LogisticRegression::new()
+                .with_features_col(column)
+                .with_label_col("labelIndex")
+                .with_prediction_col(format!("prediction_{column}"))
+                .with_probability_col(format!("probability_{column}"))
+                .with_raw_prediction_col(format!("raw_{column}"))
+                .with_reg_param(1e-2)
+                .with_tol(1e-12)
+                .with_max_iter(1000)
+                .fit(&both)
+                .await
+                .unwrap()
+        }
+    };
+    let (lr32, lr16) = (fit("f32").await, fit("f16").await);
+    assert_eq!(lr16.num_features(), 1280);
+    assert_eq!(lr16.num_skipped_rows(), 0);
+    assert_eq!(lr16.num_classes(), lr32.num_classes());
+    let (a, b) = (lr32.fitted(), lr16.fitted());
+    assert!(a.converged && b.converged);
+
+    let out = common::collect(lr16.transform(lr32.transform(both).unwrap()).unwrap()).await;
+    let (n, d, k) = (out.num_rows(), 1280, a.num_classes);
+    assert!(n >= 30 && k == 10, "{n} rows, {k} classes");
+    let floats = |name: &str| {
+        let list = out.column_by_name(name).unwrap().as_fixed_size_list();
+        let values = list.values();
+        match values.data_type() {
+            DataType::Float16 => values
+                .as_primitive::<Float16Type>()
+                .values()
+                .iter()
+                .map(|v| f64::from(v.to_f32()))
+                .collect::<Vec<f64>>(),
+            DataType::Float32 => values
+                .as_primitive::<datafusion::arrow::datatypes::Float32Type>()
+                .values()
+                .iter()
+                .map(|v| f64::from(*v))
+                .collect(),
+            _ => values
+                .as_primitive::<datafusion::arrow::datatypes::Float64Type>()
+                .values()
+                .to_vec(),
+        }
+    };
+    let x = floats("f32");
+
+    // Coefficients, in the units the penalty sees (beta_j * sigma_j, sigma_j the features'
+    // sample std, computed here from the f32 column): there every coefficient is O(1) and the
+    // problem is well conditioned. (On the original scale a nearly constant feature, sigma ~
+    // 1e-4, has a coefficient ~ 1e3 whose absolute change says nothing.) Rounding the data by
+    // u moves these by a few u of the largest one (measured 1.1e-3); 1e-2 leaves 10x room.
+    // Reading f16 wrongly (e.g. truncated) moves them by O(1).
+    let sigma: Vec<f64> = (0..d)
+        .map(|j| {
+            let mean = (0..n).map(|i| x[i * d + j]).sum::<f64>() / n as f64;
+            let ss = (0..n).map(|i| (x[i * d + j] - mean).powi(2)).sum::<f64>();
+            (ss / (n - 1) as f64).sqrt()
+        })
+        .collect();
+    let scaled = |f: &[f64]| -> Vec<f64> {
+        f.iter()
+            .enumerate()
+            .map(|(i, c)| c * sigma[i % d])
+            .collect()
+    };
+    let (sa, sb) = (scaled(&a.coefficients), scaled(&b.coefficients));
+    let largest = sa.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let worst = sa
+        .iter()
+        .zip(&sb)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0.0f64, f64::max);
+    let intercepts = a
+        .intercepts
+        .iter()
+        .zip(&b.intercepts)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0.0f64, f64::max);
+    println!(
+        "{n} rows: float16 vs float32 fit, standardized coefficients differ by {:.1e} of the \
+         largest ({largest:.3}), intercepts by {intercepts:.1e}",
+        worst / largest
+    );
+    assert!(largest > 1e-2, "{largest}");
+    assert!(
+        worst <= 1e-2 * largest && intercepts <= 1e-2,
+        "float16 fit: coefficients differ by {worst} (largest {largest}), intercepts by \
+         {intercepts}"
+    );
+
+    // Margins, each model on its own column: rounding a row's inputs once can move margin k by
+    // at most u * sum_j |beta_kj x_ij|; the f16 pipeline rounds them at fit and at prediction,
+    // so twice that bounds it (measured: a tenth of one bound).
+    let (raw32, raw16) = (floats("raw_f32"), floats("raw_f16"));
+    let u = 2f64.powi(-11);
+    let mut ratio = 0.0f64;
+    for i in 0..n {
+        for c in 0..k {
+            let coef = &a.coefficients[c * d..(c + 1) * d];
+            let bound = u * coef
+                .iter()
+                .zip(&x[i * d..(i + 1) * d])
+                .map(|(b, v)| (b * v).abs())
+                .sum::<f64>();
+            let diff = (raw32[i * k + c] - raw16[i * k + c]).abs();
+            ratio = ratio.max(diff / bound);
+            assert!(
+                diff <= 2.0 * bound,
+                "row {i} class {c}: margins {} (f32) vs {} (f16), bound {bound}",
+                raw32[i * k + c],
+                raw16[i * k + c]
+            );
+        }
+    }
+    println!("margins: largest difference / rounding bound {ratio:.3}");
+    // Identical predictions on every row.
+    let prediction = |name: &str| {
+        out.column_by_name(name)
+            .unwrap()
+            .as_primitive::<datafusion::arrow::datatypes::Float64Type>()
+            .values()
+            .to_vec()
+    };
+    assert_eq!(prediction("prediction_f16"), prediction("prediction_f32"));
 }
 
 /// A user's own burn module: per-channel mean colour, and "logits" that favour the brightest.
@@ -657,6 +896,7 @@ async fn users_own_network_works_in_featurizer_predictor_and_sql() {
         );
     }
     let top = decoded(&out, "predicted_labels");
+    assert_eq!(top.len(), 2, "one row per photo");
     for (row, entries) in top.iter().enumerate() {
         let f = features.value(row);
         let f = f.as_any().downcast_ref::<Float32Array>().unwrap();
@@ -665,6 +905,39 @@ async fn users_own_network_works_in_featurizer_predictor_and_sql() {
             .unwrap();
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].0 as usize, brightest);
+    }
+
+    // The same network as SQL functions: the featurizer's vectors and the predictor's top-1,
+    // row for row as the DataFrame transform gave them.
+    register_featurizer(&ctx, "mean_colour", &featurizer).unwrap();
+    register_model(
+        &ctx,
+        "brightest",
+        &PipelineModel::new("brightest", vec![Arc::new(predictor.clone())]),
+    )
+    .unwrap();
+    register_images_table(&ctx, "own_photos", PHOTOS, ReadImagesOptions::default()).unwrap();
+    let sql = common::collect(
+        ctx.sql(
+            "SELECT image.origin AS origin, mean_colour(image) AS f, brightest(image) AS p \
+             FROM own_photos",
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(sql.num_rows(), out.num_rows());
+    let origins = out.column_by_name("image").unwrap().as_struct().column(0);
+    let origins = origins.as_string::<i32>();
+    let sql_origins = sql.column_by_name("origin").unwrap().as_string::<i32>();
+    let sql_features = sql.column_by_name("f").unwrap().as_fixed_size_list();
+    let sql_top = decoded(&sql, "p");
+    for row in 0..out.num_rows() {
+        let i = (0..sql.num_rows())
+            .find(|&i| sql_origins.value(i) == origins.value(row))
+            .expect("same photos through SQL");
+        assert_eq!(sql_features.value(i).as_ref(), features.value(row).as_ref());
+        assert_eq!(sql_top[i], top[row]);
     }
 
     // A manifest that preprocessing could not honour is refused when registered.

@@ -1,6 +1,8 @@
 //! Saving and loading: a fitted [StringIndexer, DeepImageFeaturizer, LogisticRegression]
 //! reloaded in a fresh process predicts bit for bit the same; tampered, partial and
-//! interrupted saves are refused with an error naming the file.
+//! interrupted saves are refused with an error naming the file. An unfitted pipeline reloads
+//! with its params and refits to the same model. Models load from `modelDir` or
+//! `$DEEP_PIPELINES_MODEL_DIR`, with a `manifest.json` there overriding the bundled one.
 
 mod common;
 
@@ -11,6 +13,7 @@ use std::process::Command;
 use datafusion::arrow::array::AsArray;
 use datafusion::arrow::datatypes::Float64Type;
 use deep_pipelines::persistence::{self, LoadedStage};
+use deep_pipelines::pipeline::PipelineStage;
 use deep_pipelines::prelude::*;
 
 const CHILD_MODEL: &str = "DP_TEST_ROUNDTRIP_MODEL";
@@ -258,8 +261,291 @@ async fn unfitted_pipeline_round_trips_with_params_and_uids() {
         LoadedStage::Estimator(_) => {}
         LoadedStage::Transformer(_) => panic!("a Pipeline loads as an estimator"),
     }
-    // Params survive: refit the loaded pipeline's logistic regression params.
-    let saved = persistence::read(&path).unwrap();
-    assert_eq!(saved.stages[2].params["regParam"], 1e-3);
-    assert_eq!(saved.stages[2].params["standardization"], false);
+    // Params survive, read from the loaded pipeline's own stages: each equals the original's,
+    // and the values `common::example_pipeline` sets are there.
+    let (original, reloaded) = (pipeline.stages(), loaded.stages());
+    assert_eq!(reloaded.len(), 3);
+    let indexer =
+        |stages: &[PipelineStage]| estimator::<StringIndexer>(&stages[0]).params().clone();
+    let featurizer = |stages: &[PipelineStage]| match &stages[1] {
+        PipelineStage::Transformer(t) => t
+            .as_any()
+            .downcast_ref::<DeepImageFeaturizer>()
+            .expect("stage 1 is the featurizer")
+            .params()
+            .clone(),
+        PipelineStage::Estimator(e) => panic!("stage 1 is an estimator: {e:?}"),
+    };
+    let lr =
+        |stages: &[PipelineStage]| estimator::<LogisticRegression>(&stages[2]).params().clone();
+    assert_eq!(indexer(reloaded), indexer(original));
+    assert_eq!(featurizer(reloaded), featurizer(original));
+    assert_eq!(lr(reloaded), lr(original));
+    let params = indexer(reloaded);
+    assert_eq!(
+        (
+            params.input_col.as_str(),
+            params.output_col.as_str(),
+            params.string_order_type.as_str()
+        ),
+        ("label", "labelIndex", "alphabetAsc")
+    );
+    assert_eq!(featurizer(reloaded).model_name, "EfficientNetLite0");
+    let params = lr(reloaded);
+    assert_eq!(params.reg_param, 1e-3);
+    assert!(!params.standardization);
+    assert_eq!(params.label_col, "labelIndex");
+
+    // Refitting the loaded pipeline gives the model that fitting the original gives: the same
+    // predictions, bit for bit.
+    let ctx = SessionContext::new();
+    let train = common::images(&ctx, "train", 0.1);
+    let from_original = pipeline.fit(&train).await.unwrap();
+    let from_loaded = loaded.fit(&train).await.unwrap();
+    let expected = prediction_bits(&from_original).await;
+    assert!(expected.len() >= 20, "{} test rows", expected.len());
+    assert_eq!(prediction_bits(&from_loaded).await, expected);
+}
+
+/// The concrete estimator behind a pipeline stage.
+fn estimator<T: 'static>(stage: &PipelineStage) -> &T {
+    match stage {
+        PipelineStage::Estimator(e) => {
+            use deep_pipelines::pipeline::AnyEstimator;
+            AnyEstimator::as_any(e.as_ref())
+                .downcast_ref::<T>()
+                .unwrap_or_else(|| {
+                    panic!("stage `{}` has another type", AnyEstimator::uid(e.as_ref()))
+                })
+        }
+        PipelineStage::Transformer(t) => panic!("stage `{}` is a transformer", t.uid()),
+    }
+}
+
+// Where a named model comes from (src/models/mod.rs, `manifest_in`, `LoadedModel::load_from`,
+// `load_model_in`), in order:
+// 1. A network registered with `register_network` under that name answers first (no folder).
+// 2. The model directory: the stage's `modelDir` param when not empty, else
+//    `$DEEP_PIPELINES_MODEL_DIR` when set, else the bundled `models/`.
+// 3. The manifest: `<dir>/<folder>/manifest.json` when that file exists, else the bundled
+//    `models/<folder>/manifest.json` (a folder may hold just the weights).
+// 4. The weights: `<dir>/<folder>/<manifest's weights.file>`, never the bundled copy, checked
+//    against the manifest's sha256 before they are used.
+// The tests below check 2 to 4 with a copy of the bundled EfficientNet-Lite0 folder.
+
+const MODELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models");
+const CHELSEA: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/photos/chelsea.png"
+);
+const CHILD_MODEL_DIR_OUT: &str = "DP_TEST_MODEL_DIR_OUT";
+
+/// The bundled ImageNet class names, index = class.
+fn imagenet_names() -> Vec<String> {
+    std::fs::read_to_string(format!("{MODELS}/imagenet_classes.txt"))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Writes `<dir>/efficientnet_lite0/`: the bundled weights with the classifier bias of class 0
+/// (tench) raised by 50, so that class 0 wins on any image, and (with `manifest`) a
+/// manifest.json that differs from the bundled one where it shows: input 256 instead of 224
+/// (EfficientNet's stride is 32, so the feature map is 1280 x 8 x 8, not 7 x 7), class names
+/// from labels.txt (the ImageNet names in upper case), and the changed weights' sha256.
+/// Returns the path of the weight file.
+fn changed_lite0(dir: &Path, manifest: bool) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let folder = dir.join("efficientnet_lite0");
+    std::fs::create_dir_all(&folder).unwrap();
+    let mut weights =
+        std::fs::read(format!("{MODELS}/efficientnet_lite0/weights.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&weights[8..8 + header_len]).unwrap();
+    assert_eq!(header["_fc.bias"]["dtype"], "F32");
+    let start = 8 + header_len + header["_fc.bias"]["data_offsets"][0].as_u64().unwrap() as usize;
+    let bias = f32::from_le_bytes(weights[start..start + 4].try_into().unwrap());
+    weights[start..start + 4].copy_from_slice(&(bias + 50.0).to_le_bytes());
+    let path = folder.join("weights.safetensors");
+    std::fs::write(&path, &weights).unwrap();
+    if manifest {
+        let mut m: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(format!("{MODELS}/efficientnet_lite0/manifest.json")).unwrap(),
+        )
+        .unwrap();
+        m["input_size"] = 256.into();
+        m["feature_map"] = serde_json::json!([1280, 8, 8]);
+        m["labels"] = "labels.txt".into();
+        m["weights"]["sha256"] = hex::encode(Sha256::digest(&weights)).into();
+        std::fs::write(folder.join("manifest.json"), m.to_string()).unwrap();
+        let upper: Vec<String> = imagenet_names().iter().map(|n| n.to_uppercase()).collect();
+        std::fs::write(folder.join("labels.txt"), upper.join("\n")).unwrap();
+    }
+    path
+}
+
+/// Chelsea's top-k `(class, label, probability)` from `predictor`.
+async fn chelsea_top(predictor: DeepImagePredictor) -> Vec<(i32, String, f32)> {
+    use datafusion::arrow::array::Array;
+    use datafusion::arrow::datatypes::{Float32Type, Int32Type};
+    let ctx = SessionContext::new();
+    let images = read_images(&ctx, CHELSEA, ReadImagesOptions::default()).unwrap();
+    let out = common::collect(predictor.transform(images).unwrap()).await;
+    assert_eq!(out.num_rows(), 1);
+    let entries = out
+        .column_by_name("predicted_labels")
+        .unwrap()
+        .as_list::<i32>()
+        .value(0);
+    let entries = entries.as_struct();
+    let classes = entries.column(0).as_primitive::<Int32Type>();
+    let labels = entries.column(1).as_string::<i32>();
+    let probabilities = entries.column(2).as_primitive::<Float32Type>();
+    (0..entries.len())
+        .map(|i| {
+            (
+                classes.value(i),
+                labels.value(i).to_string(),
+                probabilities.value(i),
+            )
+        })
+        .collect()
+}
+
+/// Chelsea's features from `featurizer`.
+async fn chelsea_features(featurizer: DeepImageFeaturizer) -> Vec<f32> {
+    use datafusion::arrow::datatypes::Float32Type;
+    let ctx = SessionContext::new();
+    let images = read_images(&ctx, CHELSEA, ReadImagesOptions::default()).unwrap();
+    let out = common::collect(featurizer.transform(images).unwrap()).await;
+    assert_eq!(out.num_rows(), 1);
+    let features = out.column_by_name("features").unwrap().as_fixed_size_list();
+    features
+        .value(0)
+        .as_primitive::<Float32Type>()
+        .values()
+        .to_vec()
+}
+
+fn flattened() -> DeepImageFeaturizer {
+    DeepImageFeaturizer::new().with_feature_mode("flattened")
+}
+
+#[tokio::test]
+async fn model_dir_param_gives_the_weights_and_a_manifest_that_overrides_the_bundled_one() {
+    let root = tempfile::tempdir().unwrap();
+    let changed = root.path().join("changed");
+    changed_lite0(&changed, true);
+    let changed = changed.to_str().unwrap();
+
+    // The bundled model (README): chelsea is a tiger cat (ImageNet class 282); 1280 x 7 x 7.
+    let top = chelsea_top(
+        DeepImagePredictor::new()
+            .with_model_dir(MODELS)
+            .with_top_k(1),
+    )
+    .await;
+    assert_eq!((top[0].0, top[0].1.as_str()), (282, "tiger cat"));
+    let bundled = chelsea_features(flattened().with_model_dir(MODELS)).await;
+    assert_eq!(bundled.len(), 1280 * 7 * 7);
+
+    // modelDir: its weights (class 0 wins) and its manifest (labels.txt, input 256).
+    let top = chelsea_top(
+        DeepImagePredictor::new()
+            .with_model_dir(changed)
+            .with_top_k(3),
+    )
+    .await;
+    assert_eq!((top[0].0, top[0].1.as_str()), (0, "TENCH"), "{top:?}");
+    assert!(top[0].2 > 0.99, "{top:?}");
+    let names = imagenet_names();
+    for (class, label, _) in &top {
+        assert_eq!(*label, names[*class as usize].to_uppercase());
+    }
+    let features = chelsea_features(flattened().with_model_dir(changed)).await;
+    assert_eq!(features.len(), 1280 * 8 * 8);
+
+    // A folder holding only weights: the bundled manifest applies, so its sha256 is checked
+    // against the file found there, and the changed weights are refused, naming that file.
+    let weights_only = root.path().join("weights-only");
+    let path = changed_lite0(&weights_only, false);
+    let ctx = SessionContext::new();
+    let images = read_images(&ctx, CHELSEA, ReadImagesOptions::default()).unwrap();
+    let err = DeepImageFeaturizer::new()
+        .with_model_dir(weights_only.to_str().unwrap())
+        .transform(images)
+        .unwrap_err()
+        .to_string();
+    let bundled_manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(format!("{MODELS}/efficientnet_lite0/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let bundled_sha = bundled_manifest["weights"]["sha256"].as_str().unwrap();
+    assert!(
+        err.contains(&path.display().to_string()) && err.contains(bundled_sha),
+        "{err}"
+    );
+    // With the bundled weights there (a hard link, or a copy), it is the bundled model exactly.
+    let linked = root.path().join("linked").join("efficientnet_lite0");
+    std::fs::create_dir_all(&linked).unwrap();
+    let source = format!("{MODELS}/efficientnet_lite0/weights.safetensors");
+    let target = linked.join("weights.safetensors");
+    if std::fs::hard_link(&source, &target).is_err() {
+        std::fs::copy(&source, &target).unwrap();
+    }
+    let linked = root.path().join("linked");
+    let same = chelsea_features(flattened().with_model_dir(linked.to_str().unwrap())).await;
+    assert!(same == bundled, "same weights and manifest, other features");
+}
+
+/// Runs in the child process started by
+/// `model_dir_env_var_gives_the_weights_and_manifest_and_the_param_wins`, whose environment
+/// sets $DEEP_PIPELINES_MODEL_DIR: writes what stages without `modelDir` see. Does nothing when
+/// run on its own.
+#[tokio::test]
+async fn model_dir_env_child_process_entry() {
+    let Ok(out) = std::env::var(CHILD_MODEL_DIR_OUT) else {
+        return;
+    };
+    let top = chelsea_top(DeepImagePredictor::new().with_top_k(1)).await;
+    let from_env = chelsea_features(flattened()).await.len();
+    let from_param = chelsea_features(flattened().with_model_dir(MODELS))
+        .await
+        .len();
+    let lines = [
+        deep_pipelines::models::model_dir().display().to_string(),
+        top[0].0.to_string(),
+        top[0].1.clone(),
+        from_env.to_string(),
+        from_param.to_string(),
+    ];
+    std::fs::write(out, lines.join("\n")).unwrap();
+}
+
+#[tokio::test]
+async fn model_dir_env_var_gives_the_weights_and_manifest_and_the_param_wins() {
+    // Environment variables are process-wide: the stages run in a child process.
+    let root = tempfile::tempdir().unwrap();
+    let changed = root.path().join("changed");
+    changed_lite0(&changed, true);
+    let out = root.path().join("child.txt");
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "model_dir_env_child_process_entry",
+            "--exact",
+            "--nocapture",
+        ])
+        .env(deep_pipelines::models::MODEL_DIR_ENV, &changed)
+        .env(CHILD_MODEL_DIR_OUT, &out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let got = std::fs::read_to_string(&out).unwrap();
+    let got: Vec<&str> = got.lines().collect();
+    let dir = changed.display().to_string();
+    // The changed weights (class 0) and manifest (upper-case labels, 1280 x 8 x 8) from the
+    // variable's folder; a `modelDir` param (the bundled folder: 1280 x 7 x 7) wins over it.
+    let expected = [dir.as_str(), "0", "TENCH", "81920", "62720"];
+    assert_eq!(got, expected);
 }

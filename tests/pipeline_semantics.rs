@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{AsArray, RecordBatch};
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::datatypes::Float64Type;
 use deep_pipelines::feature::StringIndexerParams;
 use deep_pipelines::prelude::*;
@@ -309,4 +309,336 @@ async fn random_split_is_deterministic_disjoint_and_complete() {
         .unwrap();
     assert_eq!(count(overlap).await, 0);
     assert!(random_split(df, &[0.5, -1.0], 1).is_err());
+}
+
+/// Deterministic overlapping two-class data: `n` rows of `d` features (uniform noise, the
+/// class shifts the first two features), labels 0/1.
+fn two_classes(n: usize, d: usize) -> (Vec<f32>, Vec<f64>) {
+    let mut state = 2024u64;
+    let mut uniform = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let label = (i % 2) as f64;
+        for j in 0..d {
+            let shift = if j < 2 { 0.8 * label } else { 0.0 };
+            x.push(((uniform() - 0.5) * (j + 1) as f64 + shift) as f32);
+        }
+        y.push(label);
+    }
+    (x, y)
+}
+
+/// A DataFrame `id, features (FixedSizeList<Float32>, null where `None`), label[, weight]`.
+/// Null vectors still occupy values in the child array: they are filled with 100s, so a fit
+/// that read them would visibly change.
+fn vectors_df(
+    ctx: &SessionContext,
+    rows: &[Option<Vec<f32>>],
+    labels: &[Option<f64>],
+    weights: Option<&[f64]>,
+) -> DataFrame {
+    use datafusion::arrow::array::{FixedSizeListArray, Float32Array, Float64Array, Int64Array};
+    use datafusion::arrow::buffer::NullBuffer;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    let d = rows.iter().flatten().next().unwrap().len();
+    let values: Vec<f32> = rows
+        .iter()
+        .flat_map(|r| r.clone().unwrap_or_else(|| vec![100.0; d]))
+        .collect();
+    let item = Arc::new(Field::new("item", DataType::Float32, true));
+    let features = FixedSizeListArray::try_new(
+        Arc::clone(&item),
+        d as i32,
+        Arc::new(Float32Array::from(values)),
+        Some(NullBuffer::from(
+            rows.iter().map(Option::is_some).collect::<Vec<_>>(),
+        )),
+    )
+    .unwrap();
+    let mut fields = vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("features", features.data_type().clone(), true),
+        Field::new("label", DataType::Float64, true),
+    ];
+    let mut columns: Vec<datafusion::arrow::array::ArrayRef> = vec![
+        Arc::new(Int64Array::from_iter_values(0..rows.len() as i64)),
+        Arc::new(features),
+        Arc::new(Float64Array::from(labels.to_vec())),
+    ];
+    if let Some(w) = weights {
+        fields.push(Field::new("weight", DataType::Float64, false));
+        columns.push(Arc::new(Float64Array::from(w.to_vec())));
+    }
+    let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap();
+    ctx.read_batch(batch).unwrap()
+}
+
+fn assert_same_fit(a: &LogisticRegressionModel, b: &LogisticRegressionModel, rel: f64) {
+    let (a, b) = (a.fitted(), b.fitted());
+    assert_eq!(a.coefficients.len(), b.coefficients.len());
+    for (what, x, y) in [
+        ("coefficients", &a.coefficients, &b.coefficients),
+        ("intercepts", &a.intercepts, &b.intercepts),
+    ] {
+        for (i, (p, q)) in x.iter().zip(y.iter()).enumerate() {
+            assert!(
+                (p - q).abs() <= rel * p.abs().max(1.0),
+                "{what}[{i}]: {p} vs {q}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn rows_with_null_features_or_labels_are_skipped_and_counted() {
+    let ctx = SessionContext::new();
+    let (x, y) = two_classes(80, 3);
+    let d = 3;
+    // Rows 3, 10, 17, ... have null features (as bad images give); rows 5 and 40 a null label.
+    let null_features = |i: usize| i % 7 == 3;
+    let null_label = |i: usize| i == 5 || i == 40;
+    let rows: Vec<Option<Vec<f32>>> = (0..80)
+        .map(|i| (!null_features(i)).then(|| x[i * d..(i + 1) * d].to_vec()))
+        .collect();
+    let labels: Vec<Option<f64>> = (0..80).map(|i| (!null_label(i)).then_some(y[i])).collect();
+    let expected_skipped = (0..80)
+        .filter(|&i| null_features(i) || null_label(i))
+        .count();
+    assert_eq!(expected_skipped, 13);
+    let with_nulls = vectors_df(&ctx, &rows, &labels, None);
+    // The same data with those rows left out, built directly (not by filtering).
+    let kept: Vec<usize> = (0..80)
+        .filter(|&i| !null_features(i) && !null_label(i))
+        .collect();
+    let clean = vectors_df(
+        &ctx,
+        &kept.iter().map(|&i| rows[i].clone()).collect::<Vec<_>>(),
+        &kept.iter().map(|&i| labels[i]).collect::<Vec<_>>(),
+        None,
+    );
+    let lr = LogisticRegression::new().with_reg_param(1e-2);
+    let skipped = lr.fit(&with_nulls).await.unwrap();
+    let reference = lr.fit(&clean).await.unwrap();
+    assert_eq!(skipped.num_skipped_rows(), expected_skipped);
+    assert_eq!(reference.num_skipped_rows(), 0);
+    // Same rows in the same order into a deterministic fit: the same optimum (1e-12 leaves room
+    // for nothing but summation order).
+    assert_same_fit(&skipped, &reference, 1e-12);
+    assert!(skipped.fitted().coefficients[0].abs() > 0.1);
+
+    // Applied, a null vector gives a null prediction; the others are predicted.
+    let out = collect(skipped.transform(with_nulls).unwrap()).await;
+    let prediction = out.column_by_name("prediction").unwrap();
+    assert_eq!(out.num_rows(), 80);
+    assert_eq!(
+        prediction.null_count(),
+        (0..80).filter(|&i| null_features(i)).count()
+    );
+}
+
+#[tokio::test]
+async fn weight_column_counts_a_row_w_times() {
+    // Weight 2 == the row twice, weight 0 == the row left out (Spark's weightCol). With
+    // standardization=false: Spark's weighted std uses reliability weights (sum w - sum w^2 /
+    // sum w), which differs between "weight 2" and "two rows", so with standardization the
+    // penalties, and the optima, would differ slightly (as in Spark).
+    let ctx = SessionContext::new();
+    let (x, y) = two_classes(90, 3);
+    let d = 3;
+    let weight = |i: usize| match i % 5 {
+        0 => 2.0,
+        3 => 0.0,
+        _ => 1.0,
+    };
+    let rows: Vec<Option<Vec<f32>>> = (0..90)
+        .map(|i| Some(x[i * d..(i + 1) * d].to_vec()))
+        .collect();
+    let labels: Vec<Option<f64>> = y.iter().map(|v| Some(*v)).collect();
+    let weights: Vec<f64> = (0..90).map(weight).collect();
+    let weighted_df = vectors_df(&ctx, &rows, &labels, Some(&weights));
+    let mut expanded: Vec<usize> = Vec::new();
+    for i in 0..90 {
+        for _ in 0..weight(i) as usize {
+            expanded.push(i);
+        }
+    }
+    // 18 rows of weight 2 and 18 of weight 0: 90 rows again, a different multiset.
+    assert_eq!(expanded.len(), 90);
+    let expanded_df = vectors_df(
+        &ctx,
+        &expanded
+            .iter()
+            .map(|&i| rows[i].clone())
+            .collect::<Vec<_>>(),
+        &expanded.iter().map(|&i| labels[i]).collect::<Vec<_>>(),
+        None,
+    );
+    let lr = LogisticRegression::new()
+        .with_reg_param(1e-2)
+        .with_standardization(false)
+        .with_tol(1e-12)
+        .with_max_iter(1000);
+    let weighted = lr
+        .clone()
+        .with_weight_col("weight")
+        .fit(&weighted_df)
+        .await
+        .unwrap();
+    let expanded = lr.fit(&expanded_df).await.unwrap();
+    // The same objective, reached from differently scaled starting problems: 1e-6 relative.
+    assert_same_fit(&weighted, &expanded, 1e-6);
+    // And the weights matter: ignoring them gives another fit.
+    let unweighted = lr.fit(&weighted_df).await.unwrap();
+    let diff = unweighted
+        .fitted()
+        .coefficients
+        .iter()
+        .zip(&weighted.fitted().coefficients)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(diff > 1e-3, "weights changed nothing: {diff}");
+}
+
+#[tokio::test]
+async fn log_loss_is_the_mean_negative_log_probability_of_the_label() {
+    use datafusion::arrow::array::{FixedSizeListArray, Float64Array};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    let ctx = SessionContext::new();
+    // Hand-made probabilities, one of them 0 for the true class: Spark clips at eps = 1e-15.
+    let labels = [0.0, 1.0, 2.0, 1.0, 2.0];
+    let predictions = [0.0, 0.0, 2.0, 1.0, 0.0];
+    let probabilities = [
+        [0.7, 0.2, 0.1],
+        [0.5, 0.25, 0.25],
+        [0.1, 0.1, 0.8],
+        [0.3, 0.6, 0.1],
+        [1.0, 0.0, 0.0],
+    ];
+    let expected = -(0.7f64.ln() + 0.25f64.ln() + 0.8f64.ln() + 0.6f64.ln() + 1e-15f64.ln()) / 5.0;
+    let item = Arc::new(Field::new("item", DataType::Float64, true));
+    let probability = FixedSizeListArray::try_new(
+        Arc::clone(&item),
+        3,
+        Arc::new(Float64Array::from(probabilities.concat())),
+        None,
+    )
+    .unwrap();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("label", DataType::Float64, false),
+        Field::new("prediction", DataType::Float64, false),
+        Field::new("probability", probability.data_type().clone(), false),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(Float64Array::from(labels.to_vec())),
+            Arc::new(Float64Array::from(predictions.to_vec())),
+            Arc::new(probability),
+        ],
+    )
+    .unwrap();
+    let evaluator = MulticlassClassificationEvaluator::new().with_metric_name("logLoss");
+    assert!(!evaluator.is_larger_better());
+    let log_loss = evaluator
+        .evaluate(&ctx.read_batch(batch).unwrap())
+        .await
+        .unwrap();
+    assert!(
+        (log_loss - expected).abs() < 1e-12,
+        "logLoss {log_loss}, by hand {expected}"
+    );
+
+    // On a fitted model's probability column: the same formula, by hand from the column.
+    let (x, y) = two_classes(60, 3);
+    let rows: Vec<Option<Vec<f32>>> = (0..60)
+        .map(|i| Some(x[i * 3..(i + 1) * 3].to_vec()))
+        .collect();
+    let labels: Vec<Option<f64>> = y.iter().map(|v| Some(*v)).collect();
+    let df = vectors_df(&ctx, &rows, &labels, None);
+    let model = LogisticRegression::new()
+        .with_reg_param(0.1)
+        .fit(&df)
+        .await
+        .unwrap();
+    let predicted = model.transform(df).unwrap();
+    let out = collect(predicted.clone()).await;
+    let probability = out
+        .column_by_name("probability")
+        .unwrap()
+        .as_fixed_size_list();
+    let label = out
+        .column_by_name("label")
+        .unwrap()
+        .as_primitive::<Float64Type>();
+    let by_hand = -(0..out.num_rows())
+        .map(|i| {
+            let p = probability.value(i);
+            p.as_primitive::<Float64Type>()
+                .value(label.value(i) as usize)
+                .max(1e-15)
+                .ln()
+        })
+        .sum::<f64>()
+        / out.num_rows() as f64;
+    let log_loss = evaluator.evaluate(&predicted).await.unwrap();
+    assert!(
+        (log_loss - by_hand).abs() < 1e-12 && by_hand > 0.1,
+        "logLoss {log_loss}, by hand {by_hand}"
+    );
+}
+
+#[tokio::test]
+async fn string_indexer_skip_drops_rows_with_unseen_or_null_labels() {
+    let ctx = SessionContext::new();
+    let train = ctx
+        .sql(
+            "SELECT * FROM (VALUES (1, 'b'), (2, 'a'), (3, NULL), (4, 'b'), (5, 'c'), (6, 'a'), \
+             (7, 'b')) AS t(id, label)",
+        )
+        .await
+        .unwrap();
+    let indexer = StringIndexer::new()
+        .with_output_col("idx")
+        .with_handle_invalid("skip")
+        .fit(&train)
+        .await
+        .unwrap();
+    // Fit ignores nulls (as Spark): null is not a label. b x3, a x2, c x1.
+    assert_eq!(indexer.labels(), ["b", "a", "c"]);
+    let test = ctx
+        .sql(
+            "SELECT * FROM (VALUES (10, 'a'), (11, 'zebra'), (12, NULL), (13, 'c'), (14, 'b')) \
+             AS t(id, label)",
+        )
+        .await
+        .unwrap();
+    let out = collect(
+        indexer
+            .transform(test)
+            .unwrap()
+            .sort_by(vec![col("id")])
+            .unwrap(),
+    )
+    .await;
+    let ids: Vec<i64> = out
+        .column_by_name("id")
+        .unwrap()
+        .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+        .values()
+        .to_vec();
+    let idx: Vec<f64> = out
+        .column_by_name("idx")
+        .unwrap()
+        .as_primitive::<Float64Type>()
+        .values()
+        .to_vec();
+    assert_eq!(ids, [10, 13, 14]);
+    assert_eq!(idx, [1.0, 2.0, 0.0]);
+    // The training rows themselves: only the null one goes.
+    assert_eq!(indexer.transform(train).unwrap().count().await.unwrap(), 6);
 }

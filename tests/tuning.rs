@@ -165,6 +165,36 @@ async fn strong_regularisation_loses_on_auc_and_fold_column_is_used() {
     assert!(model.avg_metrics()[1] > 0.8);
     assert!(model.cached_stages().is_empty());
 
+    // Fold k is exactly the rows with `fold == k`: each per-fold metric equals the one computed
+    // here by hand (fit on `fold != k`, evaluate on `fold == k`). Random folds would differ.
+    for k in 0..3i64 {
+        let train = data.clone().filter(col("fold").not_eq(lit(k))).unwrap();
+        let validation = data.clone().filter(col("fold").eq(lit(k))).unwrap();
+        for (m, map) in grid.iter().enumerate() {
+            let fitted = Estimator::copy_with(&pipeline, map)
+                .unwrap()
+                .fit(&train)
+                .await
+                .unwrap();
+            let by_hand = BinaryClassificationEvaluator::new()
+                .evaluate(&fitted.transform(validation.clone()).unwrap())
+                .await
+                .unwrap();
+            let reported = model.fold_metrics()[m][k as usize];
+            println!("map {m} fold {k}: by hand {by_hand}, cross-validator {reported}");
+            assert!(
+                (by_hand - reported).abs() < 1e-12,
+                "map {m} fold {k}: by hand {by_hand}, cross-validator {reported}"
+            );
+        }
+    }
+    // The folds differ from each other, so matching all of them is not a coincidence.
+    let tuned = &model.fold_metrics()[1];
+    assert!(
+        tuned.iter().any(|m| (m - tuned[0]).abs() > 1e-6),
+        "{tuned:?}"
+    );
+
     let tvs = TrainValidationSplit::new(pipeline, grid, BinaryClassificationEvaluator::new())
         .with_train_ratio(0.7)
         .with_seed(3);
@@ -248,5 +278,43 @@ async fn logistic_fits_are_reproducible_bit_for_bit() {
     let first = fit().await;
     for _ in 0..3 {
         assert_eq!(fit().await, first);
+    }
+}
+
+/// `stdMetrics` is Spark's: per param map, the population standard deviation (divide by the
+/// number of folds, as pyspark's `np.std(metrics_all, axis=0)`) of the per-fold metrics, and
+/// `avgMetrics` their mean; both checked here by hand from `fold_metrics`.
+#[tokio::test]
+async fn std_metrics_are_the_population_std_of_the_fold_metrics() {
+    let ctx = SessionContext::new();
+    let data = blobs(&ctx, 120, 0.8);
+    let lr = LogisticRegression::new();
+    let uid = Estimator::uid(&lr).to_string();
+    let grid = ParamGridBuilder::new()
+        .add_grid(&uid, "regParam", [1e-3, 0.3])
+        .build();
+    let evaluator = MulticlassClassificationEvaluator::new().with_metric_name("accuracy");
+    let model = CrossValidator::new(Pipeline::new().with_estimator(lr), grid, evaluator)
+        .with_num_folds(4)
+        .with_seed(5)
+        .fit(&data)
+        .await
+        .unwrap();
+    assert_eq!(model.std_metrics().len(), 2);
+    for (m, folds) in model.fold_metrics().iter().enumerate() {
+        assert_eq!(folds.len(), 4);
+        let k = folds.len() as f64;
+        let mean = folds.iter().sum::<f64>() / k;
+        let std = (folds.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / k).sqrt();
+        println!("map {m}: folds {folds:?}, mean {mean}, std {std}");
+        assert!((model.avg_metrics()[m] - mean).abs() < 1e-12);
+        assert!(
+            (model.std_metrics()[m] - std).abs() < 1e-12,
+            "map {m}: stdMetrics {}, population std by hand {std}",
+            model.std_metrics()[m]
+        );
+        // Folds differ, so the std is not 0 and the sample std (k - 1) would differ by
+        // sqrt(4/3): the check tells the two definitions apart.
+        assert!(std > 1e-3, "map {m}: folds {folds:?} all equal");
     }
 }

@@ -609,6 +609,11 @@ mod tests {
 
     #[test]
     fn standardization_without_penalty_does_not_change_the_optimum() {
+        // regParam = 0: no penalty, so both settings minimise the same mean log-loss and must
+        // report the same coefficients on the original scale. The toy classes overlap (not
+        // separable), so the unpenalised optimum is finite and unique up to the softmax shift,
+        // which the fit removes by centring (Spark's convention). Both fits run to tol 1e-14;
+        // agreement within 1e-8 relative leaves room for the optimiser's last step only.
         let (x, y) = toy();
         let data = Dataset {
             x: &x,
@@ -617,14 +622,109 @@ mod tests {
             n: 120,
             d: 4,
         };
-        let a = fit(&settings(1e-3, 0.0, false), &data, None).unwrap();
-        let mut s = settings(1e-3, 0.0, false);
-        s.reg_param = 1e-3;
-        // Penalised on the raw scale: objective of the raw-scale fit is minimal there.
-        let b = fit(&settings(1e-3, 0.0, true), &data, None).unwrap();
-        assert!(a.objective(&s, &data) <= b.objective(&s, &data) + 1e-12);
-        let s_std = settings(1e-3, 0.0, true);
-        assert!(b.objective(&s_std, &data) <= a.objective(&s_std, &data) + 1e-12);
+        let raw = fit(&settings(0.0, 0.0, false), &data, None).unwrap();
+        let standardized = fit(&settings(0.0, 0.0, true), &data, None).unwrap();
+        assert!(raw.converged && standardized.converged);
+        // A real optimum: the gradient of the mean log-loss vanishes (independent of the flag).
+        let scale = FeatureScale::new(&data);
+        let problem = Problem::new(&settings(0.0, 0.0, false), &data, &scale, true, 3);
+        let mut params: Vec<f64> = (0..3 * 4)
+            .map(|i| raw.coefficients[i] * scale.std[i % 4])
+            .collect();
+        params.extend(&raw.intercepts);
+        let mut grad = vec![0.0; params.len()];
+        problem.smooth(&params, &mut grad);
+        assert!(grad.iter().all(|g| g.abs() < 1e-7), "gradient {grad:?}");
+        let max = raw.coefficients.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        assert!(max > 0.1, "coefficients {:?}", raw.coefficients);
+        for (what, a, b) in [
+            ("coefficient", &raw.coefficients, &standardized.coefficients),
+            ("intercept", &raw.intercepts, &standardized.intercepts),
+        ] {
+            for (i, (a, b)) in a.iter().zip(b.iter()).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-8 * a.abs().max(1.0),
+                    "{what} {i}: {a} without vs {b} with standardization"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn standardization_penalises_the_coefficients_of_x_over_its_sample_std() {
+        // Spark: with standardization the penalty applies to the coefficients of x_j / sigma_j,
+        // sigma_j the unbiased sample std (n - 1), and the coefficients are reported on the
+        // original scale. So the standardized fit on x equals the unstandardized fit on
+        // x / sigma (sigma computed here by hand, two-pass), its coefficients divided by sigma.
+        let (x, y) = toy();
+        let (n, d) = (120, 4);
+        let data = Dataset {
+            x: &x,
+            y: &y,
+            w: None,
+            n,
+            d,
+        };
+        let sigma: Vec<f64> = (0..d)
+            .map(|j| {
+                let col = (0..n).map(|i| f64::from(x[i * d + j]));
+                let mean = col.clone().sum::<f64>() / n as f64;
+                (col.map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
+            })
+            .collect();
+        let scaled: Vec<f32> = x
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (f64::from(*v) / sigma[i % d]) as f32)
+            .collect();
+        let reg = 1e-2;
+        for alpha in [0.0, 0.5] {
+            let standardized = fit(&settings(reg, alpha, true), &data, None).unwrap();
+            let on_scaled = fit(
+                &settings(reg, alpha, false),
+                &Dataset { x: &scaled, ..data },
+                None,
+            )
+            .unwrap();
+            let max = standardized
+                .coefficients
+                .iter()
+                .fold(0.0f64, |m, v| m.max(v.abs()));
+            // x / sigma is rounded to f32 (relative 6e-8): 1e-5 of the largest coefficient
+            // is far above that and far below the 0.3% the population std (n) moves them.
+            for (i, (a, b)) in standardized
+                .coefficients
+                .iter()
+                .zip(&on_scaled.coefficients)
+                .enumerate()
+            {
+                let b = b / sigma[i % d];
+                assert!(
+                    (a - b).abs() <= 1e-5 * max,
+                    "alpha {alpha} coefficient {i}: standardized {a} vs fit on x/sigma {b}"
+                );
+            }
+            for (a, b) in standardized.intercepts.iter().zip(&on_scaled.intercepts) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                    "intercept {a} vs {b}"
+                );
+            }
+
+            // And the flag matters: penalised on the raw scale, the optimum is another one,
+            // each fit optimal for its own objective.
+            let raw = fit(&settings(reg, alpha, false), &data, None).unwrap();
+            let (s_raw, s_std) = (settings(reg, alpha, false), settings(reg, alpha, true));
+            assert!(raw.objective(&s_raw, &data) <= standardized.objective(&s_raw, &data) + 1e-12);
+            assert!(standardized.objective(&s_std, &data) <= raw.objective(&s_std, &data) + 1e-12);
+            let diff = raw
+                .coefficients
+                .iter()
+                .zip(&standardized.coefficients)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(diff > 1e-2 * max, "standardization changed nothing: {diff}");
+        }
     }
 
     #[test]
