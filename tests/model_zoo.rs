@@ -932,12 +932,12 @@ async fn users_own_network_works_in_featurizer_predictor_and_sql() {
     let sql_origins = sql.column_by_name("origin").unwrap().as_string::<i32>();
     let sql_features = sql.column_by_name("f").unwrap().as_fixed_size_list();
     let sql_top = decoded(&sql, "p");
-    for row in 0..out.num_rows() {
+    for (row, top_row) in top.iter().enumerate() {
         let i = (0..sql.num_rows())
             .find(|&i| sql_origins.value(i) == origins.value(row))
             .expect("same photos through SQL");
         assert_eq!(sql_features.value(i).as_ref(), features.value(row).as_ref());
-        assert_eq!(sql_top[i], top[row]);
+        assert_eq!(&sql_top[i], top_row);
     }
 
     // A manifest that preprocessing could not honour is refused when registered.
