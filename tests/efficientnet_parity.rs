@@ -1,31 +1,20 @@
 //! Parity of the burn EfficientNet-Lite0 with the reference framework (golden tensors), and the
 //! whole path from photo files through our own decode + preprocessing to ImageNet predictions.
 
+mod common;
+
 use std::collections::BTreeMap;
 
+use common::{max_abs_diff, read_tensors};
 use deep_pipelines::image::{DecodeLimits, decode_rgb8};
 use deep_pipelines::models::{load_model, manifest};
 use deep_pipelines::preprocess::preprocess;
-use safetensors::SafeTensors;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 
 fn golden(name: &str) -> Vec<f32> {
-    let bytes = std::fs::read(format!("{FIXTURES}/reference_chelsea.safetensors")).unwrap();
-    let tensors = SafeTensors::deserialize(&bytes).unwrap();
-    let view = tensors.tensor(name).unwrap();
-    view.data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    let mut tensors = read_tensors(&format!("{FIXTURES}/reference_chelsea.safetensors"));
+    tensors.remove(name).expect("golden tensor").1
 }
 
 #[test]
@@ -103,21 +92,7 @@ fn coffee_photo_top5_matches_reference() {
 
 /// Every f32 tensor of a safetensors file under `tests/fixtures`: name -> (shape, values).
 fn fixture(file: &str) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
-    let path = format!("{FIXTURES}/{file}");
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    let tensors = SafeTensors::deserialize(&bytes).unwrap();
-    tensors
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            let values = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            (name, (view.shape().to_vec(), values))
-        })
-        .collect()
+    read_tensors(&format!("{FIXTURES}/{file}"))
 }
 
 /// Our whole preprocessing of a photo for a named model: decode, resize, crop, normalise.

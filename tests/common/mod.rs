@@ -1,8 +1,11 @@
 //! Helpers shared by the integration tests: the bundled data and the example pipeline.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
+
 use datafusion::arrow::array::RecordBatch;
 use deep_pipelines::prelude::*;
+use safetensors::SafeTensors;
 
 pub const DATA: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -47,4 +50,31 @@ pub async fn fitted_example() -> PipelineModel {
 pub async fn collect(df: DataFrame) -> RecordBatch {
     let batches = df.collect().await.unwrap();
     datafusion::arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
+}
+
+/// Every f32 tensor of a safetensors file: name -> (shape, values).
+pub fn read_tensors(path: &str) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let tensors = SafeTensors::deserialize(&bytes).unwrap();
+    tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (name, (view.shape().to_vec(), values))
+        })
+        .collect()
+}
+
+/// Largest absolute difference of two equally long slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
