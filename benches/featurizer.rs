@@ -7,8 +7,8 @@ mod common;
 
 use burn::prelude::*;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use deep_pipelines::models::efficientnet_lite::{EfficientNetLiteConfig, WEIGHT_NAME_MAP};
-use deep_pipelines::models::{ImageNetwork, load_model, load_safetensors, manifest};
+use deep_pipelines::models::efficientnet_lite::EfficientNetLiteConfig;
+use deep_pipelines::models::{Architecture, ImageNetwork, load_model, load_safetensors, manifest};
 
 fn bench_featurizer(c: &mut Criterion) {
     let model = load_model("EfficientNetLite0", "cpu").expect("bundled model loads");
@@ -17,11 +17,12 @@ fn bench_featurizer(c: &mut Criterion) {
 
     let device = Device::flex();
     let (m, dir) = manifest("EfficientNetLite0").expect("bundled manifest");
-    let mut unfolded = EfficientNetLiteConfig::lite0().init(&device);
+    let lite0 = EfficientNetLiteConfig::lite0();
+    let mut unfolded = lite0.init(&device);
     load_safetensors(
         &mut unfolded,
         &dir.join(&m.weights.file),
-        WEIGHT_NAME_MAP,
+        &lite0.weight_names().0,
         &m.name,
     )
     .expect("weights load");

@@ -19,7 +19,7 @@ use deep_pipelines::models::mobilenet_v2::MobileNetV2Config;
 use deep_pipelines::models::mobilenet_v3::MobileNetV3Config;
 use deep_pipelines::models::resnet::ResNetConfig;
 use deep_pipelines::models::squeezenet::SqueezeNetConfig;
-use deep_pipelines::models::{ImageNetwork, load_model};
+use deep_pipelines::models::{Architecture, ImageNetwork, load_model};
 
 const BATCH: usize = 8;
 

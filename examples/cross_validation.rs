@@ -5,7 +5,6 @@
 
 use std::time::Instant;
 
-use deep_pipelines::models::load_model;
 use deep_pipelines::prelude::*;
 
 const DATA: &str = concat!(
@@ -26,6 +25,8 @@ async fn main() -> deep_pipelines::Result<()> {
         .with_standardization(false)
         .with_max_iter(200);
     let lr_uid = Estimator::uid(&lr).to_string();
+    // A clone shares the stage's forward counter: it sees what the tuner's copies run.
+    let featurizer = DeepImageFeaturizer::new();
     let pipeline = Pipeline::new()
         .with_estimator(
             StringIndexer::new()
@@ -33,7 +34,7 @@ async fn main() -> deep_pipelines::Result<()> {
                 .with_output_col("labelIndex")
                 .with_string_order_type("alphabetAsc"),
         )
-        .with_transformer(DeepImageFeaturizer::new())
+        .with_transformer(featurizer.clone())
         .with_estimator(lr);
     let grid = ParamGridBuilder::new()
         .add_grid(&lr_uid, "regParam", [1e-4, 1e-3, 1e-2])
@@ -50,14 +51,12 @@ async fn main() -> deep_pipelines::Result<()> {
         .with_parallelism(2);
 
     println!("3-fold cross-validation of 6 param maps on {n_train} training images (18 fits) ...");
-    let network = load_model("EfficientNetLite0", "cpu")?;
-    let before = network.images_processed();
     let started = Instant::now();
     let model = cv.fit(&train).await?;
     println!(
         "done in {:.1} s; images through the network: {} (feature cache: stages {:?})",
         started.elapsed().as_secs_f64(),
-        network.images_processed() - before,
+        featurizer.images_processed(),
         model.cached_stages()
     );
     for (map, (mean, std)) in model

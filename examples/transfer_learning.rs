@@ -18,7 +18,7 @@ async fn main() -> deep_pipelines::Result<()> {
     run().await.map(|_| ())
 }
 
-/// What the example measured; `tests/readme.rs` checks README's figures against it.
+/// What the example measured; `tests/suite/readme.rs` checks README's figures against it.
 pub struct Report {
     pub test_accuracy: f64,
     pub test_images: usize,

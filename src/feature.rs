@@ -1,5 +1,8 @@
 //! [`StringIndexer`] (labels -> 0..k-1 indices, so folder names become classes) and
 //! [`IndexToString`] (predicted indices -> names), with Spark's params and ordering rules.
+//!
+//! Over 600 lines on purpose: its unit tests (the last ~40 lines) sit with the two stages they
+//! pin down; the code itself is ~560 lines, one concern (label <-> index).
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -19,9 +22,36 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::params::{ParamMap, Params, check, new_uid, params_stage_methods, string_setters};
+use crate::params::{
+    ParamMap, Params, Rejected, check, choice, choice_setters, new_uid, string_setters,
+};
 use crate::persistence::SavedStage;
-use crate::pipeline::{Estimator, Transformer};
+use crate::registry::{
+    LoadedStage, PersistedStage, StageRegistry, params_stage_methods, params_stage_persisted,
+};
+use crate::stage::{Estimator, Transformer};
+
+choice! {
+    /// `handleInvalid`: what [`StringIndexerModel`] does with unseen or null labels.
+    pub enum HandleInvalid {
+        /// Fail the query (the default).
+        Error = "error",
+        /// Drop the row.
+        Skip = "skip",
+        /// Index k (one past the known labels).
+        Keep = "keep",
+    }
+}
+
+choice! {
+    /// `stringOrderType`: the order of [`StringIndexer`]'s labels (ties alphabetical).
+    pub enum StringOrderType {
+        FrequencyDesc = "frequencyDesc",
+        FrequencyAsc = "frequencyAsc",
+        AlphabetDesc = "alphabetDesc",
+        AlphabetAsc = "alphabetAsc",
+    }
+}
 
 /// Params of [`StringIndexer`] / [`StringIndexerModel`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,10 +59,12 @@ use crate::pipeline::{Estimator, Transformer};
 pub struct StringIndexerParams {
     pub input_col: String,
     pub output_col: String,
-    /// `error` (default), `skip` (drop rows with unseen/null labels) or `keep` (index k).
-    pub handle_invalid: String,
-    /// `frequencyDesc` (default), `frequencyAsc`, `alphabetDesc` or `alphabetAsc`.
-    pub string_order_type: String,
+    pub handle_invalid: HandleInvalid,
+    pub string_order_type: StringOrderType,
+    /// Strings the setters could not parse, reported by `validate`.
+    #[serde(skip)]
+    #[doc(hidden)]
+    pub rejected: Rejected,
 }
 
 impl Default for StringIndexerParams {
@@ -40,21 +72,11 @@ impl Default for StringIndexerParams {
         StringIndexerParams {
             input_col: "label".into(),
             output_col: "labelIndex".into(),
-            handle_invalid: "error".into(),
-            string_order_type: "frequencyDesc".into(),
+            handle_invalid: HandleInvalid::Error,
+            string_order_type: StringOrderType::FrequencyDesc,
+            rejected: Rejected::default(),
         }
     }
-}
-
-fn one_of(stage: &str, param: &str, value: &str, allowed: &[&str]) -> Result<()> {
-    if !allowed.contains(&value) {
-        return Err(Error::param(
-            stage,
-            param,
-            format!("`{value}` is not one of {}", allowed.join(", ")),
-        ));
-    }
-    Ok(())
 }
 
 impl Params for StringIndexerParams {
@@ -79,23 +101,11 @@ impl Params for StringIndexerParams {
         let s = Self::STAGE;
         check::non_empty(s, "inputCol", &self.input_col)?;
         check::non_empty(s, "outputCol", &self.output_col)?;
-        one_of(
-            s,
-            "handleInvalid",
-            &self.handle_invalid,
-            &["error", "skip", "keep"],
-        )?;
-        one_of(
-            s,
-            "stringOrderType",
-            &self.string_order_type,
-            &[
-                "frequencyDesc",
-                "frequencyAsc",
-                "alphabetDesc",
-                "alphabetAsc",
-            ],
-        )
+        self.rejected.check(s)
+    }
+
+    fn rejected(&self) -> &Rejected {
+        &self.rejected
     }
 }
 
@@ -125,8 +135,10 @@ impl StringIndexer {
     string_setters! {
         with_input_col: input_col,
         with_output_col: output_col,
-        with_handle_invalid: handle_invalid,
-        with_string_order_type: string_order_type,
+    }
+    choice_setters! {
+        with_handle_invalid: handle_invalid: HandleInvalid = "handleInvalid",
+        with_string_order_type: string_order_type: StringOrderType = "stringOrderType",
     }
 }
 
@@ -199,11 +211,15 @@ impl Estimator for StringIndexer {
             )));
         }
         let mut labels: Vec<(String, u64)> = counts.into_iter().collect();
-        match self.params.string_order_type.as_str() {
-            "frequencyDesc" => labels.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0))),
-            "frequencyAsc" => labels.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0))),
-            "alphabetDesc" => labels.sort_by(|a, b| b.0.cmp(&a.0)),
-            _ => labels.sort_by(|a, b| a.0.cmp(&b.0)),
+        match self.params.string_order_type {
+            StringOrderType::FrequencyDesc => {
+                labels.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)))
+            }
+            StringOrderType::FrequencyAsc => {
+                labels.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)))
+            }
+            StringOrderType::AlphabetDesc => labels.sort_by(|a, b| b.0.cmp(&a.0)),
+            StringOrderType::AlphabetAsc => labels.sort_by(|a, b| a.0.cmp(&b.0)),
         }
         Ok(StringIndexerModel {
             uid: self.uid.clone(),
@@ -212,21 +228,10 @@ impl Estimator for StringIndexer {
         })
     }
 
-    params_stage_methods!(estimator, CLASS_STRING_INDEXER);
+    params_stage_methods!(estimator);
 }
 
-pub(crate) const CLASS_STRING_INDEXER: &str = "StringIndexer";
-pub(crate) const CLASS_STRING_INDEXER_MODEL: &str = "StringIndexerModel";
-pub(crate) const CLASS_INDEX_TO_STRING: &str = "IndexToString";
-
-impl StringIndexer {
-    pub(crate) fn from_saved(saved: &SavedStage) -> Result<Self> {
-        Ok(StringIndexer {
-            uid: saved.uid.clone(),
-            params: saved.params()?,
-        })
-    }
-}
+params_stage_persisted!(StringIndexer, "StringIndexer", Estimator);
 
 /// A fitted [`StringIndexer`]: maps each known label to its index.
 #[derive(Debug, Clone)]
@@ -255,13 +260,21 @@ impl StringIndexerModel {
     pub fn params(&self) -> &StringIndexerParams {
         &self.params
     }
+}
 
-    pub(crate) fn from_saved(saved: &SavedStage) -> Result<Self> {
+impl PersistedStage for StringIndexerModel {
+    const CLASS: &'static str = "StringIndexerModel";
+
+    fn restore(saved: &SavedStage, _: &StageRegistry) -> Result<Self> {
         Ok(StringIndexerModel {
             uid: saved.uid.clone(),
             params: saved.params()?,
             labels: saved.extra_field("labels")?,
         })
+    }
+
+    fn into_stage(self) -> LoadedStage {
+        LoadedStage::Transformer(Arc::new(self))
     }
 }
 
@@ -280,12 +293,12 @@ impl Transformer for StringIndexerModel {
         require_label_column(&df, &self.params.input_col).map_err(|e| e.in_stage(&self.uid))?;
         let udf = ScalarUDF::new_from_impl(IndexUdf::new(
             &self.labels,
-            &self.params.handle_invalid,
+            self.params.handle_invalid,
             &self.params.input_col,
         ));
         let out = self.params.output_col.as_str();
         let df = df.with_column(out, udf.call(vec![ident(self.params.input_col.as_str())]))?;
-        Ok(if self.params.handle_invalid == "skip" {
+        Ok(if self.params.handle_invalid == HandleInvalid::Skip {
             df.filter(ident(out).is_not_null())?
         } else {
             df
@@ -297,10 +310,8 @@ impl Transformer for StringIndexerModel {
     }
 
     fn save_stage(&self) -> Result<SavedStage> {
-        Ok(
-            SavedStage::of(CLASS_STRING_INDEXER_MODEL, &self.uid, &self.params)
-                .with_extra(serde_json::json!({ "labels": self.labels })),
-        )
+        Ok(SavedStage::of(Self::CLASS, &self.uid, &self.params)
+            .with_extra(serde_json::json!({ "labels": self.labels })))
     }
 
     fn copy_with(&self, overrides: &ParamMap) -> Result<Arc<dyn Transformer>> {
@@ -316,13 +327,13 @@ impl Transformer for StringIndexerModel {
 struct IndexUdf {
     index: HashMap<String, f64>,
     labels: Vec<String>,
-    handle_invalid: String,
+    handle_invalid: HandleInvalid,
     column: String,
     signature: Signature,
 }
 
 impl IndexUdf {
-    fn new(labels: &[String], handle_invalid: &str, column: &str) -> Self {
+    fn new(labels: &[String], handle_invalid: HandleInvalid, column: &str) -> Self {
         IndexUdf {
             index: labels
                 .iter()
@@ -330,7 +341,7 @@ impl IndexUdf {
                 .map(|(i, l)| (l.clone(), i as f64))
                 .collect(),
             labels: labels.to_vec(),
-            handle_invalid: handle_invalid.to_string(),
+            handle_invalid,
             column: column.to_string(),
             signature: Signature::any(1, Volatility::Immutable),
         }
@@ -371,11 +382,11 @@ impl ScalarUDFImpl for IndexUdf {
             let mut out = Vec::with_capacity(strings.len());
             for value in strings.iter() {
                 let index = value.and_then(|v| self.index.get(v).copied());
-                out.push(match (index, self.handle_invalid.as_str()) {
+                out.push(match (index, self.handle_invalid) {
                 (Some(i), _) => Some(i),
-                (None, "keep") => Some(keep),
-                (None, "skip") => None,
-                (None, _) => {
+                (None, HandleInvalid::Keep) => Some(keep),
+                (None, HandleInvalid::Skip) => None,
+                (None, HandleInvalid::Error) => {
                     return exec_err!(
                         "StringIndexer: column `{}` has {} label {:?} (known: {}); set handleInvalid to skip or keep",
                         self.column,
@@ -498,17 +509,10 @@ impl Transformer for IndexToString {
         self
     }
 
-    params_stage_methods!(transformer, CLASS_INDEX_TO_STRING);
+    params_stage_methods!(transformer);
 }
 
-impl IndexToString {
-    pub(crate) fn from_saved(saved: &SavedStage) -> Result<Self> {
-        Ok(IndexToString {
-            uid: saved.uid.clone(),
-            params: saved.params()?,
-        })
-    }
-}
+params_stage_persisted!(IndexToString, "IndexToString", Transformer);
 
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct LabelUdf {
@@ -557,5 +561,45 @@ impl ScalarUDFImpl for LabelUdf {
                 Arc::new(StringArray::from(out)) as ArrayRef
             ))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choices_keep_their_spark_strings_in_json_and_param_maps() {
+        let indexer = StringIndexer::new()
+            .with_handle_invalid("skip")
+            .with_string_order_type(StringOrderType::AlphabetAsc);
+        let json = indexer.params().to_json();
+        assert_eq!(json["handleInvalid"], "skip");
+        assert_eq!(json["stringOrderType"], "alphabetAsc");
+
+        let uid = Estimator::uid(&indexer);
+        let keep = ParamMap::new().put(uid, "handleInvalid", "keep");
+        let copy = indexer.copy_with(&keep).unwrap();
+        assert_eq!(copy.params().handle_invalid, HandleInvalid::Keep);
+        let bad = ParamMap::new()
+            .put(uid, "outputCol", "idx")
+            .put(uid, "handleInvalid", "bogus");
+        match indexer.copy_with(&bad) {
+            Err(Error::InvalidParam { stage, param, .. }) => {
+                assert_eq!(
+                    (stage.as_str(), param.as_str()),
+                    ("StringIndexer", "handleInvalid")
+                )
+            }
+            other => panic!("expected an invalid handleInvalid, got {other:?}"),
+        }
+
+        // A string a setter could not parse is written as given: a saved copy fails to load.
+        let rejected = StringIndexer::new().with_handle_invalid("bogus");
+        let json = rejected.params().to_json();
+        assert_eq!(json["handleInvalid"], "bogus");
+        assert!(StringIndexerParams::from_json(json).is_err());
+        let fixed = rejected.with_handle_invalid(HandleInvalid::Error);
+        assert!(fixed.params().validate().is_ok());
     }
 }

@@ -27,6 +27,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod builtin;
 pub mod classification;
 pub mod error;
 pub mod evaluation;
@@ -34,14 +35,17 @@ pub mod feature;
 pub mod featurizer;
 pub mod image;
 pub mod models;
+pub mod network_stage;
 pub mod optim;
 pub mod params;
 pub mod persistence;
 pub mod pipeline;
 pub mod predictor;
 pub mod preprocess;
+pub mod registry;
 pub mod split;
 pub mod sql;
+pub mod stage;
 pub mod tuning;
 
 pub use classification::{LogisticRegression, LogisticRegressionModel};
@@ -56,6 +60,7 @@ pub use image::{ReadImagesOptions, decode_image_column, read_images};
 pub use params::{ParamMap, Params};
 pub use pipeline::{Estimator, Pipeline, PipelineModel, Transformer};
 pub use predictor::DeepImagePredictor;
+pub use registry::{LoadedStage, PersistedStage, StageRegistry};
 pub use split::random_split;
 pub use sql::{register_featurizer, register_images_table, register_model};
 pub use tuning::{CrossValidator, ParamGridBuilder, TrainValidationSplit};

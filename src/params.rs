@@ -30,10 +30,28 @@ pub trait Params: Serialize + DeserializeOwned + Default + Clone {
     /// Checks every param; the error names the first invalid one.
     fn validate(&self) -> Result<()>;
 
+    /// Closed-choice values a setter could not parse (none for most stages).
+    fn rejected(&self) -> &Rejected {
+        static NONE: Rejected = Rejected(Vec::new());
+        &NONE
+    }
+
+    /// The JSON form (Spark names): what persistence writes and a [`ParamMap`] edits. A value
+    /// a setter could not parse is written as given, so reading it back fails as it should.
+    fn to_json(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).unwrap_or_default();
+        if let Some(object) = value.as_object_mut() {
+            for unparsed in &self.rejected().0 {
+                object.insert(unparsed.param.to_string(), unparsed.raw.clone().into());
+            }
+        }
+        value
+    }
+
     /// All params with their current and default values, in declaration order.
     fn explain_params(&self) -> Vec<ParamInfo> {
-        let value = serde_json::to_value(self).unwrap_or_default();
-        let default = serde_json::to_value(Self::default()).unwrap_or_default();
+        let value = self.to_json();
+        let default = Self::default().to_json();
         Self::docs()
             .iter()
             .map(|(name, doc)| ParamInfo {
@@ -53,6 +71,136 @@ pub trait Params: Serialize + DeserializeOwned + Default + Clone {
         Ok(params)
     }
 }
+
+/// A closed set of values (Spark's `ParamValidators.inArray`) as an enum whose serde names
+/// and `as_str` are Spark's strings, so saved JSON and [`ParamMap`] values stay those strings.
+/// Defined with `choice!`.
+pub trait Choice: Copy + 'static {
+    /// The accepted strings, in declaration order.
+    const NAMES: &'static [&'static str];
+    /// The value named `name`, if any.
+    fn from_name(name: &str) -> Option<Self>;
+}
+
+/// The error text for `value` outside `names`.
+pub fn not_one_of(value: &str, names: &[&str]) -> String {
+    format!("`{value}` is not one of {}", names.join(", "))
+}
+
+/// What a closed-choice setter takes: the enum, or its Spark string.
+pub trait IntoChoice<T> {
+    /// The value, or the string that names none.
+    fn into_choice(self) -> std::result::Result<T, String>;
+}
+
+impl<T: Choice> IntoChoice<T> for T {
+    fn into_choice(self) -> std::result::Result<T, String> {
+        Ok(self)
+    }
+}
+
+impl<T: Choice> IntoChoice<T> for &str {
+    fn into_choice(self) -> std::result::Result<T, String> {
+        T::from_name(self).ok_or_else(|| self.to_string())
+    }
+}
+
+impl<T: Choice> IntoChoice<T> for String {
+    fn into_choice(self) -> std::result::Result<T, String> {
+        T::from_name(&self).ok_or(self)
+    }
+}
+
+/// Strings that closed-choice setters could not parse. Setters chain (they return `Self`), so
+/// instead of failing they keep the string here: `validate` reports it naming the param, and
+/// [`Params::to_json`] writes it as given. Never saved or read by serde itself.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rejected(Vec<Unparsed>);
+
+#[derive(Debug, Clone, PartialEq)]
+struct Unparsed {
+    param: &'static str,
+    raw: String,
+    names: &'static [&'static str],
+}
+
+impl Rejected {
+    /// Sets `field` to `value`, or records the string that names no choice.
+    pub(crate) fn set<T: Choice>(
+        &mut self,
+        param: &'static str,
+        value: std::result::Result<T, String>,
+        field: &mut T,
+    ) {
+        self.0.retain(|u| u.param != param);
+        match value {
+            Ok(v) => *field = v,
+            Err(raw) => self.0.push(Unparsed {
+                param,
+                raw,
+                names: T::NAMES,
+            }),
+        }
+    }
+
+    /// The first rejected value as an error naming `stage` and the param.
+    pub(crate) fn check(&self, stage: &str) -> Result<()> {
+        match self.0.first() {
+            Some(u) => Err(Error::param(stage, u.param, not_one_of(&u.raw, u.names))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Defines a [`Choice`] enum: `Variant = "sparkName"` per value; adds `as_str`, `FromStr` and
+/// `Display`.
+macro_rules! choice {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)+ }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+        pub enum $name {
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant,)+
+        }
+
+        impl $crate::params::Choice for $name {
+            const NAMES: &'static [&'static str] = &[$($text),+];
+            fn from_name(name: &str) -> Option<Self> {
+                match name {
+                    $($text => Some($name::$variant),)+
+                    _ => None,
+                }
+            }
+        }
+
+        impl $name {
+            /// The Spark string of this value.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> std::result::Result<Self, String> {
+                <Self as $crate::params::Choice>::from_name(s).ok_or_else(|| {
+                    $crate::params::not_one_of(s, <Self as $crate::params::Choice>::NAMES)
+                })
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+pub(crate) use choice;
 
 /// Validation helpers shared by all stages.
 pub(crate) mod check {
@@ -164,8 +312,7 @@ impl ParamMap {
     /// `params` with the values this map sets for stage `uid`, validated. Unknown param names
     /// and values of the wrong type are errors naming the param.
     pub fn apply<P: Params>(&self, uid: &str, params: &P) -> Result<P> {
-        let mut value = serde_json::to_value(params)
-            .map_err(|e| Error::param(P::STAGE, "*", format!("cannot serialise params: {e}")))?;
+        let mut value = params.to_json();
         let Some(object) = value.as_object_mut() else {
             return Err(Error::param(P::STAGE, "*", "params are not a JSON object"));
         };
@@ -180,13 +327,27 @@ impl ParamMap {
             }
             object.insert(entry.param.clone(), entry.value.clone());
         }
-        let params: P = serde_json::from_value(value).map_err(|e| {
-            let names = self.names_for(uid).join(", ");
-            Error::param(P::STAGE, &names, format!("wrong value type: {e}"))
+        let params: P = serde_json::from_value(value.clone()).map_err(|e| {
+            let param =
+                first_unreadable::<P>(&value).unwrap_or_else(|| self.names_for(uid).join(", "));
+            Error::param(P::STAGE, &param, format!("wrong value type: {e}"))
         })?;
         params.validate()?;
         Ok(params)
     }
+}
+
+/// The first param of `value` that does not read as `P`'s on its own (serde's errors do not
+/// name the field).
+fn first_unreadable<P: Params>(value: &serde_json::Value) -> Option<String> {
+    let defaults = serde_json::to_value(P::default()).ok()?;
+    value.as_object()?.iter().find_map(|(name, v)| {
+        let mut single = defaults.clone();
+        single.as_object_mut()?.insert(name.clone(), v.clone());
+        serde_json::from_value::<P>(single)
+            .is_err()
+            .then(|| name.clone())
+    })
 }
 
 impl std::fmt::Display for ParamMap {
@@ -199,47 +360,6 @@ impl std::fmt::Display for ParamMap {
         write!(f, "{{{}}}", parts.join(", "))
     }
 }
-
-/// `save_stage` and `copy_with` for a stage whose whole state is `uid` + `params`; used inside
-/// its `impl Estimator` / `impl Transformer` block.
-macro_rules! params_stage_methods {
-    (estimator, $class:expr) => {
-        fn save_stage(&self) -> $crate::Result<$crate::persistence::SavedStage> {
-            Ok($crate::persistence::SavedStage::of(
-                $class,
-                &self.uid,
-                &self.params,
-            ))
-        }
-
-        fn copy_with(&self, overrides: &$crate::params::ParamMap) -> $crate::Result<Self> {
-            Ok(Self {
-                uid: self.uid.clone(),
-                params: overrides.apply(&self.uid, &self.params)?,
-            })
-        }
-    };
-    (transformer, $class:expr) => {
-        fn save_stage(&self) -> $crate::Result<$crate::persistence::SavedStage> {
-            Ok($crate::persistence::SavedStage::of(
-                $class,
-                &self.uid,
-                &self.params,
-            ))
-        }
-
-        fn copy_with(
-            &self,
-            overrides: &$crate::params::ParamMap,
-        ) -> $crate::Result<std::sync::Arc<dyn $crate::Transformer>> {
-            Ok(std::sync::Arc::new(Self {
-                uid: self.uid.clone(),
-                params: overrides.apply(&self.uid, &self.params)?,
-            }))
-        }
-    };
-}
-pub(crate) use params_stage_methods;
 
 /// Builder setters `with_x(mut self, v) -> Self` writing `self.params.x`, for stages and
 /// evaluators whose params live in a `params` field.
@@ -263,3 +383,15 @@ macro_rules! string_setters {
     };
 }
 pub(crate) use string_setters;
+
+/// [`setters!`] for closed-choice params: each takes the enum or its string, and a string that
+/// names no choice waits in the params' `rejected` field for `validate`.
+macro_rules! choice_setters {
+    ($($name:ident: $field:ident: $ty:ty = $param:literal),* $(,)?) => {
+        $(pub fn $name(mut self, v: impl $crate::params::IntoChoice<$ty>) -> Self {
+            self.params.rejected.set($param, v.into_choice(), &mut self.params.$field);
+            self
+        })*
+    };
+}
+pub(crate) use choice_setters;

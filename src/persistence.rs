@@ -17,24 +17,18 @@
 //! folder is written under a temporary name beside `path` and renamed into place, so a crash
 //! never leaves a half-written model at `path`. Loading checks the format version, every data
 //! file's sha256 and every stage's class, and names the file at fault.
+//!
+//! This module is the file format only (it knows no stage types): the `registry` module turns a
+//! [`SavedStage`] back into a stage, by class.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::classification::LogisticRegressionModel;
 use crate::error::{Error, Result};
-use crate::feature::{IndexToString, StringIndexer, StringIndexerModel};
-use crate::featurizer::DeepImageFeaturizer;
 use crate::params::Params;
-use crate::pipeline::{
-    AnyEstimator, CLASS_PIPELINE, CLASS_PIPELINE_MODEL, Pipeline, PipelineModel, PipelineStage,
-    Transformer,
-};
-use crate::{LogisticRegression, classification};
 
 /// Version of the on-disk layout this library writes and the newest it reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -46,7 +40,8 @@ const CLASS_PREFIX: &str = "deep_pipelines.";
 /// One stage as saved: what `metadata.json` holds, the data files, and child stages.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SavedStage {
-    /// Short class name, e.g. `LogisticRegressionModel`.
+    /// Class name: this crate's stages use a short name (`LogisticRegressionModel`), written
+    /// with the `deep_pipelines.` prefix; a name with a dot (`my_crate.MyStage`) is kept as is.
     pub class: String,
     pub uid: String,
     /// The stage's params (Spark names).
@@ -62,21 +57,8 @@ pub struct SavedStage {
 }
 
 impl SavedStage {
-    /// A stage whose state is its params.
-    pub fn of<P: Params>(class: &str, uid: &str, params: &P) -> Self {
-        SavedStage {
-            class: class.to_string(),
-            uid: uid.to_string(),
-            params: serde_json::to_value(params).unwrap_or(Value::Null),
-            default_params: serde_json::to_value(P::default()).unwrap_or(Value::Null),
-            extra: Value::Null,
-            data: Vec::new(),
-            stages: Vec::new(),
-        }
-    }
-
-    /// A pipeline-like stage holding other stages.
-    pub fn container(class: &str, uid: &str, stages: Vec<SavedStage>) -> Self {
+    /// A stage with no params, data or children yet.
+    pub fn new(class: &str, uid: &str) -> Self {
         SavedStage {
             class: class.to_string(),
             uid: uid.to_string(),
@@ -84,7 +66,24 @@ impl SavedStage {
             default_params: Value::Object(Default::default()),
             extra: Value::Null,
             data: Vec::new(),
+            stages: Vec::new(),
+        }
+    }
+
+    /// A stage whose state is its params.
+    pub fn of<P: Params>(class: &str, uid: &str, params: &P) -> Self {
+        SavedStage {
+            params: params.to_json(),
+            default_params: P::default().to_json(),
+            ..Self::new(class, uid)
+        }
+    }
+
+    /// A pipeline-like stage holding other stages.
+    pub fn container(class: &str, uid: &str, stages: Vec<SavedStage>) -> Self {
+        SavedStage {
             stages,
+            ..Self::new(class, uid)
         }
     }
 
@@ -188,8 +187,13 @@ fn write_stage(stage: &SavedStage, dir: &Path) -> Result<()> {
         let name = stage_dir_name(index, stage.stages.len(), &child.uid);
         write_stage(child, &dir.join("stages").join(name))?;
     }
+    let class = if stage.class.contains('.') {
+        stage.class.clone()
+    } else {
+        format!("{CLASS_PREFIX}{}", stage.class)
+    };
     let metadata = Metadata {
-        class: format!("{CLASS_PREFIX}{}", stage.class),
+        class,
         uid: stage.uid.clone(),
         library_version: LIBRARY_VERSION.to_string(),
         format_version: FORMAT_VERSION,
@@ -251,7 +255,8 @@ pub fn save(stage: &SavedStage, path: &Path, overwrite: bool) -> Result<()> {
     })
 }
 
-fn persistence_error(path: &Path, message: impl std::fmt::Display) -> Error {
+/// An error about the file or folder at `path`.
+pub(crate) fn persistence_error(path: &Path, message: impl std::fmt::Display) -> Error {
     Error::Persistence(format!("{}: {message}", path.display()))
 }
 
@@ -273,8 +278,7 @@ fn read_stage(dir: &Path) -> Result<SavedStage> {
     let class = meta
         .class
         .strip_prefix(CLASS_PREFIX)
-        .ok_or_else(|| persistence_error(&meta_path, format!("unknown class `{}`", meta.class)))?
-        .to_string();
+        .map_or_else(|| meta.class.clone(), str::to_string);
     let mut data = Vec::new();
     for (name, expected) in &meta.data_files {
         let path = dir.join("data").join(name);
@@ -327,113 +331,4 @@ pub fn read(path: &Path) -> Result<SavedStage> {
         ));
     }
     read_stage(path)
-}
-
-/// A loaded stage: fitted (transformer) or not (estimator).
-#[derive(Debug, Clone)]
-pub enum LoadedStage {
-    Transformer(Arc<dyn Transformer>),
-    Estimator(Arc<dyn AnyEstimator>),
-}
-
-/// Rebuilds a stage from what [`read`] returned, by class.
-pub fn build(stage: SavedStage) -> Result<LoadedStage> {
-    use LoadedStage::{Estimator as E, Transformer as T};
-    Ok(match stage.class.as_str() {
-        CLASS_PIPELINE_MODEL => {
-            let stages = stage
-                .stages
-                .into_iter()
-                .map(|s| match build(s)? {
-                    T(t) => Ok(t),
-                    E(e) => Err(Error::Persistence(format!(
-                        "PipelineModel `{}`: stage `{}` is not fitted",
-                        stage.uid,
-                        e.uid()
-                    ))),
-                })
-                .collect::<Result<_>>()?;
-            T(Arc::new(PipelineModel::new(stage.uid, stages)))
-        }
-        CLASS_PIPELINE => {
-            let stages = stage
-                .stages
-                .into_iter()
-                .map(|s| {
-                    Ok(match build(s)? {
-                        T(t) => PipelineStage::Transformer(t),
-                        E(e) => PipelineStage::Estimator(e),
-                    })
-                })
-                .collect::<Result<_>>()?;
-            E(Arc::new(Pipeline::from_stages(stage.uid, stages)))
-        }
-        classification::CLASS_LOGISTIC_REGRESSION => {
-            E(Arc::new(LogisticRegression::from_saved(&stage)?))
-        }
-        classification::CLASS_LOGISTIC_REGRESSION_MODEL => {
-            T(Arc::new(LogisticRegressionModel::from_saved(&stage)?))
-        }
-        crate::feature::CLASS_STRING_INDEXER => E(Arc::new(StringIndexer::from_saved(&stage)?)),
-        crate::feature::CLASS_STRING_INDEXER_MODEL => {
-            T(Arc::new(StringIndexerModel::from_saved(&stage)?))
-        }
-        crate::feature::CLASS_INDEX_TO_STRING => T(Arc::new(IndexToString::from_saved(&stage)?)),
-        crate::featurizer::CLASS_DEEP_IMAGE_FEATURIZER => {
-            T(Arc::new(DeepImageFeaturizer::from_saved(&stage)?))
-        }
-        crate::predictor::CLASS_DEEP_IMAGE_PREDICTOR => {
-            T(Arc::new(crate::DeepImagePredictor::from_saved(&stage)?))
-        }
-        other => {
-            return Err(Error::Persistence(format!(
-                "stage `{}`: unknown class `{other}`",
-                stage.uid
-            )));
-        }
-    })
-}
-
-/// Loads any saved stage.
-pub fn load(path: impl AsRef<Path>) -> Result<LoadedStage> {
-    build(read(path.as_ref())?)
-}
-
-/// Loads a saved transformer (fitted model) of concrete type `T`.
-pub fn load_transformer_as<T: Transformer + Clone>(path: &Path) -> Result<T> {
-    match load(path)? {
-        LoadedStage::Transformer(t) => t.as_any().downcast_ref::<T>().cloned(),
-        LoadedStage::Estimator(_) => None,
-    }
-    .ok_or_else(|| {
-        persistence_error(
-            path,
-            format!(
-                "holds another kind of stage, not a {}",
-                short_type_name::<T>()
-            ),
-        )
-    })
-}
-
-/// Loads a saved estimator of concrete type `E`.
-pub fn load_estimator_as<E: AnyEstimator + Clone + 'static>(path: &Path) -> Result<E> {
-    let found = match load(path)? {
-        LoadedStage::Estimator(e) => e.as_any().downcast_ref::<E>().cloned(),
-        LoadedStage::Transformer(_) => None,
-    };
-    found.ok_or_else(|| {
-        persistence_error(
-            path,
-            format!(
-                "holds another kind of stage, not a {}",
-                short_type_name::<E>()
-            ),
-        )
-    })
-}
-
-fn short_type_name<T>() -> &'static str {
-    let name = std::any::type_name::<T>();
-    name.rsplit("::").next().unwrap_or(name)
 }

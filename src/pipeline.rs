@@ -9,7 +9,6 @@
 //!   estimator needs. An empty pipeline fits to the identity.
 
 use std::any::Any;
-use std::fmt::Debug;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -18,138 +17,8 @@ use datafusion::prelude::DataFrame;
 use crate::error::{Error, Result};
 use crate::params::{ParamMap, new_uid};
 use crate::persistence::SavedStage;
-
-/// A stage that maps a DataFrame to a new DataFrame (lazily where possible).
-pub trait Transformer: Send + Sync + Debug + Any {
-    /// Unique id of this stage, e.g. `DeepImageFeaturizer_3f2a...`.
-    fn uid(&self) -> &str;
-
-    /// Returns `df` with this stage's output column(s) added.
-    fn transform(&self, df: DataFrame) -> Result<DataFrame>;
-
-    /// For downcasting a stage of a fitted [`PipelineModel`] back to its concrete type.
-    fn as_any(&self) -> &dyn Any;
-
-    /// Params and model data for [`crate::persistence`]. The default: this stage cannot be saved.
-    fn save_stage(&self) -> Result<SavedStage> {
-        Err(not_saveable(self.uid()))
-    }
-
-    /// A copy with the params of `overrides` that name this stage set (same uid), for tuning.
-    /// The default accepts only an empty set: this stage has no params to tune.
-    fn copy_with(&self, overrides: &ParamMap) -> Result<Arc<dyn Transformer>> {
-        Err(no_params(self.uid(), overrides))
-    }
-}
-
-fn not_saveable(uid: &str) -> Error {
-    Error::Persistence(format!(
-        "stage `{uid}` does not implement saving (Transformer::save_stage / Estimator::save_stage)"
-    ))
-}
-
-fn no_params(uid: &str, overrides: &ParamMap) -> Error {
-    Error::param(
-        uid,
-        &overrides.names_for(uid).join(", "),
-        "this stage has no settable params",
-    )
-}
-
-/// A stage that learns from a DataFrame and returns a fitted [`Transformer`].
-#[async_trait]
-pub trait Estimator: Send + Sync + Debug {
-    /// The fitted model type.
-    type Model: Transformer;
-
-    /// Unique id of this stage.
-    fn uid(&self) -> &str;
-
-    /// Runs over `df` (executing the plan) and returns the fitted model.
-    async fn fit(&self, df: &DataFrame) -> Result<Self::Model>;
-
-    /// Params for [`crate::persistence`]. The default: this stage cannot be saved.
-    fn save_stage(&self) -> Result<SavedStage> {
-        Err(not_saveable(Estimator::uid(self)))
-    }
-
-    /// A copy with the params of `overrides` that name this stage set (same uid), for tuning.
-    fn copy_with(&self, overrides: &ParamMap) -> Result<Self>
-    where
-        Self: Sized,
-    {
-        Err(no_params(Estimator::uid(self), overrides))
-    }
-}
-
-/// Object-safe view of an [`Estimator`], so a pipeline can hold estimators of different types.
-#[async_trait]
-pub trait AnyEstimator: Send + Sync + Debug {
-    fn uid(&self) -> &str;
-    async fn fit_any(&self, df: &DataFrame) -> Result<Arc<dyn Transformer>>;
-    fn save_stage(&self) -> Result<SavedStage>;
-    fn copy_with_any(&self, overrides: &ParamMap) -> Result<Arc<dyn AnyEstimator>>;
-    /// For downcasting back to the concrete estimator type.
-    fn as_any(&self) -> &dyn Any;
-}
-
-#[async_trait]
-impl<E: Estimator + 'static> AnyEstimator for E {
-    fn uid(&self) -> &str {
-        Estimator::uid(self)
-    }
-
-    async fn fit_any(&self, df: &DataFrame) -> Result<Arc<dyn Transformer>> {
-        Ok(Arc::new(self.fit(df).await?))
-    }
-
-    fn save_stage(&self) -> Result<SavedStage> {
-        Estimator::save_stage(self)
-    }
-
-    fn copy_with_any(&self, overrides: &ParamMap) -> Result<Arc<dyn AnyEstimator>> {
-        Ok(Arc::new(self.copy_with(overrides)?))
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-}
-
-/// One stage of a [`Pipeline`].
-#[derive(Debug, Clone)]
-pub enum PipelineStage {
-    Transformer(Arc<dyn Transformer>),
-    Estimator(Arc<dyn AnyEstimator>),
-}
-
-impl PipelineStage {
-    /// The stage's uid.
-    pub fn uid(&self) -> &str {
-        match self {
-            PipelineStage::Transformer(t) => t.uid(),
-            PipelineStage::Estimator(e) => e.uid(),
-        }
-    }
-
-    /// This stage with the params of `overrides` that name it set; untouched stages are shared.
-    pub fn copy_with(&self, overrides: &ParamMap) -> Result<PipelineStage> {
-        if overrides.names_for(self.uid()).is_empty() {
-            return Ok(self.clone());
-        }
-        Ok(match self {
-            PipelineStage::Transformer(t) => PipelineStage::Transformer(t.copy_with(overrides)?),
-            PipelineStage::Estimator(e) => PipelineStage::Estimator(e.copy_with_any(overrides)?),
-        })
-    }
-
-    fn save_stage(&self) -> Result<SavedStage> {
-        match self {
-            PipelineStage::Transformer(t) => t.save_stage(),
-            PipelineStage::Estimator(e) => e.save_stage(),
-        }
-    }
-}
+use crate::registry::{LoadedStage, PersistedStage, StageRegistry};
+pub use crate::stage::{AnyEstimator, Estimator, PipelineStage, Transformer};
 
 /// An ordered list of stages, itself an [`Estimator`].
 #[derive(Debug, Clone)]
@@ -214,9 +83,11 @@ impl Pipeline {
         crate::persistence::save(&Estimator::save_stage(self)?, path.as_ref(), true)
     }
 
-    /// Loads a pipeline written by [`Pipeline::save`].
-    pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self> {
-        crate::persistence::load_estimator_as(path.as_ref())
+    // `Pipeline::load` (the built-in stages) is in the `builtin` module, above every stage.
+
+    /// [`Pipeline::load`] for a pipeline holding stages of your own, registered in `registry`.
+    pub fn load_with(path: impl AsRef<std::path::Path>, registry: &StageRegistry) -> Result<Self> {
+        registry.load_estimator_as(path)
     }
 }
 
@@ -257,7 +128,7 @@ impl Estimator for Pipeline {
             .iter()
             .map(PipelineStage::save_stage)
             .collect::<Result<Vec<_>>>()?;
-        Ok(SavedStage::container(CLASS_PIPELINE, &self.uid, stages))
+        Ok(SavedStage::container(Self::CLASS, &self.uid, stages))
     }
 
     fn copy_with(&self, overrides: &ParamMap) -> Result<Self> {
@@ -272,8 +143,22 @@ impl Estimator for Pipeline {
     }
 }
 
-pub(crate) const CLASS_PIPELINE: &str = "Pipeline";
-pub(crate) const CLASS_PIPELINE_MODEL: &str = "PipelineModel";
+impl PersistedStage for Pipeline {
+    const CLASS: &'static str = "Pipeline";
+
+    fn restore(saved: &SavedStage, registry: &StageRegistry) -> Result<Self> {
+        let stages = saved
+            .stages
+            .iter()
+            .map(|s| registry.build(s))
+            .collect::<Result<_>>()?;
+        Ok(Pipeline::from_stages(saved.uid.clone(), stages))
+    }
+
+    fn into_stage(self) -> LoadedStage {
+        LoadedStage::Estimator(Arc::new(self))
+    }
+}
 
 /// A fitted pipeline: its stages are all transformers, applied in order.
 #[derive(Debug, Clone)]
@@ -313,9 +198,12 @@ impl PipelineModel {
         crate::persistence::save(&self.save_stage()?, path.as_ref(), true)
     }
 
-    /// Loads a fitted pipeline written by [`PipelineModel::save`].
-    pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self> {
-        crate::persistence::load_transformer_as(path.as_ref())
+    // `PipelineModel::load` (the built-in stages) is in the `builtin` module, above every stage.
+
+    /// [`PipelineModel::load`] for a model holding stages of your own, registered in
+    /// `registry`.
+    pub fn load_with(path: impl AsRef<std::path::Path>, registry: &StageRegistry) -> Result<Self> {
+        registry.load_transformer_as(path)
     }
 }
 
@@ -340,11 +228,7 @@ impl Transformer for PipelineModel {
             .iter()
             .map(|s| s.save_stage())
             .collect::<Result<Vec<_>>>()?;
-        Ok(SavedStage::container(
-            CLASS_PIPELINE_MODEL,
-            &self.uid,
-            stages,
-        ))
+        Ok(SavedStage::container(Self::CLASS, &self.uid, stages))
     }
 
     fn copy_with(&self, overrides: &ParamMap) -> Result<Arc<dyn Transformer>> {
@@ -362,5 +246,29 @@ impl Transformer for PipelineModel {
                 })
                 .collect::<Result<_>>()?,
         }))
+    }
+}
+
+impl PersistedStage for PipelineModel {
+    const CLASS: &'static str = "PipelineModel";
+
+    fn restore(saved: &SavedStage, registry: &StageRegistry) -> Result<Self> {
+        let stages = saved
+            .stages
+            .iter()
+            .map(|s| match registry.build(s)? {
+                LoadedStage::Transformer(t) => Ok(t),
+                LoadedStage::Estimator(e) => Err(Error::Persistence(format!(
+                    "PipelineModel `{}`: stage `{}` is not fitted",
+                    saved.uid,
+                    e.uid()
+                ))),
+            })
+            .collect::<Result<_>>()?;
+        Ok(PipelineModel::new(saved.uid.clone(), stages))
+    }
+
+    fn into_stage(self) -> LoadedStage {
+        LoadedStage::Transformer(Arc::new(self))
     }
 }

@@ -8,16 +8,15 @@ use datafusion::arrow::array::{
     ArrayRef, FixedSizeListArray, Float32Array, Int32Array, ListArray, StringArray, StructArray,
 };
 use datafusion::arrow::buffer::{NullBuffer, OffsetBuffer};
-use datafusion::arrow::datatypes::{DataType, Field, Fields};
+use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Fields};
 use datafusion::prelude::DataFrame;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::featurizer::{
-    Head, check_model_params, check_model_reference, require_image_column, saved_network_stage,
-    stage_model, with_network_column,
-};
 use crate::models::LoadedModel;
+use crate::network_stage::{
+    ImageCount, NetworkOutput, NetworkParams, check_model_params, check_model_reference,
+};
 use crate::params::{ParamMap, Params, check, new_uid, setters, string_setters};
 use crate::persistence::SavedStage;
 use crate::pipeline::Transformer;
@@ -103,6 +102,7 @@ impl Params for DeepImagePredictorParams {
 pub struct DeepImagePredictor {
     uid: String,
     params: DeepImagePredictorParams,
+    images: ImageCount,
 }
 
 impl Default for DeepImagePredictor {
@@ -117,14 +117,24 @@ impl DeepImagePredictor {
     }
 
     pub fn from_params(params: DeepImagePredictorParams) -> Self {
+        Self::with_uid(new_uid("DeepImagePredictor"), params)
+    }
+
+    fn with_uid(uid: String, params: DeepImagePredictorParams) -> Self {
         DeepImagePredictor {
-            uid: new_uid("DeepImagePredictor"),
+            uid,
             params,
+            images: ImageCount::default(),
         }
     }
 
     pub fn params(&self) -> &DeepImagePredictorParams {
         &self.params
+    }
+
+    /// Images this stage (with its clones and tuning copies) has run through the network.
+    pub fn images_processed(&self) -> u64 {
+        self.images.get()
     }
 
     string_setters! {
@@ -140,13 +150,23 @@ impl DeepImagePredictor {
         with_decode_predictions: decode_predictions: bool,
     }
 
+    fn network(&self) -> NetworkParams<'_> {
+        let p = &self.params;
+        NetworkParams {
+            uid: &self.uid,
+            input_col: &p.input_col,
+            output_col: &p.output_col,
+            model_name: &p.model_name,
+            device: &p.device,
+            model_dir: &p.model_dir,
+            batch_size: p.batch_size,
+        }
+    }
+
     pub(crate) fn from_saved(saved: &SavedStage) -> Result<Self> {
         let params: DeepImagePredictorParams = saved.params()?;
         check_model_reference(saved, &params.model_name, &params.model_dir)?;
-        Ok(DeepImagePredictor {
-            uid: saved.uid.clone(),
-            params,
-        })
+        Ok(Self::with_uid(saved.uid.clone(), params))
     }
 }
 
@@ -159,21 +179,21 @@ impl Transformer for DeepImagePredictor {
 
     fn transform(&self, df: DataFrame) -> Result<DataFrame> {
         self.params.validate()?;
-        require_image_column(&df, &self.params.input_col).map_err(|e| e.in_stage(&self.uid))?;
         let p = &self.params;
-        let model = stage_model(&p.model_name, &p.device, &p.model_dir)?;
-        if model.manifest.num_classes == 0 {
-            return Err(Error::param(
-                CLASS_DEEP_IMAGE_PREDICTOR,
-                "modelName",
-                format!("model `{}` has no classifier head", self.params.model_name),
-            ));
-        }
-        let head = Head::Predictions {
-            top_k: p.top_k.min(model.manifest.num_classes),
-            decode: p.decode_predictions,
-        };
-        with_network_column(df, &p.input_col, &p.output_col, model, p.batch_size, head)
+        self.network().add_column(df, &self.images, |model| {
+            let classes = model.manifest.num_classes;
+            if classes == 0 {
+                return Err(Error::param(
+                    CLASS_DEEP_IMAGE_PREDICTOR,
+                    "modelName",
+                    format!("model `{}` has no classifier head", p.model_name),
+                ));
+            }
+            Ok(Predictions {
+                top_k: p.top_k.min(classes),
+                decode: p.decode_predictions,
+            })
+        })
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -181,22 +201,23 @@ impl Transformer for DeepImagePredictor {
     }
 
     fn save_stage(&self) -> Result<SavedStage> {
-        let p = &self.params;
-        saved_network_stage(
-            CLASS_DEEP_IMAGE_PREDICTOR,
-            &self.uid,
-            p,
-            &p.model_name,
-            &p.model_dir,
-        )
+        self.network()
+            .save(CLASS_DEEP_IMAGE_PREDICTOR, &self.params)
     }
 
     fn copy_with(&self, overrides: &ParamMap) -> Result<Arc<dyn Transformer>> {
         Ok(Arc::new(DeepImagePredictor {
-            uid: self.uid.clone(),
             params: overrides.apply(&self.uid, &self.params)?,
+            ..self.clone()
         }))
     }
+}
+
+/// The predictor's output: softmax probabilities of every class, or the top K decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Predictions {
+    top_k: usize,
+    decode: bool,
 }
 
 /// The fields of one decoded prediction.
@@ -208,77 +229,91 @@ fn prediction_fields() -> Fields {
     ])
 }
 
-/// The predictor's output column type.
-pub(crate) fn predictions_type(decode: bool, classes: usize) -> DataType {
-    if decode {
-        DataType::List(Arc::new(Field::new(
-            "item",
-            DataType::Struct(prediction_fields()),
-            true,
-        )))
-    } else {
-        DataType::FixedSizeList(
-            Arc::new(Field::new("item", DataType::Float32, true)),
-            classes as i32,
-        )
+impl Predictions {
+    /// The list item: a decoded prediction, or a probability.
+    fn item(&self) -> FieldRef {
+        let item = if self.decode {
+            DataType::Struct(prediction_fields())
+        } else {
+            DataType::Float32
+        };
+        Arc::new(Field::new("item", item, true))
+    }
+
+    /// The top K of every valid row, as `(class, label, probability)` list entries.
+    fn decoded(
+        &self,
+        labels: Option<&Vec<String>>,
+        probabilities: &[f32],
+        classes: usize,
+        valid: Vec<bool>,
+    ) -> Result<ArrayRef> {
+        let (mut class, mut label, mut probability) = (Vec::new(), Vec::new(), Vec::new());
+        let mut lengths = Vec::with_capacity(valid.len());
+        for (row, p) in probabilities.chunks(classes).enumerate() {
+            if !valid[row] {
+                lengths.push(0);
+                continue;
+            }
+            for c in top_k_indices(p, self.top_k) {
+                class.push(c as i32);
+                label.push(labels.and_then(|l| l.get(c)).cloned());
+                probability.push(p[c]);
+            }
+            lengths.push(self.top_k);
+        }
+        let entries = StructArray::try_new(
+            prediction_fields(),
+            vec![
+                Arc::new(Int32Array::from(class)),
+                Arc::new(StringArray::from(label)),
+                Arc::new(Float32Array::from(probability)),
+            ],
+            None,
+        )?;
+        Ok(Arc::new(ListArray::try_new(
+            self.item(),
+            OffsetBuffer::from_lengths(lengths),
+            Arc::new(entries),
+            Some(NullBuffer::from(valid)),
+        )?))
     }
 }
 
-/// Softmax of every row's logits, then either all probabilities or the top K decoded
-/// (class names from the model's labels, null without them). Invalid rows are null.
-pub(crate) fn predictions(
-    model: &LoadedModel,
-    top_k: usize,
-    decode: bool,
-    logits: Vec<f32>,
-    valid: Vec<bool>,
-) -> Result<ArrayRef> {
-    let classes = model.manifest.num_classes;
-    let probabilities: Vec<f32> = logits.chunks(classes).flat_map(softmax).collect();
-    let nulls = Some(NullBuffer::from(valid.clone()));
-    let field = match predictions_type(decode, classes) {
-        DataType::List(field) | DataType::FixedSizeList(field, _) => field,
-        _ => unreachable!("predictions are a list"),
-    };
-    if !decode {
-        let values = Arc::new(Float32Array::from(probabilities));
-        return Ok(Arc::new(FixedSizeListArray::try_new(
-            field,
+impl NetworkOutput for Predictions {
+    const VERB: &'static str = "predict";
+
+    fn width(&self, model: &LoadedModel) -> usize {
+        model.manifest.num_classes
+    }
+
+    fn forward(&self, model: &LoadedModel, inputs: Vec<f32>, batch: usize) -> Result<Vec<f32>> {
+        model.logits(inputs, batch)
+    }
+
+    fn data_type(&self, model: &LoadedModel) -> DataType {
+        if self.decode {
+            DataType::List(self.item())
+        } else {
+            DataType::FixedSizeList(self.item(), self.width(model) as i32)
+        }
+    }
+
+    /// Softmax of every row's logits, then either all probabilities or the top K decoded
+    /// (class names from the model's labels, null without them). Invalid rows are null.
+    fn build(&self, model: &LoadedModel, logits: Vec<f32>, valid: Vec<bool>) -> Result<ArrayRef> {
+        let classes = self.width(model);
+        let probabilities: Vec<f32> = logits.chunks(classes).flat_map(softmax).collect();
+        if self.decode {
+            return self.decoded(model.labels.as_deref(), &probabilities, classes, valid);
+        }
+        Ok(Arc::new(FixedSizeListArray::try_new(
+            self.item(),
             classes as i32,
-            values,
-            nulls,
-        )?));
+            Arc::new(Float32Array::from(probabilities)),
+            Some(NullBuffer::from(valid)),
+        )?))
     }
-    let labels = model.labels.as_deref();
-    let (mut class, mut label, mut probability) = (Vec::new(), Vec::new(), Vec::new());
-    let mut lengths = Vec::with_capacity(valid.len());
-    for (row, p) in probabilities.chunks(classes).enumerate() {
-        if !valid[row] {
-            lengths.push(0);
-            continue;
-        }
-        for c in top_k_indices(p, top_k) {
-            class.push(c as i32);
-            label.push(labels.and_then(|l| l.get(c)).cloned());
-            probability.push(p[c]);
-        }
-        lengths.push(top_k);
-    }
-    let entries = StructArray::try_new(
-        prediction_fields(),
-        vec![
-            Arc::new(Int32Array::from(class)),
-            Arc::new(StringArray::from(label)),
-            Arc::new(Float32Array::from(probability)),
-        ],
-        None,
-    )?;
-    Ok(Arc::new(ListArray::try_new(
-        field,
-        OffsetBuffer::from_lengths(lengths),
-        Arc::new(entries),
-        nulls,
-    )?))
 }
 
 /// Softmax in f64 (stable: the max logit is subtracted first).
@@ -298,18 +333,20 @@ fn top_k_indices(values: &[f32], k: usize) -> Vec<usize> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
+mod tests;
 
-    #[test]
-    fn top_k_orders_by_value_then_index() {
-        assert_eq!(top_k_indices(&[0.1, 0.5, 0.2, 0.5], 3), vec![1, 3, 2]);
+// --- persistence registry (helper B) ---
+impl crate::registry::PersistedStage for DeepImagePredictor {
+    const CLASS: &'static str = CLASS_DEEP_IMAGE_PREDICTOR;
+
+    fn restore(
+        saved: &crate::persistence::SavedStage,
+        _: &crate::registry::StageRegistry,
+    ) -> crate::Result<Self> {
+        Self::from_saved(saved)
     }
 
-    #[test]
-    fn softmax_sums_to_one_and_survives_large_logits() {
-        let p = softmax(&[1000.0, 1000.0, -1000.0]);
-        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert!((p[0] - 0.5).abs() < 1e-6 && p[2] == 0.0);
+    fn into_stage(self) -> crate::registry::LoadedStage {
+        crate::registry::LoadedStage::Transformer(std::sync::Arc::new(self))
     }
 }

@@ -17,21 +17,35 @@
 //! contents), and runs the fitted pipeline on each record batch at once: the network sees
 //! `batchSize` images per forward pass and is loaded once per process. Null or undecodable
 //! inputs give NULL. `EXPLAIN` shows the function as `name[stages]`, naming the network.
+//!
+//! The pipeline is planned once, when the function is made; each batch only runs that plan, on
+//! the calling thread (no thread, runtime or session per batch).
 
+use std::cell::Cell;
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, Wake, Waker};
 
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, Float64Array, RecordBatch, StringArray, StructArray, UInt32Array,
 };
 use datafusion::arrow::compute::{concat_batches, take};
-use datafusion::arrow::datatypes::{DataType, Field, Fields, Float64Type, Schema};
+use datafusion::arrow::datatypes::{DataType, Field, Fields, Float64Type, Schema, SchemaRef};
+use datafusion::catalog::streaming::StreamingTable;
 use datafusion::common::{exec_err, plan_err};
+use datafusion::execution::TaskContext;
+use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::logical_expr::{
     ColumnarValue, Expr, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
-use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
+use datafusion::physical_plan::execution_plan::reset_plan_states;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::PartitionStream;
+use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream, collect};
+use datafusion::prelude::{SessionConfig, SessionContext};
+use tokio::runtime::Runtime;
 
 use crate::classification::LogisticRegressionModel;
 use crate::error::{Error, Result};
@@ -114,9 +128,48 @@ struct ModelFunction {
     /// `sql_name[stages]`: what EXPLAIN shows.
     display_name: String,
     model: PipelineModel,
-    input_col: String,
     output: Output,
+    plan: PlannedPipeline,
     signature: Signature,
+}
+
+/// The pipeline planned once (logical + physical, optimised) over an [`InputSlot`]; a run
+/// executes a fresh copy of the plan with its batch in the task's config.
+#[derive(Debug)]
+struct PlannedPipeline {
+    plan: Arc<dyn ExecutionPlan>,
+    input_schema: SchemaRef,
+    /// The planning session's config, session id and runtime env, reused by every run.
+    config: SessionConfig,
+    session_id: String,
+    runtime_env: Arc<RuntimeEnv>,
+}
+
+/// The batch a run feeds to the plan, as an extension of its task's [`SessionConfig`].
+#[derive(Debug)]
+struct InputBatch(RecordBatch);
+
+/// The plan's input: yields the batch of the task that executes it.
+#[derive(Debug)]
+struct InputSlot {
+    schema: SchemaRef,
+}
+
+impl PartitionStream for InputSlot {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let batch = match ctx.session_config().get_extension::<InputBatch>() {
+            Some(input) => Ok(input.0.clone()),
+            None => exec_err!("a SQL function's plan ran without its input batch"),
+        };
+        Box::pin(RecordBatchStreamAdapter::new(
+            Arc::clone(&self.schema),
+            futures::stream::iter([batch]),
+        ))
+    }
 }
 
 /// One line per stage for EXPLAIN: the network's name for network stages, the class otherwise.
@@ -160,10 +213,14 @@ impl ModelFunction {
                     "the pipeline has no DeepImageFeaturizer or DeepImagePredictor stage to feed images to",
                 )
             })?;
-        // Plan once on an empty input: checks the pipeline and finds the output types.
-        let probe =
-            SessionContext::new().read_batch(RecordBatch::new_empty(input_schema(&input_col)))?;
-        let planned = model.transform(probe)?;
+        // One partition: a run is one batch, already on a worker of the calling query.
+        let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
+        let schema = input_schema(&input_col);
+        let slot = InputSlot {
+            schema: Arc::clone(&schema),
+        };
+        let input = StreamingTable::try_new(Arc::clone(&schema), vec![Arc::new(slot)])?;
+        let planned = model.transform(ctx.read_table(Arc::new(input))?)?;
         let output = match model.stage::<LogisticRegressionModel>() {
             Some(lr) => Output::Prediction {
                 prediction_col: lr.params().prediction_col.clone(),
@@ -188,62 +245,62 @@ impl ModelFunction {
                 }
             }
         };
+        let planned = planned.select_columns(&output_columns(&output))?;
+        let plan = run_blocking(
+            name,
+            async move { Ok(planned.create_physical_plan().await?) },
+        )?;
+        let state = ctx.state();
         let stages: Vec<String> = model.stages().iter().map(describe).collect();
         Ok(ModelFunction {
             sql_name: vec![name.to_string()],
             display_name: format!("{name}[{}]", stages.join(" -> ")),
             model: model.clone(),
-            input_col,
             output,
+            plan: PlannedPipeline {
+                plan,
+                input_schema: schema,
+                config: state.config().clone(),
+                session_id: state.session_id().to_string(),
+                runtime_env: Arc::clone(state.runtime_env()),
+            },
             signature: Signature::any(1, Volatility::Volatile),
         })
     }
 
-    fn output_columns(&self) -> Vec<&str> {
-        match &self.output {
-            Output::Prediction {
-                prediction_col,
-                probability_col,
-                ..
-            } => vec![ROW, prediction_col, probability_col],
-            Output::Column { name, .. } => vec![ROW, name],
-        }
-    }
-
-    /// Runs the pipeline on one batch of images. `invoke` is synchronous and already on an
-    /// async worker, so the (async) plan runs to completion on a scoped thread of its own.
+    /// Runs the planned pipeline on one batch of images, in one batch (`batch_size` = rows).
     fn run(&self, images: ArrayRef) -> Result<RecordBatch> {
+        let planned = &self.plan;
         let rows = images.len();
-        let schema = input_schema(&self.input_col);
         let row_ids = UInt32Array::from_iter_values(0..rows as u32);
-        let batch = RecordBatch::try_new(Arc::clone(&schema), vec![images, Arc::new(row_ids)])?;
-        let columns = self.output_columns();
-        let outcome = std::thread::scope(|scope| {
-            scope
-                .spawn(|| -> Result<RecordBatch> {
-                    let runtime = tokio::runtime::Builder::new_current_thread()
-                        .build()
-                        .map_err(|e| Error::io("tokio runtime", e))?;
-                    runtime.block_on(async {
-                        let config = SessionConfig::new()
-                            .with_target_partitions(1)
-                            .with_batch_size(rows.max(1));
-                        let ctx = SessionContext::new_with_config(config);
-                        let df: DataFrame = self.model.transform(ctx.read_batch(batch)?)?;
-                        let df = df.select_columns(&columns)?;
-                        let out_schema = Arc::new(df.schema().as_arrow().clone());
-                        let batches = df.collect().await?;
-                        Ok(concat_batches(&out_schema, &batches)?)
-                    })
-                })
-                .join()
-        });
-        outcome.unwrap_or_else(|_| {
-            Err(Error::Fit(format!(
-                "SQL function `{}`: the pipeline panicked",
-                self.sql_name[0]
-            )))
-        })
+        let batch = RecordBatch::try_new(
+            Arc::clone(&planned.input_schema),
+            vec![images, Arc::new(row_ids)],
+        )?;
+        let config = planned
+            .config
+            .clone()
+            .with_batch_size(rows.max(1))
+            .with_extension(Arc::new(InputBatch(batch)));
+        // Executed plans keep state (a join's build side, metrics): each run gets a fresh copy.
+        let plan = reset_plan_states(Arc::clone(&planned.plan))?;
+        // No function registry: a physical plan holds the functions it calls.
+        let task = Arc::new(TaskContext::new(
+            None,
+            planned.session_id.clone(),
+            config,
+            HashMap::new(),
+            HashMap::new(),
+            HashMap::new(),
+            HashMap::new(),
+            Arc::clone(&planned.runtime_env),
+        ));
+        let schema = plan.schema();
+        let batches = run_blocking(
+            &self.sql_name[0],
+            async move { Ok(collect(plan, task).await?) },
+        )?;
+        Ok(concat_batches(&schema, &batches)?)
     }
 
     /// Puts the pipeline's output rows back in input order (null where a row has no output).
@@ -294,6 +351,95 @@ impl ModelFunction {
                 )?))
             }
         }
+    }
+}
+
+/// The pipeline's columns a run keeps: the row id, then what [`Output`] reads.
+fn output_columns(output: &Output) -> Vec<&str> {
+    match output {
+        Output::Prediction {
+            prediction_col,
+            probability_col,
+            ..
+        } => vec![ROW, prediction_col, probability_col],
+        Output::Column { name, .. } => vec![ROW, name],
+    }
+}
+
+thread_local! {
+    /// Set on the threads of [`runtime`]: a SQL function called there (a pipeline that calls
+    /// one) must not wait for a task that may queue behind its own thread.
+    static ON_SQL_RUNTIME: Cell<bool> = const { Cell::new(false) };
+}
+
+/// One multi-threaded runtime for every SQL function in the process, made on first use and
+/// never dropped (dropping a runtime inside an async context panics).
+fn runtime() -> Result<&'static Runtime> {
+    static RUNTIME: OnceLock<std::io::Result<Runtime>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .thread_name("deep-pipelines-sql")
+                .on_thread_start(|| ON_SQL_RUNTIME.set(true))
+                .enable_all()
+                .build()
+        })
+        .as_ref()
+        .map_err(|e| {
+            Error::io(
+                "tokio runtime",
+                std::io::Error::new(e.kind(), e.to_string()),
+            )
+        })
+}
+
+/// Runs `future` to completion on this thread, with [`runtime`] as the context of whatever it
+/// spawns.
+///
+/// `invoke` is synchronous and runs on a worker of the calling query's runtime, which may be
+/// its only worker: `block_on` there panics, and a task spawned there could not run while this
+/// thread waits. So this thread polls the future and parks between polls, and what the plan
+/// spawns runs on our own runtime's workers. `unconstrained`: the caller's task budget must not
+/// make the wait spin. A panic in `future` comes back as an error.
+fn run_blocking<T>(name: &str, future: impl Future<Output = Result<T>>) -> Result<T> {
+    let runtime = runtime()?;
+    let run = || {
+        let _context = runtime.enter();
+        park_until_ready(tokio::task::unconstrained(future))
+    };
+    // On one of our own workers (a pipeline that calls a SQL function): hand its queue to
+    // another thread first, so that nothing waits behind this one.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if ON_SQL_RUNTIME.get() {
+            tokio::task::block_in_place(run)
+        } else {
+            run()
+        }
+    }));
+    outcome.unwrap_or_else(|payload| {
+        // The crate's one way of turning a panic's payload into an error message.
+        let what = format!("SQL function `{name}`");
+        crate::error::catch_panics(&what, || std::panic::resume_unwind(payload))
+            .map_err(Error::from)
+    })
+}
+
+/// Polls `future` on this thread until it is ready, parking the thread until it is woken.
+fn park_until_ready<F: Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return output;
+        }
+        std::thread::park();
     }
 }
 
@@ -388,5 +534,43 @@ impl ScalarUDFImpl for ModelFunction {
             let result = self.result(&out, rows).map_err(external)?;
             Ok(ColumnarValue::Array(result))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn joined<T>(r: std::result::Result<T, tokio::task::JoinError>) -> Result<T> {
+        r.map_err(|e| Error::Fit(e.to_string()))
+    }
+
+    /// `tokio::test` is single-threaded: its only worker is the thread that waits, so a task
+    /// the run spawns must go elsewhere.
+    #[tokio::test]
+    async fn a_run_that_spawns_finishes_on_a_single_threaded_runtime() {
+        let out = run_blocking("f", async { joined(tokio::spawn(async { 7 }).await) });
+        assert_eq!(out.unwrap(), 7);
+    }
+
+    #[tokio::test]
+    async fn a_run_called_from_a_run_on_our_runtime_finishes() {
+        let out = run_blocking("outer", async {
+            let inner = tokio::spawn(async {
+                run_blocking("inner", async { joined(tokio::spawn(async { 5 }).await) })
+            });
+            joined(inner.await)?
+        });
+        assert_eq!(out.unwrap(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_run_is_an_error() {
+        let err = run_blocking::<()>("f", async { panic!("bad stage") }).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("SQL function `f` panicked: bad stage"),
+            "{err}"
+        );
     }
 }

@@ -1,5 +1,9 @@
 //! [`LogisticRegression`] (Estimator) and [`LogisticRegressionModel`] (Transformer) over
 //! DataFrame columns, with Spark's params and defaults. The maths is in `logistic_math`.
+//!
+//! Near 700 lines on purpose: params, the estimator, the fitted model and its persistence are
+//! one stage pair that Spark keeps in one file too (`LogisticRegression.scala`); the maths is
+//! already apart.
 
 use std::any::Any;
 use std::hash::{Hash, Hasher};
@@ -23,11 +27,12 @@ use serde::{Deserialize, Serialize};
 use super::logistic_math::{Dataset, Family, FitSettings, FittedLogistic, fit};
 use crate::error::{Error, Result};
 use crate::feature::require_column;
-use crate::params::{
-    ParamMap, Params, check, new_uid, params_stage_methods, setters, string_setters,
-};
+use crate::params::{ParamMap, Params, check, new_uid, setters, string_setters};
 use crate::persistence::SavedStage;
-use crate::pipeline::{Estimator, Transformer};
+use crate::registry::{
+    LoadedStage, PersistedStage, StageRegistry, params_stage_methods, params_stage_persisted,
+};
+use crate::stage::{Estimator, Transformer};
 use safetensors::{Dtype, tensor::TensorView};
 
 /// Params of [`LogisticRegression`], with Spark's names and defaults.
@@ -222,8 +227,10 @@ impl Estimator for LogisticRegression {
             .map_err(|e| e.in_stage(&self.uid))
     }
 
-    params_stage_methods!(estimator, CLASS_LOGISTIC_REGRESSION);
+    params_stage_methods!(estimator);
 }
+
+params_stage_persisted!(LogisticRegression, "LogisticRegression", Estimator);
 
 impl LogisticRegression {
     async fn fit_columns(&self, df: &DataFrame) -> Result<LogisticRegressionModel> {
@@ -305,18 +312,7 @@ impl LogisticRegression {
     }
 }
 
-pub(crate) const CLASS_LOGISTIC_REGRESSION: &str = "LogisticRegression";
-pub(crate) const CLASS_LOGISTIC_REGRESSION_MODEL: &str = "LogisticRegressionModel";
 const MODEL_DATA: &str = "model.safetensors";
-
-impl LogisticRegression {
-    pub(crate) fn from_saved(saved: &SavedStage) -> Result<Self> {
-        Ok(LogisticRegression {
-            uid: saved.uid.clone(),
-            params: saved.params()?,
-        })
-    }
-}
 
 /// What `extra` holds for a saved model; the coefficients go to safetensors (exact f64 bits).
 #[derive(Serialize, Deserialize)]
@@ -453,7 +449,18 @@ impl LogisticRegressionModel {
         self.num_skipped_rows
     }
 
-    pub(crate) fn from_saved(saved: &SavedStage) -> Result<Self> {
+    // `LogisticRegressionModel::load` is in the `builtin` module, above every stage.
+
+    /// Saves the model: params in `metadata.json`, coefficients in `data/model.safetensors`.
+    pub fn save(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        crate::persistence::save(&self.save_stage()?, path.as_ref(), false)
+    }
+}
+
+impl PersistedStage for LogisticRegressionModel {
+    const CLASS: &'static str = "LogisticRegressionModel";
+
+    fn restore(saved: &SavedStage, _: &StageRegistry) -> Result<Self> {
         let facts: ModelFacts = saved.extra_field("model")?;
         let bytes = saved.data_file(MODEL_DATA)?;
         let bad = |m: String| {
@@ -485,14 +492,8 @@ impl LogisticRegressionModel {
         Ok(Self::new(saved.uid.clone(), saved.params()?, fitted))
     }
 
-    /// Loads a model written by [`LogisticRegressionModel::save`].
-    pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self> {
-        crate::persistence::load_transformer_as(path.as_ref())
-    }
-
-    /// Saves the model: params in `metadata.json`, coefficients in `data/model.safetensors`.
-    pub fn save(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
-        crate::persistence::save(&self.save_stage()?, path.as_ref(), false)
+    fn into_stage(self) -> LoadedStage {
+        LoadedStage::Transformer(Arc::new(self))
     }
 }
 
@@ -555,11 +556,9 @@ impl Transformer for LogisticRegressionModel {
             converged: f.converged,
             objective_history: f.objective_history.clone(),
         };
-        Ok(
-            SavedStage::of(CLASS_LOGISTIC_REGRESSION_MODEL, &self.uid, &self.params)
-                .with_extra(serde_json::json!({ "model": facts }))
-                .with_data(MODEL_DATA, data),
-        )
+        Ok(SavedStage::of(Self::CLASS, &self.uid, &self.params)
+            .with_extra(serde_json::json!({ "model": facts }))
+            .with_data(MODEL_DATA, data))
     }
 
     fn copy_with(&self, overrides: &ParamMap) -> Result<Arc<dyn Transformer>> {

@@ -2,14 +2,12 @@
 //! symmetric padding, BatchNorm eps 1e-5; `classifier.1` linear). Stochastic depth and dropout
 //! are training-only and absent here.
 
-use burn::nn::{Linear, LinearConfig};
+use burn::nn::LinearConfig;
 use burn::prelude::*;
 
-use super::ImageNetwork;
-use super::layers::{
-    Act, ConvSpec, FoldBatchNorms, InvertedResidual, InvertedResidualBody, NameMap,
-    SqueezeExcitation, global_average_pool, make_divisible,
-};
+use super::Architecture;
+use super::inverted_residual::{InvertedResidual, InvertedResidualBody, InvertedResidualNet};
+use super::layers::{Act, ConvSpec, NameMap, SqueezeExcitation, make_divisible};
 
 const BN_EPS: f64 = 1e-5;
 
@@ -79,8 +77,12 @@ impl EfficientNetConfig {
         }
         blocks
     }
+}
 
-    pub fn init(&self, device: &Device) -> EfficientNet {
+impl Architecture for EfficientNetConfig {
+    type Network = InvertedResidualNet;
+
+    fn init(&self, device: &Device) -> InvertedResidualNet {
         let stem = self.stages.first().map_or(32, |s| self.adjust(s.3));
         let blocks = self
             .blocks()
@@ -103,7 +105,7 @@ impl EfficientNetConfig {
             })
             .collect();
         let last_in = self.stages.last().map_or(stem, |s| self.adjust(s.4));
-        EfficientNet {
+        InvertedResidualNet {
             body: InvertedResidualBody {
                 stem: ConvSpec::new(3, stem, 3).stride(2).with_bn(BN_EPS, device),
                 blocks,
@@ -114,7 +116,7 @@ impl EfficientNetConfig {
         }
     }
 
-    pub fn weight_names(&self) -> NameMap {
+    fn weight_names(&self) -> NameMap {
         let mut map = NameMap::default();
         map.conv_bn("features.0", "body.stem");
         let mut j = 0;
@@ -141,28 +143,5 @@ impl EfficientNetConfig {
         map.conv_bn(&format!("features.{}", self.stages.len() + 1), "body.head")
             .prefix("classifier.1", "classifier");
         map
-    }
-}
-
-#[derive(Module, Debug)]
-pub struct EfficientNet {
-    body: InvertedResidualBody,
-    classifier: Linear,
-}
-
-impl ImageNetwork for EfficientNet {
-    fn feature_map(&self, input: Tensor<4>) -> Tensor<4> {
-        self.body.forward(input)
-    }
-
-    fn logits(&self, map: Tensor<4>) -> Option<Tensor<2>> {
-        Some(self.classifier.forward(global_average_pool(map)))
-    }
-}
-
-impl FoldBatchNorms for EfficientNet {
-    fn fold_batch_norms(mut self) -> Self {
-        self.body.fold();
-        self
     }
 }

@@ -1,16 +1,14 @@
 //! EfficientNet-Lite0/1/2: inverted residuals without squeeze-excite, ReLU6, TF "SAME"
 //! padding, BatchNorm eps 1e-3. The checkpoint's names (`_blocks.3._bn1.weight`, the
-//! efficientnet-lite-pytorch layout) map onto the shared [`InvertedResidualBody`], see
-//! [`WEIGHT_NAME_MAP`].
+//! efficientnet-lite-pytorch layout) map onto the shared [`InvertedResidualNet`] by regex
+//! rules (`NAME_RULES`).
 
-use burn::module::Module;
-use burn::nn::{Linear, LinearConfig};
+use burn::nn::LinearConfig;
 use burn::prelude::*;
 
-use super::ImageNetwork;
-use super::layers::{
-    Act, ConvSpec, FoldBatchNorms, InvertedResidual, InvertedResidualBody, global_average_pool,
-};
+use super::Architecture;
+use super::inverted_residual::{InvertedResidual, InvertedResidualBody, InvertedResidualNet};
+use super::layers::{Act, ConvSpec, NameMap};
 
 /// One stage of MBConv blocks; the stride applies to the stage's first block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,9 +83,12 @@ impl EfficientNetLiteConfig {
             bn_eps: 1e-3,
         }
     }
+}
 
-    /// Builds the network with freshly initialised weights (load real ones with the store).
-    pub fn init(&self, device: &Device) -> EfficientNetLite {
+impl Architecture for EfficientNetLiteConfig {
+    type Network = InvertedResidualNet;
+
+    fn init(&self, device: &Device) -> InvertedResidualNet {
         let conv_bn = |i: usize, o: usize, k: usize, stride: usize, depthwise: bool| {
             let spec = ConvSpec::new(i, o, k).stride(stride).same();
             let spec = if depthwise { spec.depthwise() } else { spec };
@@ -111,26 +112,35 @@ impl EfficientNetLiteConfig {
             }
         }
         let last = self.stages.last().map_or(self.stem_channels, |s| s.output);
-        EfficientNetLite {
+        InvertedResidualNet {
             body: InvertedResidualBody {
                 stem: conv_bn(3, self.stem_channels, 3, 2, false),
                 blocks,
                 head: conv_bn(last, self.head_channels, 1, 1, false),
                 act: Act::Relu6,
             },
-            fc: LinearConfig::new(self.head_channels, self.num_classes).init(device),
+            classifier: LinearConfig::new(self.head_channels, self.num_classes).init(device),
         }
+    }
+
+    /// The checkpoint's names follow no table: the same rules fit every Lite size.
+    fn weight_names(&self) -> NameMap {
+        let mut map = NameMap::default();
+        for (from, to) in NAME_RULES {
+            map.pattern(from, to);
+        }
+        map
     }
 }
 
 /// Checkpoint names -> fields (regex, replacement, applied in order). BatchNorm
-/// `weight`/`bias` -> `gamma`/`beta` and the `fc` transpose are burn-store's PyTorch adapter's.
-pub const WEIGHT_NAME_MAP: &[(&str, &str)] = &[
+/// `weight`/`bias` -> `gamma`/`beta` and the linear transpose are burn-store's PyTorch adapter's.
+const NAME_RULES: &[(&str, &str)] = &[
     (r"^_conv_stem\.", "body.stem.conv."),
     (r"^_bn0\.", "body.stem.bn."),
     (r"^_conv_head\.", "body.head.conv."),
     (r"^_bn1\.", "body.head.bn."),
-    (r"^_fc\.", "fc."),
+    (r"^_fc\.", "classifier."),
     (
         r"^_blocks\.(\d+)\._expand_conv\.",
         "body.blocks.$1.expand.conv.",
@@ -147,27 +157,3 @@ pub const WEIGHT_NAME_MAP: &[(&str, &str)] = &[
     ),
     (r"^_blocks\.(\d+)\._bn2\.", "body.blocks.$1.project.bn."),
 ];
-
-/// The EfficientNet-Lite network.
-#[derive(Module, Debug)]
-pub struct EfficientNetLite {
-    body: InvertedResidualBody,
-    fc: Linear,
-}
-
-impl ImageNetwork for EfficientNetLite {
-    fn feature_map(&self, input: Tensor<4>) -> Tensor<4> {
-        self.body.forward(input)
-    }
-
-    fn logits(&self, map: Tensor<4>) -> Option<Tensor<2>> {
-        Some(self.fc.forward(global_average_pool(map)))
-    }
-}
-
-impl FoldBatchNorms for EfficientNetLite {
-    fn fold_batch_norms(mut self) -> Self {
-        self.body.fold();
-        self
-    }
-}

@@ -9,11 +9,11 @@ use burn::nn::conv::Conv2d;
 use burn::nn::{BatchNorm, Linear, LinearConfig};
 use burn::prelude::*;
 
-use super::ImageNetwork;
 use super::layers::{
     Act, ConvSpec, FoldBatchNorms, NameMap, avg_pool, batch_norm, bn_forward, fold_into,
     global_average_pool, max_pool,
 };
+use super::{Architecture, ImageNetwork};
 
 const BN_EPS: f64 = 1e-3;
 
@@ -47,8 +47,12 @@ impl InceptionV3Config {
     pub fn feature_dim(&self) -> usize {
         2048 / self.width_divisor
     }
+}
 
-    pub fn init(&self, device: &Device) -> InceptionV3 {
+impl Architecture for InceptionV3Config {
+    type Network = InceptionV3;
+
+    fn init(&self, device: &Device) -> InceptionV3 {
         let n = Narrow {
             d: self.width_divisor,
             device,
@@ -78,15 +82,15 @@ impl InceptionV3Config {
             fc: LinearConfig::new(self.feature_dim(), self.num_classes).init(device),
         }
     }
-}
 
-/// torchvision's CamelCase module names -> this crate's snake-case fields.
-pub fn weight_names() -> NameMap {
-    let mut map = NameMap::default();
-    map.pattern("^Conv2d_", "conv2d_")
-        .pattern("^Mixed_", "mixed_")
-        .pattern(r"^AuxLogits\.", "aux_logits.");
-    map
+    /// torchvision's CamelCase module names -> this crate's snake-case fields.
+    fn weight_names(&self) -> NameMap {
+        let mut map = NameMap::default();
+        map.pattern("^Conv2d_", "conv2d_")
+            .pattern("^Mixed_", "mixed_")
+            .pattern(r"^AuxLogits\.", "aux_logits.");
+        map
+    }
 }
 
 /// Builds layers with every channel count divided by `d` (3 input channels stay).

@@ -1,14 +1,12 @@
 //! MobileNetV2 (torchvision layout: `features.0` stem, `features.1..17` inverted residuals with
 //! a `conv` Sequential, `features.18` 1x1 head, `classifier.1` linear). ReLU6, BatchNorm eps 1e-5.
 
-use burn::nn::{Linear, LinearConfig};
+use burn::nn::LinearConfig;
 use burn::prelude::*;
 
-use super::ImageNetwork;
-use super::layers::{
-    Act, ConvSpec, FoldBatchNorms, InvertedResidual, InvertedResidualBody, NameMap,
-    global_average_pool, make_divisible,
-};
+use super::Architecture;
+use super::inverted_residual::{InvertedResidual, InvertedResidualBody, InvertedResidualNet};
+use super::layers::{Act, ConvSpec, NameMap, make_divisible};
 
 const BN_EPS: f64 = 1e-5;
 /// (expand ratio t, output channels c, repeats n, first stride s), from the paper.
@@ -50,8 +48,12 @@ impl MobileNetV2Config {
     pub fn feature_dim(&self) -> usize {
         make_divisible(1280.0 * self.width_mult.max(1.0), 8)
     }
+}
 
-    pub fn init(&self, device: &Device) -> MobileNetV2 {
+impl Architecture for MobileNetV2Config {
+    type Network = InvertedResidualNet;
+
+    fn init(&self, device: &Device) -> InvertedResidualNet {
         let mut channels = make_divisible(32.0 * self.width_mult, 8);
         let stem = ConvSpec::new(3, channels, 3)
             .stride(2)
@@ -79,7 +81,7 @@ impl MobileNetV2Config {
             }
         }
         let last = self.feature_dim();
-        MobileNetV2 {
+        InvertedResidualNet {
             body: InvertedResidualBody {
                 stem,
                 blocks,
@@ -90,7 +92,7 @@ impl MobileNetV2Config {
         }
     }
 
-    pub fn weight_names(&self) -> NameMap {
+    fn weight_names(&self) -> NameMap {
         let mut map = NameMap::default();
         map.conv_bn("features.0", "body.stem");
         let mut i = 0;
@@ -112,28 +114,5 @@ impl MobileNetV2Config {
         map.conv_bn(&format!("features.{}", i + 1), "body.head")
             .prefix("classifier.1", "classifier");
         map
-    }
-}
-
-#[derive(Module, Debug)]
-pub struct MobileNetV2 {
-    body: InvertedResidualBody,
-    classifier: Linear,
-}
-
-impl ImageNetwork for MobileNetV2 {
-    fn feature_map(&self, input: Tensor<4>) -> Tensor<4> {
-        self.body.forward(input)
-    }
-
-    fn logits(&self, map: Tensor<4>) -> Option<Tensor<2>> {
-        Some(self.classifier.forward(global_average_pool(map)))
-    }
-}
-
-impl FoldBatchNorms for MobileNetV2 {
-    fn fold_batch_norms(mut self) -> Self {
-        self.body.fold();
-        self
     }
 }

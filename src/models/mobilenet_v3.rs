@@ -4,11 +4,11 @@
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 
-use super::ImageNetwork;
+use super::inverted_residual::{InvertedResidual, InvertedResidualBody};
 use super::layers::{
-    Act, ConvSpec, FoldBatchNorms, InvertedResidual, InvertedResidualBody, NameMap,
-    SqueezeExcitation, global_average_pool, make_divisible,
+    Act, ConvSpec, FoldBatchNorms, NameMap, SqueezeExcitation, global_average_pool, make_divisible,
 };
+use super::{Architecture, ImageNetwork};
 
 const BN_EPS: f64 = 1e-3;
 
@@ -122,8 +122,12 @@ impl MobileNetV3Config {
     pub fn feature_dim(&self) -> usize {
         6 * self.blocks.last().map_or(16, |b| self.adjust(b.output))
     }
+}
 
-    pub fn init(&self, device: &Device) -> MobileNetV3 {
+impl Architecture for MobileNetV3Config {
+    type Network = MobileNetV3;
+
+    fn init(&self, device: &Device) -> MobileNetV3 {
         let first = self.blocks.first().map_or(16, |b| self.adjust(b.input));
         let blocks = self
             .blocks
@@ -173,7 +177,7 @@ impl MobileNetV3Config {
         }
     }
 
-    pub fn weight_names(&self) -> NameMap {
+    fn weight_names(&self) -> NameMap {
         let mut map = NameMap::default();
         map.conv_bn("features.0", "body.stem");
         for (i, spec) in self.blocks.iter().enumerate() {

@@ -5,11 +5,11 @@ use burn::nn::conv::Conv2d;
 use burn::nn::{BatchNorm, Linear, LinearConfig};
 use burn::prelude::*;
 
-use super::ImageNetwork;
 use super::layers::{
     Act, ConvBn, ConvSpec, FoldBatchNorms, NameMap, batch_norm, bn_forward, fold_into,
     global_average_pool, max_pool,
 };
+use super::{Architecture, ImageNetwork};
 
 const BN_EPS: f64 = 1e-5;
 
@@ -69,8 +69,12 @@ impl ResNetConfig {
     pub fn feature_dim(&self) -> usize {
         self.widths[3] * self.expansion()
     }
+}
 
-    pub fn init(&self, device: &Device) -> ResNet {
+impl Architecture for ResNetConfig {
+    type Network = ResNet;
+
+    fn init(&self, device: &Device) -> ResNet {
         let mut inplanes = self.stem_width;
         let expansion = self.expansion();
         let mut stages = Vec::new();
@@ -124,14 +128,14 @@ impl ResNetConfig {
             fc: LinearConfig::new(inplanes, self.num_classes).init(device),
         }
     }
-}
 
-/// torchvision names -> fields: only the `downsample` Sequential differs.
-pub fn weight_names() -> NameMap {
-    let mut map = NameMap::default();
-    map.pattern(r"\.downsample\.0\.", ".downsample.conv.")
-        .pattern(r"\.downsample\.1\.", ".downsample.bn.");
-    map
+    /// torchvision names -> fields: only the `downsample` Sequential differs.
+    fn weight_names(&self) -> NameMap {
+        let mut map = NameMap::default();
+        map.pattern(r"\.downsample\.0\.", ".downsample.conv.")
+            .pattern(r"\.downsample\.1\.", ".downsample.bn.");
+        map
+    }
 }
 
 /// A basic block (two 3x3) or, with `conv3`, a bottleneck (1x1, 3x3, 1x1).

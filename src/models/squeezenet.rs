@@ -5,8 +5,8 @@
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 
-use super::ImageNetwork;
 use super::layers::{Act, ConvSpec, FoldBatchNorms, NameMap, global_average_pool, max_pool};
+use super::{Architecture, ImageNetwork};
 
 /// Fire module widths: (squeeze, expand 1x1, expand 3x3).
 const FIRES: [(usize, usize, usize); 8] = [
@@ -56,8 +56,12 @@ impl SqueezeNetConfig {
         let (_, e1, e3) = self.fires[7];
         e1 + e3
     }
+}
 
-    pub fn init(&self, device: &Device) -> SqueezeNet {
+impl Architecture for SqueezeNetConfig {
+    type Network = SqueezeNet;
+
+    fn init(&self, device: &Device) -> SqueezeNet {
         let mut channels = self.stem_width;
         let fires = self
             .fires
@@ -84,16 +88,16 @@ impl SqueezeNetConfig {
                 .init(device),
         }
     }
-}
 
-pub fn weight_names() -> NameMap {
-    let mut map = NameMap::default();
-    map.prefix("features.0", "stem")
-        .prefix("classifier.1", "classifier");
-    for (k, index) in FIRE_INDEX.iter().enumerate() {
-        map.prefix(&format!("features.{index}"), &format!("fires.{k}"));
+    fn weight_names(&self) -> NameMap {
+        let mut map = NameMap::default();
+        map.prefix("features.0", "stem")
+            .prefix("classifier.1", "classifier");
+        for (k, index) in FIRE_INDEX.iter().enumerate() {
+            map.prefix(&format!("features.{index}"), &format!("fires.{k}"));
+        }
+        map
     }
-    map
 }
 
 /// `squeeze` 1x1 then two expand branches (1x1 and 3x3) concatenated, ReLU after each conv.

@@ -7,10 +7,10 @@ use burn::nn::{BatchNorm, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::module::adaptive_avg_pool2d;
 
-use super::ImageNetwork;
 use super::layers::{
     Act, ConvSpec, FoldBatchNorms, NameMap, batch_norm, flatten, fold_into, max_pool,
 };
+use super::{Architecture, ImageNetwork};
 
 const BN_EPS: f64 = 1e-5;
 /// `None` is a 2x2 max pool, `Some(c)` a 3x3 convolution to `c` channels.
@@ -98,8 +98,12 @@ impl VggConfig {
     fn last_channels(&self) -> usize {
         self.layers.iter().rev().find_map(|l| *l).unwrap_or(3)
     }
+}
 
-    pub fn init(&self, device: &Device) -> Vgg {
+impl Architecture for VggConfig {
+    type Network = Vgg;
+
+    fn init(&self, device: &Device) -> Vgg {
         let mut convs = Vec::new();
         let mut bns = Vec::new();
         let mut channels = 3;
@@ -121,7 +125,7 @@ impl VggConfig {
     }
 
     /// `features.N` (torchvision's Sequential index) -> `convs.k` / `bns.k`.
-    pub fn weight_names(&self) -> NameMap {
+    fn weight_names(&self) -> NameMap {
         let mut map = NameMap::default();
         let (mut index, mut k) = (0, 0);
         for layer in &self.layers {

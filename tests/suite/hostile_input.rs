@@ -7,7 +7,7 @@
 //! their manifests, fail the query with an error and leave the process running. The corpus is
 //! generated here (three fixtures the Rust encoders cannot write come from `fuzz/make_corpus.py`).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
@@ -890,7 +890,7 @@ async fn every_transformer_names_stage_column_and_types_when_planning() {
 
 #[test]
 fn tampered_weight_headers_are_rejected_without_allocating() {
-    use deep_pipelines::models::check_safetensors_header;
+    use deep_pipelines::models::{Architecture, check_safetensors_header};
     let header = |json: &str, data: usize| {
         let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
         bytes.extend_from_slice(json.as_bytes());
@@ -941,16 +941,13 @@ fn tampered_weight_headers_are_rejected_without_allocating() {
     let path = dir.path().join("weights.safetensors");
     std::fs::write(&path, &huge).unwrap();
     let device = burn::prelude::Device::flex();
-    let mut net =
-        deep_pipelines::models::efficientnet_lite::EfficientNetLiteConfig::lite0().init(&device);
-    let err = deep_pipelines::models::load_safetensors(
-        &mut net,
-        &path,
-        deep_pipelines::models::efficientnet_lite::WEIGHT_NAME_MAP,
-        "EfficientNetLite0",
-    )
-    .unwrap_err()
-    .to_string();
+    let lite0 = deep_pipelines::models::efficientnet_lite::EfficientNetLiteConfig::lite0();
+    let mut net = lite0.init(&device);
+    let names = lite0.weight_names();
+    let err =
+        deep_pipelines::models::load_safetensors(&mut net, &path, &names.0, "EfficientNetLite0")
+            .unwrap_err()
+            .to_string();
     assert!(
         err.contains("weights.safetensors") && err.contains("not a valid safetensors file"),
         "{err}"
@@ -961,14 +958,10 @@ fn tampered_weight_headers_are_rejected_without_allocating() {
         16,
     );
     std::fs::write(&path, &wrong).unwrap();
-    let err = deep_pipelines::models::load_safetensors(
-        &mut net,
-        &path,
-        deep_pipelines::models::efficientnet_lite::WEIGHT_NAME_MAP,
-        "EfficientNetLite0",
-    )
-    .unwrap_err()
-    .to_string();
+    let err =
+        deep_pipelines::models::load_safetensors(&mut net, &path, &names.0, "EfficientNetLite0")
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("conv_stem"), "{err}");
 }
 

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use async_trait::async_trait;
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::datatypes::Float64Type;
-use deep_pipelines::feature::StringIndexerParams;
+use deep_pipelines::feature::{HandleInvalid, StringIndexerParams};
 use deep_pipelines::prelude::*;
 use deep_pipelines::{Error, Params};
 
@@ -181,7 +181,7 @@ async fn index_to_string_inverts_string_indexer_and_unseen_labels_follow_handle_
     let keep = StringIndexerModel::from_labels(
         StringIndexerParams {
             output_col: "idx".into(),
-            handle_invalid: "keep".into(),
+            handle_invalid: HandleInvalid::Keep,
             ..Default::default()
         },
         indexer.labels().to_vec(),

@@ -4,11 +4,11 @@
 //! runs the network once per row.
 
 #[allow(dead_code)]
-#[path = "../examples/transfer_learning.rs"]
+#[path = "../../examples/transfer_learning.rs"]
 mod transfer_learning;
 
 #[allow(dead_code)]
-#[path = "../examples/sql_udf.rs"]
+#[path = "../../examples/sql_udf.rs"]
 mod sql_udf;
 
 use datafusion::arrow::datatypes::DataType;
@@ -117,7 +117,7 @@ fn normalised(text: &str) -> Vec<&str> {
 
 #[test]
 fn readme_code_blocks_are_compiled_here() {
-    let readme = include_str!("../README.md");
+    let readme = include_str!("../../README.md");
     let this_file = normalised(include_str!("readme.rs"));
     let mut blocks = 0;
     let mut rest = readme;
@@ -129,7 +129,7 @@ fn readme_code_blocks_are_compiled_here() {
             this_file
                 .windows(block.len())
                 .any(|w| w == block.as_slice()),
-            "this README block is not compiled by tests/readme.rs; paste it into `mod blocks`:\n{}",
+            "this README block is not compiled by tests/suite/readme.rs; paste it into `mod blocks`:\n{}",
             &body[..end]
         );
         blocks += 1;
@@ -161,15 +161,9 @@ async fn readme_own_network_block_runs() {
     );
 }
 
-/// The examples share the bundled network, whose forward counter is process-wide: they take
-/// turns, so the SQL example's count is its own.
-static NETWORK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 /// README: "test accuracy 0.852" for the main job.
 #[tokio::test]
-#[allow(clippy::await_holding_lock)] // each #[tokio::test] runs on its own thread and runtime
 async fn transfer_learning_example_reaches_readme_accuracy() {
-    let _turn = NETWORK.lock().unwrap_or_else(|e| e.into_inner());
     let report = transfer_learning::run().await.unwrap();
     assert_eq!(report.test_images, 500);
     assert!(
@@ -181,9 +175,7 @@ async fn transfer_learning_example_reaches_readme_accuracy() {
 
 /// README: the `sql_udf` example "counts 100 forward passes for 100 rows".
 #[tokio::test]
-#[allow(clippy::await_holding_lock)] // each #[tokio::test] runs on its own thread and runtime
 async fn sql_example_runs_the_network_once_per_row() {
-    let _turn = NETWORK.lock().unwrap_or_else(|e| e.into_inner());
     let report = sql_udf::run().await.unwrap();
     assert_eq!(report.rows, 100, "bag and sneaker test images");
     assert_eq!(

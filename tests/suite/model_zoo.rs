@@ -3,7 +3,7 @@
 //! built and loaded with a torchvision-named weight file, EfficientNet-Lite1/2 with their real
 //! weights, DeepImagePredictor, featurizer output modes, users' own networks, and load errors.
 
-mod common;
+use crate::common;
 
 use common::{max_abs_diff, read_tensors};
 
@@ -19,15 +19,15 @@ use datafusion::arrow::datatypes::{DataType, Float16Type, Int32Type};
 use datafusion::functions::core::expr_ext::FieldAccessor;
 use deep_pipelines::image::{DecodeLimits, decode_rgb8};
 use deep_pipelines::models::efficientnet::EfficientNetConfig;
-use deep_pipelines::models::inception_v3::{self, InceptionV3Config};
+use deep_pipelines::models::inception_v3::InceptionV3Config;
 use deep_pipelines::models::layers::{FoldBatchNorms, NameMap};
 use deep_pipelines::models::mobilenet_v2::MobileNetV2Config;
 use deep_pipelines::models::mobilenet_v3::MobileNetV3Config;
-use deep_pipelines::models::resnet::{self, ResNetConfig};
-use deep_pipelines::models::squeezenet::{self, SqueezeNetConfig};
+use deep_pipelines::models::resnet::ResNetConfig;
+use deep_pipelines::models::squeezenet::SqueezeNetConfig;
 use deep_pipelines::models::vgg::VggConfig;
 use deep_pipelines::models::{
-    ImageNetwork, LoadedModel, available_models, load_model, load_weights, manifest,
+    Architecture, ImageNetwork, LoadedModel, available_models, load_model, load_weights, manifest,
     register_network,
 };
 use deep_pipelines::prelude::*;
@@ -107,7 +107,7 @@ fn resnet_basic_block_matches_torchvision() {
     parity(
         "resnet_basic",
         c.init(&Device::flex()),
-        &resnet::weight_names(),
+        &c.weight_names(),
         "resnet_basic.safetensors",
     );
 }
@@ -118,7 +118,7 @@ fn resnet_bottleneck_matches_torchvision() {
     parity(
         "resnet_bottleneck",
         c.init(&Device::flex()),
-        &resnet::weight_names(),
+        &c.weight_names(),
         "resnet_bottleneck.safetensors",
     );
 }
@@ -150,7 +150,7 @@ fn squeezenet_matches_torchvision_from_safetensors_and_pth() {
     let c = SqueezeNetConfig::squeezenet1_1()
         .narrow(8)
         .with_num_classes(10);
-    let names = squeezenet::weight_names();
+    let names = c.weight_names();
     parity(
         "squeezenet1_1",
         c.init(&Device::flex()),
@@ -182,7 +182,7 @@ fn pytorch_checkpoint_hash_is_checked() {
     let c = SqueezeNetConfig::squeezenet1_1()
         .narrow(8)
         .with_num_classes(10);
-    let names = squeezenet::weight_names();
+    let names = c.weight_names();
     let load = |sha: &str| load_weights(c.init(&Device::flex()), &path, &names, Some(sha), "sq");
     assert!(load(&digest[..8]).is_ok());
     assert!(load(&digest).is_ok());
@@ -245,7 +245,7 @@ fn inception_v3_matches_torchvision() {
     parity(
         "inception_v3",
         c.init(&Device::flex()),
-        &inception_v3::weight_names(),
+        &c.weight_names(),
         "inception_v3.safetensors",
     );
 }
@@ -1003,8 +1003,15 @@ fn wrong_tensor_shape_names_the_tensor() {
     let dir = tempfile::tempdir().unwrap();
     // fc.weight as [10, 512]: a checkpoint for another head.
     let bad = weights_with_wrong_shape(dir.path(), "resnet18", "fc.weight", vec![10, 512]);
-    let net = ResNetConfig::resnet18().init(&Device::flex());
-    let err = load_weights(net, &bad, &resnet::weight_names(), None, "ResNet18").unwrap_err();
+    let c = ResNetConfig::resnet18();
+    let err = load_weights(
+        c.init(&Device::flex()),
+        &bad,
+        &c.weight_names(),
+        None,
+        "ResNet18",
+    )
+    .unwrap_err();
     let msg = err.to_string();
     println!("{msg}");
     assert!(

@@ -2,7 +2,7 @@
 //! row for row, on image structs and on raw bytes; undecodable input gives NULL; EXPLAIN names
 //! the network.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::Arc;

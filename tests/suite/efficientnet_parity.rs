@@ -1,7 +1,7 @@
 //! Parity of the burn EfficientNet-Lite0 with the reference framework (golden tensors), and the
 //! whole path from photo files through our own decode + preprocessing to ImageNet predictions.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

@@ -4,7 +4,7 @@
 //! with its params and refits to the same model. Models load from `modelDir` or
 //! `$DEEP_PIPELINES_MODEL_DIR`, with a `manifest.json` there overriding the bundled one.
 
-mod common;
+use crate::common;
 
 use std::any::Any;
 use std::path::{Path, PathBuf};
@@ -12,9 +12,11 @@ use std::process::Command;
 
 use datafusion::arrow::array::AsArray;
 use datafusion::arrow::datatypes::Float64Type;
-use deep_pipelines::persistence::{self, LoadedStage};
+use deep_pipelines::builtin;
+use deep_pipelines::persistence::{self, SavedStage};
 use deep_pipelines::pipeline::PipelineStage;
 use deep_pipelines::prelude::*;
+use deep_pipelines::registry::{LoadedStage, PersistedStage, StageRegistry};
 
 const CHILD_MODEL: &str = "DP_TEST_ROUNDTRIP_MODEL";
 const CHILD_OUT: &str = "DP_TEST_ROUNDTRIP_OUT";
@@ -81,7 +83,11 @@ async fn saved_pipeline_predicts_identically_in_a_fresh_process() {
 
     let out = dir.path().join("child.txt");
     let status = Command::new(std::env::current_exe().unwrap())
-        .args(["roundtrip_child_process_entry", "--exact", "--nocapture"])
+        .args([
+            "persistence::roundtrip_child_process_entry",
+            "--exact",
+            "--nocapture",
+        ])
         .env(CHILD_MODEL, &path)
         .env(CHILD_OUT, &out)
         .status()
@@ -257,7 +263,7 @@ async fn unfitted_pipeline_round_trips_with_params_and_uids() {
     // Loading a pipeline as a fitted model is refused.
     let err = PipelineModel::load(&path).unwrap_err().to_string();
     assert!(err.contains("not a PipelineModel"), "{err}");
-    match persistence::load(&path).unwrap() {
+    match builtin::load(&path).unwrap() {
         LoadedStage::Estimator(_) => {}
         LoadedStage::Transformer(_) => panic!("a Pipeline loads as an estimator"),
     }
@@ -532,7 +538,7 @@ async fn model_dir_env_var_gives_the_weights_and_manifest_and_the_param_wins() {
     let out = root.path().join("child.txt");
     let status = Command::new(std::env::current_exe().unwrap())
         .args([
-            "model_dir_env_child_process_entry",
+            "persistence::model_dir_env_child_process_entry",
             "--exact",
             "--nocapture",
         ])
@@ -548,4 +554,100 @@ async fn model_dir_env_var_gives_the_weights_and_manifest_and_the_param_wins() {
     // variable's folder; a `modelDir` param (the bundled folder: 1280 x 7 x 7) wins over it.
     let expected = [dir.as_str(), "0", "TENCH", "81920", "62720"];
     assert_eq!(got, expected);
+}
+
+/// A user's own stage: adds a constant column. It saves its value in `extra` and, registered,
+/// loads back (a dotted class name keeps it out of the library's namespace).
+#[derive(Debug, Clone)]
+struct AddConstant {
+    uid: String,
+    value: f64,
+}
+
+impl Transformer for AddConstant {
+    fn uid(&self) -> &str {
+        &self.uid
+    }
+    fn transform(&self, df: DataFrame) -> deep_pipelines::Result<DataFrame> {
+        Ok(df.with_column("constant", lit(self.value))?)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn save_stage(&self) -> deep_pipelines::Result<SavedStage> {
+        Ok(SavedStage::new(Self::CLASS, &self.uid)
+            .with_extra(serde_json::json!({ "value": self.value })))
+    }
+}
+
+impl PersistedStage for AddConstant {
+    const CLASS: &'static str = "tests.AddConstant";
+
+    fn restore(saved: &SavedStage, _: &StageRegistry) -> deep_pipelines::Result<Self> {
+        Ok(AddConstant {
+            uid: saved.uid.clone(),
+            value: saved.extra_field("value")?,
+        })
+    }
+
+    fn into_stage(self) -> LoadedStage {
+        LoadedStage::Transformer(std::sync::Arc::new(self))
+    }
+}
+
+#[tokio::test]
+async fn a_user_defined_stage_saves_and_loads_through_an_extended_registry() {
+    let stage = AddConstant {
+        uid: "AddConstant_test".into(),
+        value: 2.5,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stage");
+    persistence::save(&stage.save_stage().unwrap(), &path, false).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(path.join("metadata.json")).unwrap()).unwrap();
+    assert_eq!(meta["class"], "tests.AddConstant");
+
+    // The built-in registry does not know it; one extended with it does.
+    let err = builtin::load(&path).unwrap_err().to_string();
+    assert!(err.contains("unknown class `tests.AddConstant`"), "{err}");
+    assert!(err.contains("register"), "{err}");
+    let extended = StageRegistry::builtin().register::<AddConstant>();
+    let loaded: AddConstant = extended.load_transformer_as(&path).unwrap();
+    assert_eq!(
+        (loaded.uid.as_str(), loaded.value),
+        ("AddConstant_test", 2.5)
+    );
+
+    // Inside a fitted pipeline, beside built-in stages.
+    let indexer = StringIndexerModel::from_labels(
+        deep_pipelines::feature::StringIndexerParams::default(),
+        vec!["a".into(), "b".into()],
+    )
+    .unwrap();
+    let model = PipelineModel::new(
+        "PipelineModel_user",
+        vec![std::sync::Arc::new(indexer), std::sync::Arc::new(stage)],
+    );
+    let model_path = dir.path().join("model");
+    model.save(&model_path).unwrap();
+    let err = PipelineModel::load(&model_path).unwrap_err().to_string();
+    assert!(err.contains("unknown class `tests.AddConstant`"), "{err}");
+    let reloaded = PipelineModel::load_with(&model_path, &extended).unwrap();
+    assert_eq!(reloaded.stage::<AddConstant>().unwrap().value, 2.5);
+    assert_eq!(
+        reloaded.stage::<StringIndexerModel>().unwrap().labels(),
+        ["a", "b"]
+    );
+
+    let ctx = SessionContext::new();
+    let df = ctx.sql("SELECT 'b' AS label").await.unwrap();
+    let out = common::collect(reloaded.transform(df).unwrap()).await;
+    let value = |name: &str| {
+        out.column_by_name(name)
+            .unwrap()
+            .as_primitive::<Float64Type>()
+            .value(0)
+    };
+    assert_eq!((value("labelIndex"), value("constant")), (1.0, 2.5));
 }

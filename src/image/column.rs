@@ -1,0 +1,269 @@
+//! Decoding Arrow columns of file paths or encoded bytes into image columns, as a DataFusion UDF.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BinaryBuilder, Int32Builder, StringArray, StringBuilder, StructArray,
+};
+use datafusion::arrow::buffer::NullBuffer;
+use datafusion::arrow::datatypes::{DataType, Field, Fields};
+use datafusion::common::{ScalarValue, exec_err};
+use datafusion::functions::core::expr_fn::get_field;
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
+use datafusion::prelude::{DataFrame, ident, lit};
+
+use super::decode::{DecodeLimits, ImageRow, decode_file, decode_image};
+use super::{image_fields, image_type};
+use crate::error::{Error, Result};
+
+/// Output type of the decoding UDFs: the image struct plus the error for rows that failed.
+fn decoded_type() -> DataType {
+    DataType::Struct(decoded_fields())
+}
+
+/// The fields of [`decoded_type`], as the array builder needs them.
+fn decoded_fields() -> Fields {
+    Fields::from(vec![
+        Field::new("image", image_type(), true),
+        Field::new("error", DataType::Utf8, true),
+    ])
+}
+
+/// Builds the `{image, error}` struct array from per-row results (None = null input row).
+fn decoded_array(rows: Vec<Option<std::result::Result<ImageRow, String>>>) -> ArrayRef {
+    let n = rows.len();
+    let mut origin = StringBuilder::with_capacity(n, n * 32);
+    let mut height = Int32Builder::with_capacity(n);
+    let mut width = Int32Builder::with_capacity(n);
+    let mut channels = Int32Builder::with_capacity(n);
+    let mut mode = Int32Builder::with_capacity(n);
+    let mut data = BinaryBuilder::with_capacity(n, 0);
+    let mut error = StringBuilder::new();
+    let mut valid = Vec::with_capacity(n);
+    for row in rows {
+        match row {
+            Some(Ok(img)) => {
+                origin.append_value(&img.origin);
+                height.append_value(img.height as i32);
+                width.append_value(img.width as i32);
+                channels.append_value(img.channels as i32);
+                mode.append_value(img.mode);
+                data.append_value(&img.data);
+                error.append_null();
+                valid.push(true);
+            }
+            other => {
+                origin.append_null();
+                height.append_value(0);
+                width.append_value(0);
+                channels.append_value(0);
+                mode.append_value(0);
+                data.append_value([]);
+                match other {
+                    Some(Err(message)) => error.append_value(message),
+                    _ => error.append_null(),
+                }
+                valid.push(false);
+            }
+        }
+    }
+    let image = StructArray::new(
+        image_fields(),
+        vec![
+            Arc::new(origin.finish()) as ArrayRef,
+            Arc::new(height.finish()),
+            Arc::new(width.finish()),
+            Arc::new(channels.finish()),
+            Arc::new(mode.finish()),
+            Arc::new(data.finish()),
+        ],
+        Some(NullBuffer::from(valid)),
+    );
+    Arc::new(StructArray::new(
+        decoded_fields(),
+        vec![Arc::new(image) as ArrayRef, Arc::new(error.finish())],
+        None,
+    ))
+}
+
+/// Where a decoding UDF gets its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum ByteSource {
+    /// One argument: a file path, read at execution time.
+    File,
+    /// Two arguments: encoded bytes and the origin to record.
+    Column,
+}
+
+/// Decodes images inside the query, one record batch at a time, so memory stays O(batch).
+///
+/// Marked volatile (it reads files, and it is expensive): the optimiser must neither duplicate
+/// it into a pushed-down filter nor evaluate it twice.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub(super) struct DecodeImageUdf {
+    source: ByteSource,
+    limits: DecodeLimits,
+    signature: Signature,
+}
+
+impl DecodeImageUdf {
+    pub(super) fn new(source: ByteSource, limits: DecodeLimits) -> Self {
+        let arity = match source {
+            ByteSource::File => 1,
+            ByteSource::Column => 2,
+        };
+        DecodeImageUdf {
+            source,
+            limits,
+            signature: Signature::any(arity, Volatility::Volatile),
+        }
+    }
+}
+
+impl ScalarUDFImpl for DecodeImageUdf {
+    fn name(&self) -> &str {
+        match self.source {
+            ByteSource::File => "read_image_file",
+            ByteSource::Column => "decode_image",
+        }
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> datafusion::common::Result<DataType> {
+        Ok(decoded_type())
+    }
+
+    fn invoke_with_args(
+        &self,
+        args: ScalarFunctionArgs,
+    ) -> datafusion::common::Result<ColumnarValue> {
+        crate::error::catch_panics(self.name(), || {
+            let n = args.number_rows;
+            let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+            let rows: Vec<_> = match self.source {
+                ByteSource::File => {
+                    let paths = string_array(&arrays[0], "path")?;
+                    let paths: Vec<Option<&str>> = paths.iter().collect();
+                    rayon_map(&paths, |p| p.map(|p| decode_file(p, &self.limits)))
+                }
+                ByteSource::Column => {
+                    let origins = string_array(&arrays[1], "origin")?;
+                    decode_bytes(&arrays[0], origins.iter(), &self.limits)?
+                }
+            };
+            debug_assert_eq!(rows.len(), n);
+            Ok(ColumnarValue::Array(decoded_array(rows)))
+        })
+    }
+}
+
+type DecodedRow = Option<std::result::Result<ImageRow, String>>;
+
+/// Decodes a binary array of encoded images in parallel, one result per row (None = null).
+fn decode_bytes<'a>(
+    bytes: &ArrayRef,
+    origins: impl Iterator<Item = Option<&'a str>>,
+    limits: &DecodeLimits,
+) -> datafusion::common::Result<Vec<DecodedRow>> {
+    let items: Vec<(Option<&[u8]>, &str)> = binary_values(bytes)?
+        .into_iter()
+        .zip(origins)
+        .map(|(b, o)| (b, o.unwrap_or("")))
+        .collect();
+    Ok(rayon_map(&items, |(b, o)| {
+        b.map(|b| decode_image(b, o, limits))
+    }))
+}
+
+/// Decodes a binary array of encoded images into an image struct array (null where the bytes
+/// are null or undecodable), e.g. for a SQL function called on raw file contents.
+pub fn decode_binary_array(
+    bytes: &ArrayRef,
+    limits: &DecodeLimits,
+) -> datafusion::common::Result<ArrayRef> {
+    let rows = decode_bytes(bytes, std::iter::repeat(None), limits)?;
+    let decoded = decoded_array(rows);
+    Ok(Arc::clone(decoded.as_struct().column(0)))
+}
+
+/// Decoding is CPU-bound and independent per image: spread a batch over the rayon pool.
+fn rayon_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync + Send) -> Vec<R> {
+    use rayon::prelude::*;
+    items.par_iter().map(f).collect()
+}
+
+fn string_array(array: &ArrayRef, what: &str) -> datafusion::common::Result<StringArray> {
+    let cast = datafusion::arrow::compute::cast(array, &DataType::Utf8)?;
+    match cast.as_string_opt::<i32>() {
+        Some(s) => Ok(s.clone()),
+        None => exec_err!("{what} must be a string column, got {}", array.data_type()),
+    }
+}
+
+fn binary_values(array: &ArrayRef) -> datafusion::common::Result<Vec<Option<&[u8]>>> {
+    Ok(match array.data_type() {
+        DataType::Binary => array.as_binary::<i32>().iter().collect(),
+        DataType::LargeBinary => array.as_binary::<i64>().iter().collect(),
+        DataType::BinaryView => array.as_binary_view().iter().collect(),
+        other => return exec_err!("image bytes must be a binary column, got {other}"),
+    })
+}
+
+/// Name of the temporary `{image, error}` column the decoding UDF adds.
+pub(super) const DECODED: &str = "__decoded";
+
+/// Decodes a binary column of encoded images (e.g. read from Parquet) into an image column.
+///
+/// Adds `output_col` (ImageSchema struct, null where decoding failed) and `{output_col}_error`.
+/// The struct's `origin` is taken from `origin_col` when given. With `drop_invalid`, rows that
+/// fail to decode are dropped instead.
+pub fn decode_image_column(
+    df: DataFrame,
+    input_col: &str,
+    output_col: &str,
+    origin_col: Option<&str>,
+    limits: DecodeLimits,
+    drop_invalid: bool,
+) -> Result<DataFrame> {
+    let schema = df.schema();
+    let field = schema
+        .field_with_unqualified_name(input_col)
+        .map_err(|_| Error::column(input_col, "not found in the DataFrame"))?;
+    if !matches!(
+        field.data_type(),
+        DataType::Binary | DataType::LargeBinary | DataType::BinaryView
+    ) {
+        return Err(Error::column(
+            input_col,
+            format!("expected a binary column, got {}", field.data_type()),
+        ));
+    }
+    let origin = match origin_col {
+        Some(c) => {
+            schema
+                .field_with_unqualified_name(c)
+                .map_err(|_| Error::column(c, "not found in the DataFrame"))?;
+            ident(c)
+        }
+        None => lit(ScalarValue::Utf8(None)),
+    };
+    let udf = ScalarUDF::new_from_impl(DecodeImageUdf::new(ByteSource::Column, limits));
+    let df = df
+        .with_column(DECODED, udf.call(vec![ident(input_col), origin]))?
+        .with_column(output_col, get_field(ident(DECODED), "image"))?
+        .with_column(
+            &format!("{output_col}_error"),
+            get_field(ident(DECODED), "error"),
+        )?
+        .drop_columns(&[DECODED])?;
+    Ok(if drop_invalid {
+        df.filter(ident(output_col).is_not_null())?
+    } else {
+        df
+    })
+}

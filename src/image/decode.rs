@@ -1,0 +1,199 @@
+//! Decoding one encoded image (bytes or a file) into `ImageSchema` layout or 8-bit RGB.
+
+use std::io::Cursor;
+
+use image::ImageDecoder;
+
+use super::{MODE_BGR8, MODE_BGRA8, MODE_GRAY8};
+
+/// Guards against decompression bombs and absurd inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct DecodeLimits {
+    /// Largest width or height accepted, in pixels.
+    pub max_side: u32,
+    /// Largest decoded size accepted, in bytes.
+    pub max_decoded_bytes: u64,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        DecodeLimits {
+            max_side: 16_384,
+            max_decoded_bytes: 512 * 1024 * 1024,
+        }
+    }
+}
+
+/// One decoded image in `ImageSchema` layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRow {
+    pub origin: String,
+    pub height: u32,
+    pub width: u32,
+    pub channels: u32,
+    pub mode: i32,
+    /// Row-major pixels, channels interleaved in BGR(A) order (grey for mode 0).
+    pub data: Vec<u8>,
+}
+
+/// Decodes encoded bytes (PNG, JPEG, GIF, BMP, WebP) into `ImageSchema` layout.
+///
+/// The error is a readable sentence suitable for the `image_error` column.
+pub fn decode_image(
+    bytes: &[u8],
+    origin: &str,
+    limits: &DecodeLimits,
+) -> std::result::Result<ImageRow, String> {
+    if bytes.is_empty() {
+        return Err("empty file (0 bytes)".to_string());
+    }
+    let reader = image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if reader.format().is_none() {
+        return Err("not a recognised image format (PNG, JPEG, GIF, BMP, WebP)".to_string());
+    }
+    let mut reader = reader;
+    let mut image_limits = image::Limits::default();
+    image_limits.max_image_width = Some(limits.max_side);
+    image_limits.max_image_height = Some(limits.max_side);
+    image_limits.max_alloc = Some(limits.max_decoded_bytes);
+    reader.limits(image_limits);
+    let over_limits = |e: image::ImageError| match e {
+        image::ImageError::Limits(e) => format!(
+            "over the decode limits ({} px per side, {} bytes decoded): {e}",
+            limits.max_side, limits.max_decoded_bytes
+        ),
+        e => format!("cannot decode: {}", e.to_string().trim_end()),
+    };
+    // The header is read and checked against the limits before any pixel buffer exists.
+    let mut decoder = reader.into_decoder().map_err(over_limits)?;
+    let (width, height) = decoder.dimensions();
+    if decoder.total_bytes() > limits.max_decoded_bytes {
+        return Err(format!(
+            "image is {width}x{height}: {} bytes decoded, over the limit of {} bytes",
+            decoder.total_bytes(),
+            limits.max_decoded_bytes
+        ));
+    }
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut decoded = image::DynamicImage::from_decoder(decoder).map_err(over_limits)?;
+    decoded.apply_orientation(orientation);
+    let (width, height) = (decoded.width(), decoded.height());
+    if width == 0 || height == 0 {
+        return Err(format!("image has no pixels ({width}x{height})"));
+    }
+    let (mode, channels, data) = if decoded.color().has_alpha() {
+        let mut px = decoded.into_rgba8().into_raw();
+        px.chunks_exact_mut(4).for_each(|p| p.swap(0, 2));
+        (MODE_BGRA8, 4, px)
+    } else if decoded.color().channel_count() == 1 {
+        (MODE_GRAY8, 1, decoded.into_luma8().into_raw())
+    } else {
+        let mut px = decoded.into_rgb8().into_raw();
+        px.chunks_exact_mut(3).for_each(|p| p.swap(0, 2));
+        (MODE_BGR8, 3, px)
+    };
+    Ok(ImageRow {
+        origin: origin.to_string(),
+        height,
+        width,
+        channels,
+        mode,
+        data,
+    })
+}
+
+/// An 8-bit RGB image: `data.len() == width * height * 3`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rgb8 {
+    pub width: u32,
+    pub height: u32,
+    pub data: Vec<u8>,
+}
+
+/// Decodes an encoded image (with `limits`) straight to 8-bit RGB, through the same
+/// `ImageSchema` row the DataFrame path makes.
+pub fn decode_rgb8(
+    bytes: &[u8],
+    origin: &str,
+    limits: &DecodeLimits,
+) -> std::result::Result<Rgb8, String> {
+    let row = decode_image(bytes, origin, limits)?;
+    to_rgb8(
+        row.height as i32,
+        row.width as i32,
+        row.channels as i32,
+        row.mode,
+        &row.data,
+    )
+}
+
+/// Converts an `ImageSchema` row (grey, BGR or BGRA) to RGB, checking that the fields agree.
+pub fn to_rgb8(
+    height: i32,
+    width: i32,
+    channels: i32,
+    mode: i32,
+    data: &[u8],
+) -> std::result::Result<Rgb8, String> {
+    let expected_channels = match mode {
+        MODE_GRAY8 => 1,
+        MODE_BGR8 => 3,
+        MODE_BGRA8 => 4,
+        other => {
+            return Err(format!(
+                "unsupported image mode {other} (expected 0 = CV_8UC1, 16 = CV_8UC3, 24 = CV_8UC4)"
+            ));
+        }
+    };
+    if channels != expected_channels {
+        return Err(format!(
+            "nChannels {channels} does not match mode {mode} ({expected_channels} channels)"
+        ));
+    }
+    if height <= 0 || width <= 0 {
+        return Err(format!("image has no pixels ({width}x{height})"));
+    }
+    let pixels = height as usize * width as usize;
+    if data.len() != pixels * channels as usize {
+        return Err(format!(
+            "data has {} bytes, expected {width}x{height}x{channels} = {}",
+            data.len(),
+            pixels * channels as usize
+        ));
+    }
+    let rgb = match channels {
+        1 => data.iter().flat_map(|&g| [g, g, g]).collect(),
+        c => data
+            .chunks_exact(c as usize)
+            .flat_map(|p| [p[2], p[1], p[0]])
+            .collect(),
+    };
+    Ok(Rgb8 {
+        width: width as u32,
+        height: height as u32,
+        data: rgb,
+    })
+}
+
+/// Reads and decodes one file; a file over the decoded-size limit is refused before it is read.
+pub(super) fn decode_file(
+    path: &str,
+    limits: &DecodeLimits,
+) -> std::result::Result<ImageRow, String> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read file: {e}"))?
+        .len();
+    // An encoded image is never larger than its decoded form by more than a small factor.
+    if len > limits.max_decoded_bytes {
+        return Err(format!(
+            "file is {len} bytes, over the limit of {} bytes",
+            limits.max_decoded_bytes
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read file: {e}"))?;
+    decode_image(&bytes, path, limits)
+}

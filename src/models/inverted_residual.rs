@@ -1,0 +1,97 @@
+//! The MobileNet / EfficientNet family: the inverted-residual block, the stem -> blocks -> head
+//! body, and the one network (body + linear classifier) that MobileNetV2, EfficientNet-B0 and
+//! EfficientNet-Lite all are, built from their own tables.
+
+use burn::nn::Linear;
+use burn::prelude::*;
+
+use super::ImageNetwork;
+use super::layers::{Act, ConvBn, FoldBatchNorms, SqueezeExcitation, global_average_pool};
+
+/// The MobileNet / EfficientNet inverted-residual block: [1x1 expand + act] -> depthwise kxk +
+/// act -> [squeeze-excite] -> 1x1 project (linear) [+ input].
+#[derive(Module, Debug)]
+pub struct InvertedResidual {
+    pub expand: Option<ConvBn>,
+    pub depthwise: ConvBn,
+    pub se: Option<SqueezeExcitation>,
+    pub project: ConvBn,
+    pub residual: bool,
+    #[module(skip)]
+    pub act: Act,
+    /// Squeeze-excite activation and gate.
+    #[module(skip)]
+    pub se_acts: (Act, Act),
+}
+
+impl InvertedResidual {
+    pub fn forward(&self, input: Tensor<4>) -> Tensor<4> {
+        let mut x = input.clone();
+        if let Some(expand) = &self.expand {
+            x = self.act.apply(expand.forward(x));
+        }
+        x = self.act.apply(self.depthwise.forward(x));
+        if let Some(se) = &self.se {
+            x = se.forward(x, self.se_acts.0, self.se_acts.1);
+        }
+        x = self.project.forward(x);
+        if self.residual { x + input } else { x }
+    }
+}
+
+/// stem -> inverted residuals -> 1x1 head, each conv + BatchNorm, as the MobileNets and
+/// EfficientNet-B0 are built (`act` after the stem and the head).
+#[derive(Module, Debug)]
+pub struct InvertedResidualBody {
+    pub stem: ConvBn,
+    pub blocks: Vec<InvertedResidual>,
+    pub head: ConvBn,
+    #[module(skip)]
+    pub act: Act,
+}
+
+impl InvertedResidualBody {
+    pub fn forward(&self, input: Tensor<4>) -> Tensor<4> {
+        let mut x = self.act.apply(self.stem.forward(input));
+        for block in &self.blocks {
+            x = block.forward(x);
+        }
+        self.act.apply(self.head.forward(x))
+    }
+
+    pub fn fold(&mut self) {
+        self.stem.fold();
+        self.head.fold();
+        for b in &mut self.blocks {
+            if let Some(expand) = &mut b.expand {
+                expand.fold();
+            }
+            b.depthwise.fold();
+            b.project.fold();
+        }
+    }
+}
+
+/// An [`InvertedResidualBody`] and a linear classifier on its pooled features (`classifier`).
+#[derive(Module, Debug)]
+pub struct InvertedResidualNet {
+    pub body: InvertedResidualBody,
+    pub classifier: Linear,
+}
+
+impl ImageNetwork for InvertedResidualNet {
+    fn feature_map(&self, input: Tensor<4>) -> Tensor<4> {
+        self.body.forward(input)
+    }
+
+    fn logits(&self, map: Tensor<4>) -> Option<Tensor<2>> {
+        Some(self.classifier.forward(global_average_pool(map)))
+    }
+}
+
+impl FoldBatchNorms for InvertedResidualNet {
+    fn fold_batch_norms(mut self) -> Self {
+        self.body.fold();
+        self
+    }
+}

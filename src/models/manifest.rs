@@ -1,0 +1,200 @@
+//! The manifest: what a named model is (input size, preprocessing, outputs, weight file), its
+//! validation, and where manifests live (the model directory).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::model_error;
+use crate::error::Result;
+
+/// Environment variable naming the folder that holds one sub-folder per model.
+pub const MODEL_DIR_ENV: &str = "DEEP_PIPELINES_MODEL_DIR";
+
+/// The default model directory: `$DEEP_PIPELINES_MODEL_DIR`, else this crate's bundled `models/`.
+pub fn model_dir() -> PathBuf {
+    std::env::var_os(MODEL_DIR_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(model_dir_bundled)
+}
+
+/// This crate's `models/`: manifests of every named model, Lite weights, class names.
+fn model_dir_bundled() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/models"))
+}
+
+/// `dir` if given and not empty (an empty `modelDir` param means the default), else [`model_dir`].
+pub(super) fn resolve_dir(dir: Option<&Path>) -> PathBuf {
+    dir.filter(|d| !d.as_os_str().is_empty())
+        .map_or_else(model_dir, Path::to_path_buf)
+}
+
+/// Resize filter named in a manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResizeFilter {
+    Nearest,
+    Bilinear,
+    /// Catmull-Rom cubic (a = -0.5), PIL's and torchvision's "bicubic".
+    Bicubic,
+}
+
+/// How an image becomes the network's input tensor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreprocessSpec {
+    /// Resize so the shorter side has this length (aspect kept), then crop; 0 = resize straight
+    /// to `input_size` x `input_size`.
+    pub resize_shorter_side: u32,
+    pub filter: ResizeFilter,
+    /// `center` (the only crop so far) after the shorter-side resize.
+    pub crop: String,
+    /// Channel order the network expects (`RGB`).
+    pub channel_order: String,
+    /// Per-channel `(pixel - mean) / std`, pixel in 0..=255.
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+/// Where the weights come from and how to check them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WeightsSpec {
+    pub file: String,
+    pub sha256: Option<String>,
+    /// The first hex digits of the sha256 when only those are published (torchvision puts 8
+    /// of them in its file names); checked when `sha256` is absent.
+    #[serde(default)]
+    pub sha256_prefix: Option<String>,
+    pub source: String,
+    pub license: String,
+}
+
+impl WeightsSpec {
+    /// What the file's sha256 must be (or start with), if anything is known.
+    pub fn expected_sha256(&self) -> Option<&str> {
+        self.sha256.as_deref().or(self.sha256_prefix.as_deref())
+    }
+}
+
+/// Everything about one named model, read from `<model_dir>/<folder>/manifest.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub name: String,
+    pub architecture: String,
+    pub description: String,
+    pub input_size: u32,
+    pub preprocess: PreprocessSpec,
+    /// Which layer the pooled feature vector comes from (e.g. "global average pool of layer4").
+    #[serde(default)]
+    pub feature_layer: String,
+    /// Size of the pooled feature vector.
+    pub feature_dim: usize,
+    /// Shape `[C, h, w]` of the last feature map at `input_size` (`featureMode = flattened`;
+    /// zeros when unknown, which refuses that mode).
+    #[serde(default)]
+    pub feature_map: [usize; 3],
+    /// The classifier head (e.g. "fc 2048 -> 1000").
+    #[serde(default)]
+    pub classifier: String,
+    pub num_classes: usize,
+    /// Class names: `imagenet` (bundled ILSVRC-2012 names) or a text file (one name per line)
+    /// relative to the model's folder.
+    #[serde(default)]
+    pub labels: Option<String>,
+    pub weights: WeightsSpec,
+}
+
+impl Manifest {
+    /// Checks what preprocessing and the output columns rely on.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let p = &self.preprocess;
+        let problem = if self.input_size == 0 || self.feature_dim == 0 {
+            "input_size and feature_dim must be positive".to_string()
+        } else if p.resize_shorter_side != 0 && p.resize_shorter_side < self.input_size {
+            format!(
+                "resize_shorter_side {} is smaller than the {} crop",
+                p.resize_shorter_side, self.input_size
+            )
+        } else if p.resize_shorter_side != 0 && p.crop != "center" {
+            format!("unsupported crop `{}` (only `center`)", p.crop)
+        } else if p.channel_order != "RGB" {
+            format!(
+                "unsupported channel_order `{}` (only `RGB`)",
+                p.channel_order
+            )
+        } else if p.std.iter().any(|s| !s.is_finite() || *s == 0.0)
+            || p.mean.iter().any(|m| !m.is_finite())
+        {
+            "mean must be finite and std finite and non-zero".to_string()
+        } else if [self.feature_dim, self.num_classes, self.feature_map_len()]
+            .iter()
+            .any(|&d| d > i32::MAX as usize)
+        {
+            "an output size is larger than an Arrow list can hold".to_string()
+        } else {
+            return Ok(());
+        };
+        Err(format!("invalid manifest for `{}`: {problem}", self.name))
+    }
+
+    fn feature_map_len(&self) -> usize {
+        self.feature_map
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .unwrap_or(usize::MAX)
+    }
+
+    /// Length of one output row in the given mode.
+    pub fn output_dim(&self, mode: FeatureMode) -> usize {
+        match mode {
+            FeatureMode::Pooled => self.feature_dim,
+            FeatureMode::Flattened => self.feature_map_len(),
+        }
+    }
+}
+
+/// What the featurizer returns: the pooled feature vector or the flattened last feature map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FeatureMode {
+    Pooled,
+    Flattened,
+}
+
+impl FeatureMode {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "pooled" => Some(FeatureMode::Pooled),
+            "flattened" => Some(FeatureMode::Flattened),
+            _ => None,
+        }
+    }
+}
+
+/// Reads and validates the manifest of the named model `name` kept in `folder` under `dir`
+/// (or the default directory). Returns it with the model's folder, where its weights are.
+pub(super) fn read_manifest(
+    name: &str,
+    folder: &str,
+    dir: Option<&Path>,
+) -> Result<(Manifest, PathBuf)> {
+    let dir = resolve_dir(dir).join(folder);
+    // A model folder may hold just the weights: the bundled manifest then describes them.
+    let path = Some(dir.join("manifest.json"))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| model_dir_bundled().join(folder).join("manifest.json"));
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        model_error(
+            name,
+            format!(
+                "cannot read {}: {e} (set {MODEL_DIR_ENV} or modelDir to the folder holding `{folder}/`)",
+                path.display()
+            ),
+        )
+    })?;
+    let manifest: Manifest = serde_json::from_str(&text)
+        .map_err(|e| model_error(name, format!("malformed {}: {e}", path.display())))?;
+    manifest
+        .validate()
+        .map_err(|e| model_error(name, format!("{}: {e}", path.display())))?;
+    Ok((manifest, dir))
+}

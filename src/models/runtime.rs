@@ -1,0 +1,205 @@
+//! What names mean in this process: devices by name, model names (the catalog's, then users'
+//! networks from [`register_network`]) resolved to manifests and loaded models, and the
+//! per-process cache that loads a model once however many partitions and batches use it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use burn::prelude::*;
+
+use super::catalog;
+use super::loaded::LoadedModel;
+use super::manifest::{MODEL_DIR_ENV, Manifest, read_manifest, resolve_dir};
+use super::{ImageNetwork, model_error};
+use crate::error::{Error, Result};
+
+/// The device named by a `device` param: `cpu` (burn's flex backend) or, with the `wgpu`
+/// feature, `wgpu`. Always explicit: `Device::default()` may pick a software GPU.
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::flex()),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => Ok(Device::wgpu(Default::default())),
+        other => Err(Error::param(
+            "models",
+            "device",
+            format!(
+                "unknown device `{other}`; available: {}",
+                available_devices().join(", ")
+            ),
+        )),
+    }
+}
+
+/// Device names this build supports.
+pub fn available_devices() -> Vec<&'static str> {
+    let mut devices = vec!["cpu"];
+    if cfg!(feature = "wgpu") {
+        devices.push("wgpu");
+    }
+    devices
+}
+
+/// Names accepted by `modelName`: the named models, then any registered with [`register_network`].
+pub fn available_models() -> Vec<String> {
+    let mut names: Vec<String> = catalog::names().map(str::to_string).collect();
+    names.extend(user_models().read().map_or_else(
+        |_| Vec::new(),
+        |m| {
+            m.keys()
+                .filter(|k| !names.contains(k))
+                .cloned()
+                .collect::<Vec<_>>()
+        },
+    ));
+    names
+}
+
+/// Reads the manifest of a named model from the default model directory.
+pub fn manifest(name: &str) -> Result<(Manifest, PathBuf)> {
+    manifest_in(name, None)
+}
+
+/// Reads the manifest of a named model from `dir` (or the default directory when `None`).
+/// A model registered with [`register_network`] answers with its own manifest.
+pub fn manifest_in(name: &str, dir: Option<&Path>) -> Result<(Manifest, PathBuf)> {
+    if let Some(user) = user_model(name) {
+        return Ok((user.manifest.clone(), PathBuf::new()));
+    }
+    let folder = catalog::folder(name).ok_or_else(|| {
+        model_error(
+            name,
+            format!(
+                "unknown model; available: {}",
+                available_models().join(", ")
+            ),
+        )
+    })?;
+    read_manifest(name, folder, dir)
+}
+
+/// Loading by name (here rather than in `loaded.rs`: a name may be a user's network).
+impl LoadedModel {
+    /// Loads a named model from the default model directory (uncached; see [`load_model`]).
+    pub fn load(name: &str, device: &Device) -> Result<Self> {
+        Self::load_from(name, None, device)
+    }
+
+    /// Loads a named model from `dir` (or the default directory).
+    pub fn load_from(name: &str, dir: Option<&Path>, device: &Device) -> Result<Self> {
+        let (manifest, folder) = manifest_in(name, dir)?;
+        let weights = folder.join(&manifest.weights.file);
+        if !weights.is_file() {
+            return Err(model_error(
+                name,
+                format!(
+                    "weight file {} not found. Get it from {} (licence: {}) and put it at that path, \
+                     or point {MODEL_DIR_ENV} / the modelDir param at a folder holding `{}/{}`",
+                    weights.display(),
+                    manifest.weights.source,
+                    manifest.weights.license,
+                    folder
+                        .file_name()
+                        .map_or_else(String::new, |f| f.to_string_lossy().into_owned()),
+                    manifest.weights.file,
+                ),
+            ));
+        }
+        Self::from_weights(manifest, &weights, &folder, device)
+    }
+}
+
+type Cache = Mutex<HashMap<(String, String, PathBuf), Arc<LoadedModel>>>;
+
+/// Loads a named model on a named device once per process and shares it.
+pub fn load_model(name: &str, device_name: &str) -> Result<Arc<LoadedModel>> {
+    load_model_in(name, device_name, None)
+}
+
+/// [`load_model`] from a given model directory (`None` or empty: the default one).
+pub fn load_model_in(
+    name: &str,
+    device_name: &str,
+    dir: Option<&Path>,
+) -> Result<Arc<LoadedModel>> {
+    if let Some(user) = user_model(name) {
+        return Ok(user);
+    }
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let dir = resolve_dir(dir);
+    let key = (name.to_string(), device_name.to_string(), dir.clone());
+    // Holding the lock while loading makes concurrent partitions wait for one load.
+    let mut map = cache
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(model) = map.get(&key) {
+        return Ok(Arc::clone(model));
+    }
+    let model = Arc::new(LoadedModel::load_from(
+        name,
+        Some(&dir),
+        &device(device_name)?,
+    )?);
+    map.insert(key, Arc::clone(&model));
+    Ok(model)
+}
+
+type UserModels = RwLock<HashMap<String, Arc<LoadedModel>>>;
+
+fn user_models() -> &'static UserModels {
+    static USER: OnceLock<UserModels> = OnceLock::new();
+    USER.get_or_init(Default::default)
+}
+
+fn user_model(name: &str) -> Option<Arc<LoadedModel>> {
+    user_models().read().ok()?.get(name).cloned()
+}
+
+/// Makes your own network usable by name in `DeepImageFeaturizer` / `DeepImagePredictor` (and
+/// SQL) in this process: the equivalent of sparkdl's `TFImageTransformer`. The manifest says how
+/// images are preprocessed and what the network returns; outputs are checked against it.
+/// Labels: `Some("imagenet")` or a file path (absolute, or relative to the working directory).
+/// The network runs on `device`: the stages' `device` and `modelDir` params do not apply to it.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use burn::prelude::*;
+/// use deep_pipelines::models::{ImageNetwork, register_network, manifest};
+///
+/// #[derive(Debug)]
+/// struct MeanColour; // any burn module works the same way
+/// impl ImageNetwork for MeanColour {
+///     fn feature_map(&self, input: Tensor<4>) -> Tensor<4> { input } // [N, 3, S, S]
+/// }
+///
+/// let (mut m, _) = manifest("EfficientNetLite0").unwrap(); // start from a known manifest
+/// m.name = "MeanColour".into();
+/// m.architecture = "custom".into();
+/// m.feature_dim = 3;
+/// m.feature_map = [3, m.input_size as usize, m.input_size as usize];
+/// register_network(m, Arc::new(MeanColour), &Device::flex()).unwrap();
+/// // DeepImageFeaturizer::new().with_model_name("MeanColour") now yields 3-d mean colours.
+/// ```
+pub fn register_network(
+    manifest: Manifest,
+    network: Arc<dyn ImageNetwork>,
+    device: &Device,
+) -> Result<()> {
+    if catalog::folder(&manifest.name).is_some() {
+        return Err(model_error(
+            &manifest.name,
+            "a built-in model has this name; choose another",
+        ));
+    }
+    manifest
+        .validate()
+        .map_err(|e| model_error(&manifest.name, e))?;
+    let model = LoadedModel::new(manifest, network, device, Path::new(""))?;
+    let mut models = user_models()
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    models.insert(model.manifest.name.clone(), Arc::new(model));
+    Ok(())
+}
