@@ -235,8 +235,10 @@ impl Transformer for DeepImageFeaturizer {
     }
 
     fn save_stage(&self) -> Result<SavedStage> {
-        self.network()
-            .save(CLASS_DEEP_IMAGE_FEATURIZER, &self.params)
+        self.network().save(
+            <Self as crate::registry::PersistedStage>::CLASS,
+            &self.params,
+        )
     }
 
     fn copy_with(&self, overrides: &ParamMap) -> Result<Arc<dyn Transformer>> {
@@ -246,8 +248,6 @@ impl Transformer for DeepImageFeaturizer {
         }))
     }
 }
-
-pub(crate) const CLASS_DEEP_IMAGE_FEATURIZER: &str = "DeepImageFeaturizer";
 
 /// The featurizer's output: the pooled features or the flattened last feature map, per image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -295,7 +295,7 @@ mod tests;
 
 // --- persistence registry (helper B) ---
 impl crate::registry::PersistedStage for DeepImageFeaturizer {
-    const CLASS: &'static str = CLASS_DEEP_IMAGE_FEATURIZER;
+    const CLASS: &'static str = "DeepImageFeaturizer";
 
     fn restore(
         saved: &crate::persistence::SavedStage,

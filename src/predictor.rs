@@ -170,8 +170,6 @@ impl DeepImagePredictor {
     }
 }
 
-pub(crate) const CLASS_DEEP_IMAGE_PREDICTOR: &str = "DeepImagePredictor";
-
 impl Transformer for DeepImagePredictor {
     fn uid(&self) -> &str {
         &self.uid
@@ -184,7 +182,7 @@ impl Transformer for DeepImagePredictor {
             let classes = model.manifest.num_classes;
             if classes == 0 {
                 return Err(Error::param(
-                    CLASS_DEEP_IMAGE_PREDICTOR,
+                    <Self as crate::registry::PersistedStage>::CLASS,
                     "modelName",
                     format!("model `{}` has no classifier head", p.model_name),
                 ));
@@ -201,8 +199,10 @@ impl Transformer for DeepImagePredictor {
     }
 
     fn save_stage(&self) -> Result<SavedStage> {
-        self.network()
-            .save(CLASS_DEEP_IMAGE_PREDICTOR, &self.params)
+        self.network().save(
+            <Self as crate::registry::PersistedStage>::CLASS,
+            &self.params,
+        )
     }
 
     fn copy_with(&self, overrides: &ParamMap) -> Result<Arc<dyn Transformer>> {
@@ -337,7 +337,7 @@ mod tests;
 
 // --- persistence registry (helper B) ---
 impl crate::registry::PersistedStage for DeepImagePredictor {
-    const CLASS: &'static str = CLASS_DEEP_IMAGE_PREDICTOR;
+    const CLASS: &'static str = "DeepImagePredictor";
 
     fn restore(
         saved: &crate::persistence::SavedStage,
