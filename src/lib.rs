@@ -27,6 +27,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod batch;
 pub mod builtin;
 pub mod classification;
 pub mod error;

@@ -21,12 +21,10 @@
 //! The pipeline is planned once, when the function is made; each batch only runs that plan, on
 //! the calling thread (no thread, runtime or session per batch).
 
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll, Wake, Waker};
+use std::sync::Arc;
 
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, Float64Array, RecordBatch, StringArray, StructArray, UInt32Array,
@@ -45,13 +43,13 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::PartitionStream;
 use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream, collect};
 use datafusion::prelude::{SessionConfig, SessionContext};
-use tokio::runtime::Runtime;
 
+use crate::batch::{image_input_col, run_blocking};
 use crate::classification::LogisticRegressionModel;
 use crate::error::{Error, Result};
 use crate::feature::StringIndexerModel;
 use crate::featurizer::DeepImageFeaturizer;
-use crate::image::{DecodeLimits, ReadImagesOptions, decode_binary_array, image_type, read_images};
+use crate::image::{DecodeLimits, ReadImagesOptions, image_array, image_type, read_images};
 use crate::pipeline::{PipelineModel, Transformer};
 use crate::predictor::DeepImagePredictor;
 
@@ -117,6 +115,31 @@ fn prediction_type() -> DataType {
         Field::new("label", DataType::Utf8, true),
         Field::new("probability", DataType::Float64, true),
     ]))
+}
+
+/// A fitted pipeline as a function of one image column, outside any SQL engine: what
+/// [`register_model`] registers, for a caller that holds Arrow arrays (the Python package's
+/// Spark SQL functions). Planned once; each call runs one batch on the calling thread.
+#[derive(Debug)]
+pub struct ImageFunction(ModelFunction);
+
+impl ImageFunction {
+    /// `name`: lower-case, used in errors. The pipeline needs a featurizer or predictor stage.
+    pub fn new(name: &str, model: &PipelineModel) -> Result<Self> {
+        ModelFunction::new(name, model).map(ImageFunction)
+    }
+
+    /// The type of [`ImageFunction::call`]'s output: `{prediction, label, probability}` for a
+    /// classifier pipeline, else the pipeline's last column's type.
+    pub fn return_type(&self) -> DataType {
+        self.0.output_type()
+    }
+
+    /// One value per row of `images` (an image struct, Spark's or ours, or encoded bytes);
+    /// null where the image is null or undecodable.
+    pub fn call(&self, images: &ArrayRef) -> Result<ArrayRef> {
+        self.0.call(images, images.len())
+    }
 }
 
 const ROW: &str = "__row";
@@ -198,21 +221,13 @@ impl ModelFunction {
                 format!("`{name}` must be a non-empty lower-case SQL name"),
             ));
         }
-        let input_col = model
-            .stage::<DeepImageFeaturizer>()
-            .map(|f| f.params().input_col.clone())
-            .or_else(|| {
-                model
-                    .stage::<DeepImagePredictor>()
-                    .map(|p| p.params().input_col.clone())
-            })
-            .ok_or_else(|| {
-                Error::param(
-                    "register_model",
-                    "model",
-                    "the pipeline has no DeepImageFeaturizer or DeepImagePredictor stage to feed images to",
-                )
-            })?;
+        let input_col = image_input_col(model).ok_or_else(|| {
+            Error::param(
+                "register_model",
+                "model",
+                "the pipeline has no DeepImageFeaturizer or DeepImagePredictor stage to feed images to",
+            )
+        })?;
         // One partition: a run is one batch, already on a worker of the calling query.
         let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
         let schema = input_schema(&input_col);
@@ -266,6 +281,20 @@ impl ModelFunction {
             },
             signature: Signature::any(1, Volatility::Volatile),
         })
+    }
+
+    /// The function's value for each of `rows` images (an image struct or encoded bytes).
+    fn call(&self, input: &ArrayRef, rows: usize) -> Result<ArrayRef> {
+        let images = image_array(&self.sql_name[0], input, &DecodeLimits::default())?;
+        let out = self.run(images)?;
+        self.result(&out, rows)
+    }
+
+    fn output_type(&self) -> DataType {
+        match &self.output {
+            Output::Prediction { .. } => prediction_type(),
+            Output::Column { data_type, .. } => data_type.clone(),
+        }
     }
 
     /// Runs the planned pipeline on one batch of images, in one batch (`batch_size` = rows).
@@ -366,83 +395,6 @@ fn output_columns(output: &Output) -> Vec<&str> {
     }
 }
 
-thread_local! {
-    /// Set on the threads of [`runtime`]: a SQL function called there (a pipeline that calls
-    /// one) must not wait for a task that may queue behind its own thread.
-    static ON_SQL_RUNTIME: Cell<bool> = const { Cell::new(false) };
-}
-
-/// One multi-threaded runtime for every SQL function in the process, made on first use and
-/// never dropped (dropping a runtime inside an async context panics).
-fn runtime() -> Result<&'static Runtime> {
-    static RUNTIME: OnceLock<std::io::Result<Runtime>> = OnceLock::new();
-    RUNTIME
-        .get_or_init(|| {
-            tokio::runtime::Builder::new_multi_thread()
-                .thread_name("deep-pipelines-sql")
-                .on_thread_start(|| ON_SQL_RUNTIME.set(true))
-                .enable_all()
-                .build()
-        })
-        .as_ref()
-        .map_err(|e| {
-            Error::io(
-                "tokio runtime",
-                std::io::Error::new(e.kind(), e.to_string()),
-            )
-        })
-}
-
-/// Runs `future` to completion on this thread, with [`runtime`] as the context of whatever it
-/// spawns.
-///
-/// `invoke` is synchronous and runs on a worker of the calling query's runtime, which may be
-/// its only worker: `block_on` there panics, and a task spawned there could not run while this
-/// thread waits. So this thread polls the future and parks between polls, and what the plan
-/// spawns runs on our own runtime's workers. `unconstrained`: the caller's task budget must not
-/// make the wait spin. A panic in `future` comes back as an error.
-fn run_blocking<T>(name: &str, future: impl Future<Output = Result<T>>) -> Result<T> {
-    let runtime = runtime()?;
-    let run = || {
-        let _context = runtime.enter();
-        park_until_ready(tokio::task::unconstrained(future))
-    };
-    // On one of our own workers (a pipeline that calls a SQL function): hand its queue to
-    // another thread first, so that nothing waits behind this one.
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        if ON_SQL_RUNTIME.get() {
-            tokio::task::block_in_place(run)
-        } else {
-            run()
-        }
-    }));
-    outcome.unwrap_or_else(|payload| {
-        // The crate's one way of turning a panic's payload into an error message.
-        let what = format!("SQL function `{name}`");
-        crate::error::catch_panics(&what, || std::panic::resume_unwind(payload))
-            .map_err(Error::from)
-    })
-}
-
-/// Polls `future` on this thread until it is ready, parking the thread until it is woken.
-fn park_until_ready<F: Future>(future: F) -> F::Output {
-    struct Unpark(std::thread::Thread);
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut cx = Context::from_waker(&waker);
-    let mut future = std::pin::pin!(future);
-    loop {
-        if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
-            return output;
-        }
-        std::thread::park();
-    }
-}
-
 fn input_schema(input_col: &str) -> Arc<Schema> {
     Arc::new(Schema::new(vec![
         Field::new(input_col, image_type(), true),
@@ -504,10 +456,7 @@ impl ScalarUDFImpl for ModelFunction {
             }
             None => return plan_err!("{} takes one argument", self.sql_name[0]),
         }
-        Ok(match &self.output {
-            Output::Prediction { .. } => prediction_type(),
-            Output::Column { data_type, .. } => data_type.clone(),
-        })
+        Ok(self.output_type())
     }
 
     fn invoke_with_args(
@@ -515,23 +464,10 @@ impl ScalarUDFImpl for ModelFunction {
         args: ScalarFunctionArgs,
     ) -> datafusion::common::Result<ColumnarValue> {
         crate::error::catch_panics(self.name(), || {
-            let rows = args.number_rows;
             let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-            let input = &arrays[0];
-            let images = if is_binary(input.data_type()) {
-                decode_binary_array(input, &DecodeLimits::default())?
-            } else if *input.data_type() == image_type() {
-                Arc::clone(input)
-            } else {
-                return exec_err!(
-                    "{}: unexpected input type {}",
-                    self.sql_name[0],
-                    input.data_type()
-                );
-            };
-            let external = |e: Error| datafusion::error::DataFusionError::External(Box::new(e));
-            let out = self.run(images).map_err(external)?;
-            let result = self.result(&out, rows).map_err(external)?;
+            let result = self
+                .call(&arrays[0], args.number_rows)
+                .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
             Ok(ColumnarValue::Array(result))
         })
     }

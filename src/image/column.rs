@@ -191,6 +191,58 @@ pub fn decode_binary_array(
     Ok(Arc::clone(decoded.as_struct().column(0)))
 }
 
+/// An image column from what other engines hand over: an `ImageSchema` struct as Spark's
+/// `image` source or a Spark/pyarrow round trip gives it (fields matched by name; any
+/// nullability; Binary, LargeBinary or BinaryView data; any integer sizes), or encoded bytes
+/// (Binary, LargeBinary or BinaryView: `binaryFile`'s `content`, Parquet) decoded here, null
+/// where undecodable. Anything else is an error naming `column` and what was found.
+pub fn image_array(column: &str, input: &ArrayRef, limits: &DecodeLimits) -> Result<ArrayRef> {
+    let data_type = input.data_type();
+    if *data_type == image_type() {
+        return Ok(Arc::clone(input));
+    }
+    if matches!(
+        data_type,
+        DataType::Binary | DataType::LargeBinary | DataType::BinaryView
+    ) {
+        return Ok(decode_binary_array(input, limits)?);
+    }
+    let expected = "expected an image struct (origin, height, width, nChannels, mode, data) or encoded image bytes";
+    let Some(images) = input.as_struct_opt() else {
+        return Err(Error::column(
+            column,
+            format!("{expected}, got {data_type}"),
+        ));
+    };
+    let columns = image_fields()
+        .iter()
+        .map(|field| {
+            let child = images.column_by_name(field.name()).ok_or_else(|| {
+                Error::column(
+                    column,
+                    format!(
+                        "{expected}; field `{}` missing in {data_type}",
+                        field.name()
+                    ),
+                )
+            })?;
+            Ok(datafusion::arrow::compute::cast(child, field.data_type())?)
+        })
+        .collect::<Result<Vec<ArrayRef>>>()?;
+    // A row with a null where the image type has none (size, mode, data) is a null image.
+    let nulls = columns
+        .iter()
+        .skip(1)
+        .fold(images.logical_nulls(), |acc, c| {
+            NullBuffer::union(acc.as_ref(), c.logical_nulls().as_ref())
+        });
+    Ok(Arc::new(StructArray::try_new(
+        image_fields(),
+        columns,
+        nulls,
+    )?))
+}
+
 /// Decoding is CPU-bound and independent per image: spread a batch over the rayon pool.
 fn rayon_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync + Send) -> Vec<R> {
     use rayon::prelude::*;

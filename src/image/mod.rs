@@ -37,7 +37,7 @@ mod read;
 
 use datafusion::arrow::datatypes::{DataType, Field, Fields};
 
-pub use column::{decode_binary_array, decode_image_column};
+pub use column::{decode_binary_array, decode_image_column, image_array};
 pub use decode::{DecodeLimits, ImageRow, Rgb8, decode_image, decode_rgb8, to_rgb8};
 pub use read::{ReadImagesOptions, list_image_files, read_images};
 

@@ -20,46 +20,65 @@ use super::{Architecture, ImageNetwork, model_error};
 use crate::error::Result;
 
 /// One named model: the name used in `modelName`; its folder under the model directory, which
-/// is also the `architecture` its manifest names; its full-size config (1000 ImageNet classes).
-type Entry = (
-    &'static str,
-    &'static str,
-    fn() -> Box<dyn LoadArchitecture>,
-);
+/// is also the `architecture` its manifest names; the manifest compiled in (the text, not a path:
+/// a folder holding only weights is described by it); its full-size config (1000 ImageNet
+/// classes).
+struct Entry {
+    name: &'static str,
+    folder: &'static str,
+    manifest: &'static str,
+    config: fn() -> Box<dyn LoadArchitecture>,
+}
+
+macro_rules! entry {
+    ($name:literal, $folder:literal, $config:expr) => {
+        Entry {
+            name: $name,
+            folder: $folder,
+            manifest: include_str!(concat!("../../models/", $folder, "/manifest.json")),
+            config: || Box::new($config),
+        }
+    };
+}
 
 #[rustfmt::skip]
 const CATALOG: &[Entry] = &[
-    ("EfficientNetLite0", "efficientnet_lite0", || Box::new(EfficientNetLiteConfig::lite0())),
-    ("EfficientNetLite1", "efficientnet_lite1", || Box::new(EfficientNetLiteConfig::lite1())),
-    ("EfficientNetLite2", "efficientnet_lite2", || Box::new(EfficientNetLiteConfig::lite2())),
-    ("ResNet18",          "resnet18",           || Box::new(ResNetConfig::resnet18())),
-    ("ResNet34",          "resnet34",           || Box::new(ResNetConfig::resnet34())),
-    ("ResNet50",          "resnet50",           || Box::new(ResNetConfig::resnet50())),
-    ("ResNet101",         "resnet101",          || Box::new(ResNetConfig::resnet101())),
-    ("ResNet152",         "resnet152",          || Box::new(ResNetConfig::resnet152())),
-    ("MobileNetV2",       "mobilenet_v2",       || Box::new(MobileNetV2Config::mobilenet_v2())),
-    ("MobileNetV3Large",  "mobilenet_v3_large", || Box::new(MobileNetV3Config::large())),
-    ("MobileNetV3Small",  "mobilenet_v3_small", || Box::new(MobileNetV3Config::small())),
-    ("SqueezeNet1_1",     "squeezenet1_1",      || Box::new(SqueezeNetConfig::squeezenet1_1())),
-    ("EfficientNetB0",    "efficientnet_b0",    || Box::new(EfficientNetConfig::b0())),
-    ("InceptionV3",       "inception_v3",       || Box::new(InceptionV3Config::inception_v3())),
-    ("VGG16",             "vgg16",              || Box::new(VggConfig::vgg16(false))),
-    ("VGG16BN",           "vgg16_bn",           || Box::new(VggConfig::vgg16(true))),
-    ("VGG19",             "vgg19",              || Box::new(VggConfig::vgg19(false))),
-    ("VGG19BN",           "vgg19_bn",           || Box::new(VggConfig::vgg19(true))),
+    entry!("EfficientNetLite0", "efficientnet_lite0", EfficientNetLiteConfig::lite0()),
+    entry!("EfficientNetLite1", "efficientnet_lite1", EfficientNetLiteConfig::lite1()),
+    entry!("EfficientNetLite2", "efficientnet_lite2", EfficientNetLiteConfig::lite2()),
+    entry!("ResNet18", "resnet18", ResNetConfig::resnet18()),
+    entry!("ResNet34", "resnet34", ResNetConfig::resnet34()),
+    entry!("ResNet50", "resnet50", ResNetConfig::resnet50()),
+    entry!("ResNet101", "resnet101", ResNetConfig::resnet101()),
+    entry!("ResNet152", "resnet152", ResNetConfig::resnet152()),
+    entry!("MobileNetV2", "mobilenet_v2", MobileNetV2Config::mobilenet_v2()),
+    entry!("MobileNetV3Large", "mobilenet_v3_large", MobileNetV3Config::large()),
+    entry!("MobileNetV3Small", "mobilenet_v3_small", MobileNetV3Config::small()),
+    entry!("SqueezeNet1_1", "squeezenet1_1", SqueezeNetConfig::squeezenet1_1()),
+    entry!("EfficientNetB0", "efficientnet_b0", EfficientNetConfig::b0()),
+    entry!("InceptionV3", "inception_v3", InceptionV3Config::inception_v3()),
+    entry!("VGG16", "vgg16", VggConfig::vgg16(false)),
+    entry!("VGG16BN", "vgg16_bn", VggConfig::vgg16(true)),
+    entry!("VGG19", "vgg19", VggConfig::vgg19(false)),
+    entry!("VGG19BN", "vgg19_bn", VggConfig::vgg19(true)),
 ];
 
 /// The named models' names, in catalog order.
 pub(super) fn names() -> impl Iterator<Item = &'static str> {
-    CATALOG.iter().map(|(name, _, _)| *name)
+    CATALOG.iter().map(|e| e.name)
 }
 
 /// The folder of a named model, `None` if the catalog has no such name.
 pub(super) fn folder(name: &str) -> Option<&'static str> {
+    CATALOG.iter().find(|e| e.name == name).map(|e| e.folder)
+}
+
+/// The manifest this crate ships for the model in `folder`.
+pub(super) fn bundled_manifest(folder: &str) -> Option<&'static str> {
     CATALOG
         .iter()
-        .find(|(n, _, _)| *n == name)
-        .map(|(_, folder, _)| *folder)
+        .find(|e| e.folder == folder)
+        .map(|e| e.manifest)
 }
 
 /// Builds the full-size `architecture` (1000 ImageNet classes), loads `weights` into it and
@@ -71,11 +90,12 @@ pub fn load_architecture(
     device: &Device,
     model: &str,
 ) -> Result<Arc<dyn ImageNetwork>> {
-    let (_, _, config) = CATALOG
+    let config = CATALOG
         .iter()
-        .find(|(_, folder, _)| *folder == architecture)
+        .find(|e| e.folder == architecture)
+        .map(|e| e.config)
         .ok_or_else(|| {
-            let available: Vec<&str> = CATALOG.iter().map(|(_, folder, _)| *folder).collect();
+            let available: Vec<&str> = CATALOG.iter().map(|e| e.folder).collect();
             model_error(
                 model,
                 format!(

@@ -11,16 +11,14 @@ use crate::error::Result;
 /// Environment variable naming the folder that holds one sub-folder per model.
 pub const MODEL_DIR_ENV: &str = "DEEP_PIPELINES_MODEL_DIR";
 
-/// The default model directory: `$DEEP_PIPELINES_MODEL_DIR`, else this crate's bundled `models/`.
+/// The default model directory: `$DEEP_PIPELINES_MODEL_DIR`, else `models` in the current
+/// directory (the repository's bundled models when run from its root, as the tests and examples
+/// are). Found at run time: nothing built from this crate (a wheel, a deployed binary, a
+/// crates.io dependency) may point at the folder of the machine that compiled it.
 pub fn model_dir() -> PathBuf {
     std::env::var_os(MODEL_DIR_ENV)
-        .map(PathBuf::from)
-        .unwrap_or_else(model_dir_bundled)
-}
-
-/// This crate's `models/`: manifests of every named model, Lite weights, class names.
-fn model_dir_bundled() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/models"))
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| PathBuf::from("models"), PathBuf::from)
 }
 
 /// `dir` if given and not empty (an empty `modelDir` param means the default), else [`model_dir`].
@@ -178,19 +176,28 @@ pub(super) fn read_manifest(
     dir: Option<&Path>,
 ) -> Result<(Manifest, PathBuf)> {
     let dir = resolve_dir(dir).join(folder);
-    // A model folder may hold just the weights: the bundled manifest then describes them.
-    let path = Some(dir.join("manifest.json"))
-        .filter(|p| p.is_file())
-        .unwrap_or_else(|| model_dir_bundled().join(folder).join("manifest.json"));
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        model_error(
-            name,
-            format!(
-                "cannot read {}: {e} (set {MODEL_DIR_ENV} or modelDir to the folder holding `{folder}/`)",
-                path.display()
-            ),
+    // A model folder may hold just the weights: the manifest compiled into this crate then
+    // describes them.
+    let path = dir.join("manifest.json");
+    let (text, path) = if path.is_file() {
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| model_error(name, format!("cannot read {}: {e}", path.display())))?;
+        (text, path)
+    } else {
+        let text = super::catalog::bundled_manifest(folder).ok_or_else(|| {
+            model_error(
+                name,
+                format!(
+                    "no {} (set {MODEL_DIR_ENV} or modelDir to the folder holding `{folder}/`)",
+                    path.display()
+                ),
+            )
+        })?;
+        (
+            text.to_string(),
+            PathBuf::from(format!("<bundled {folder}/manifest.json>")),
         )
-    })?;
+    };
     let manifest: Manifest = serde_json::from_str(&text)
         .map_err(|e| model_error(name, format!("malformed {}: {e}", path.display())))?;
     manifest

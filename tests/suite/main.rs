@@ -6,6 +6,7 @@
 mod common;
 
 mod bad_input;
+mod batch;
 mod efficientnet_parity;
 mod hostile_input;
 mod logistic_sklearn_parity;

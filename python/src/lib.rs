@@ -1,0 +1,376 @@
+//! The native core of the `deep_pipelines` Python package: this workspace's pipelines applied to
+//! pyarrow data. Arrow crosses through the Arrow PyCapsule interface (the C Data Interface:
+//! buffers are shared, not copied), and Rust work runs with the GIL released so that other
+//! Python threads (Spark's reader and writer threads in a worker) go on.
+
+use std::ffi::CStr;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, RecordBatch, RecordBatchIterator, StructArray, make_array};
+use arrow::datatypes::{Field, Schema, SchemaRef};
+use arrow::error::ArrowError;
+use arrow::ffi::{FFI_ArrowArray, FFI_ArrowSchema, from_ffi, to_ffi};
+use arrow::ffi_stream::FFI_ArrowArrayStream;
+use deep_pipelines::batch::BatchTransformer;
+use deep_pipelines::featurizer::DeepImageFeaturizerParams;
+use deep_pipelines::predictor::DeepImagePredictorParams;
+use deep_pipelines::stage::PipelineStage;
+use deep_pipelines::{DeepImageFeaturizer, DeepImagePredictor, PipelineModel, ReadImagesOptions};
+use pyo3::exceptions::{PyIOError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyCapsule, PyTuple};
+
+const SCHEMA: &CStr = c"arrow_schema";
+const ARRAY: &CStr = c"arrow_array";
+const STREAM: &CStr = c"arrow_array_stream";
+
+/// The crate's errors as Python exceptions: bad params and columns are `ValueError`s, files
+/// `OSError`s, the rest `RuntimeError`s; the message is the crate's (it names the column,
+/// param or file).
+fn py_err(e: deep_pipelines::Error) -> PyErr {
+    use deep_pipelines::Error as E;
+    match e {
+        E::InvalidParam { .. } | E::Column { .. } => PyValueError::new_err(e.to_string()),
+        E::Io { .. } => PyIOError::new_err(e.to_string()),
+        _ => PyRuntimeError::new_err(e.to_string()),
+    }
+}
+
+fn arrow_err(e: ArrowError) -> PyErr {
+    PyValueError::new_err(format!("Arrow C Data Interface: {e}"))
+}
+
+/// An array from any object with `__arrow_c_array__` (pyarrow arrays and record batches,
+/// Polars, ...). The array's buffers are moved, not copied.
+fn import_array(obj: &Bound<'_, PyAny>) -> PyResult<ArrayRef> {
+    let capsules = obj.call_method0("__arrow_c_array__").map_err(|_| {
+        PyValueError::new_err(format!(
+            "expected an Arrow array or record batch (an object with __arrow_c_array__), got {}",
+            obj.get_type()
+        ))
+    })?;
+    let (schema, array): (Bound<'_, PyCapsule>, Bound<'_, PyCapsule>) = capsules.extract()?;
+    let schema = schema
+        .pointer_checked(Some(SCHEMA))?
+        .cast::<FFI_ArrowSchema>();
+    let array = array.pointer_checked(Some(ARRAY))?.cast::<FFI_ArrowArray>();
+    // SAFETY: the capsules hold a valid ArrowSchema / ArrowArray (PyCapsule interface). The
+    // array is moved out and an empty (released) one left behind, so the capsule's destructor
+    // does not release what we now own; the schema is only read.
+    let data = unsafe {
+        let array = std::ptr::replace(array.as_ptr(), FFI_ArrowArray::empty());
+        from_ffi(array, schema.as_ref())
+    }
+    .map_err(arrow_err)?;
+    Ok(make_array(data))
+}
+
+fn import_batch(obj: &Bound<'_, PyAny>) -> PyResult<RecordBatch> {
+    let array = import_array(obj)?;
+    let Some(rows) = array.as_any().downcast_ref::<StructArray>() else {
+        return Err(PyValueError::new_err(format!(
+            "expected a record batch (a struct array), got {}",
+            array.data_type()
+        )));
+    };
+    Ok(RecordBatch::from(rows.clone()))
+}
+
+fn import_schema(obj: &Bound<'_, PyAny>) -> PyResult<SchemaRef> {
+    let capsule = obj.call_method0("__arrow_c_schema__").map_err(|_| {
+        PyValueError::new_err(format!(
+            "expected an Arrow schema (an object with __arrow_c_schema__), got {}",
+            obj.get_type()
+        ))
+    })?;
+    let capsule: Bound<'_, PyCapsule> = capsule.extract()?;
+    let schema = capsule
+        .pointer_checked(Some(SCHEMA))?
+        .cast::<FFI_ArrowSchema>();
+    // SAFETY: a valid ArrowSchema (PyCapsule interface), only read.
+    let schema = Schema::try_from(unsafe { schema.as_ref() }).map_err(arrow_err)?;
+    Ok(Arc::new(schema))
+}
+
+/// An Arrow array (or a record batch, as a struct array) handed to Python: pass it to
+/// `pyarrow.array` / `pyarrow.record_batch`, which take it through `__arrow_c_array__`.
+#[pyclass(frozen, module = "deep_pipelines._native")]
+struct ArrowArray {
+    array: ArrayRef,
+    field: Field,
+}
+
+impl ArrowArray {
+    fn of_batch(batch: RecordBatch) -> Self {
+        let array: ArrayRef = Arc::new(StructArray::from(batch));
+        ArrowArray {
+            field: Field::new("", array.data_type().clone(), false),
+            array,
+        }
+    }
+}
+
+#[pymethods]
+impl ArrowArray {
+    #[pyo3(signature = (requested_schema=None))]
+    fn __arrow_c_array__<'py>(
+        &self,
+        py: Python<'py>,
+        requested_schema: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let _ = requested_schema; // we give the array as it is
+        let schema = FFI_ArrowSchema::try_from(&self.field).map_err(arrow_err)?;
+        let (array, _) = to_ffi(&self.array.to_data()).map_err(arrow_err)?;
+        let schema = PyCapsule::new_with_value(py, schema, SCHEMA)?;
+        let array = PyCapsule::new_with_value(py, array, ARRAY)?;
+        PyTuple::new(py, [schema.into_any(), array.into_any()])
+    }
+}
+
+/// An Arrow schema handed to Python: `pyarrow.schema(x)` takes it through `__arrow_c_schema__`.
+#[pyclass(frozen, module = "deep_pipelines._native")]
+struct ArrowSchema {
+    schema: SchemaRef,
+}
+
+#[pymethods]
+impl ArrowSchema {
+    fn __arrow_c_schema__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyCapsule>> {
+        let schema = FFI_ArrowSchema::try_from(self.schema.as_ref()).map_err(arrow_err)?;
+        PyCapsule::new_with_value(py, schema, SCHEMA)
+    }
+}
+
+/// Record batches handed to Python: `pyarrow.table(x)` / `RecordBatchReader.from_stream(x)`
+/// take them through `__arrow_c_stream__` (each call gives a fresh stream over the batches).
+#[pyclass(frozen, module = "deep_pipelines._native")]
+struct ArrowStream {
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+}
+
+#[pymethods]
+impl ArrowStream {
+    #[pyo3(signature = (requested_schema=None))]
+    fn __arrow_c_stream__<'py>(
+        &self,
+        py: Python<'py>,
+        requested_schema: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyCapsule>> {
+        let _ = requested_schema;
+        let reader = RecordBatchIterator::new(
+            self.batches.clone().into_iter().map(Ok),
+            Arc::clone(&self.schema),
+        );
+        PyCapsule::new_with_value(py, FFI_ArrowArrayStream::new(Box::new(reader)), STREAM)
+    }
+}
+
+/// A network stage built from its params (Spark names, as JSON).
+fn network_stage(class: &str, params_json: &str) -> PyResult<Arc<dyn deep_pipelines::Transformer>> {
+    let bad_json = |e: serde_json::Error| PyValueError::new_err(format!("{class} params: {e}"));
+    Ok(match class {
+        "DeepImageFeaturizer" => {
+            let params: DeepImageFeaturizerParams =
+                serde_json::from_str(params_json).map_err(bad_json)?;
+            Arc::new(DeepImageFeaturizer::from_params(params))
+        }
+        "DeepImagePredictor" => {
+            let params: DeepImagePredictorParams =
+                serde_json::from_str(params_json).map_err(bad_json)?;
+            Arc::new(DeepImagePredictor::from_params(params))
+        }
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "unknown network stage `{other}`; available: DeepImageFeaturizer, DeepImagePredictor"
+            )));
+        }
+    })
+}
+
+/// A saved transformer (a fitted `PipelineModel` or one stage), as a one-or-more-stage pipeline.
+fn load_pipeline(path: &str) -> PyResult<PipelineModel> {
+    match deep_pipelines::builtin::load(path).map_err(py_err)? {
+        PipelineStage::Transformer(stage) => match stage.as_any().downcast_ref::<PipelineModel>() {
+            Some(model) => Ok(model.clone()),
+            None => Ok(PipelineModel::new(
+                format!("{}_pipeline", stage.uid()),
+                vec![stage],
+            )),
+        },
+        PipelineStage::Estimator(stage) => Err(PyValueError::new_err(format!(
+            "{path}: `{}` is an unfitted estimator; save a fitted model (PipelineModel) to apply it",
+            stage.uid()
+        ))),
+    }
+}
+
+/// A fitted pipeline or a network stage, applied to record batches.
+#[pyclass(frozen, module = "deep_pipelines._native")]
+struct Transformer {
+    inner: BatchTransformer,
+}
+
+#[pymethods]
+impl Transformer {
+    /// A pipeline (or stage) saved by the Rust API or by `deep_pipelines`.
+    #[staticmethod]
+    fn load(py: Python<'_>, path: String) -> PyResult<Self> {
+        let model = py.detach(|| load_pipeline(&path))?;
+        Ok(Transformer {
+            inner: BatchTransformer::new(model),
+        })
+    }
+
+    /// `DeepImageFeaturizer` or `DeepImagePredictor` with params given as JSON (Spark names).
+    #[staticmethod]
+    fn stage(class_name: &str, params_json: &str) -> PyResult<Self> {
+        Ok(Transformer {
+            inner: BatchTransformer::from_stage(network_stage(class_name, params_json)?),
+        })
+    }
+
+    /// The input column the pipeline reads images from (None: no network stage).
+    #[getter]
+    fn image_col(&self) -> Option<String> {
+        self.inner.image_col().map(str::to_string)
+    }
+
+    /// The stages' uids, in order.
+    #[getter]
+    fn stage_uids(&self) -> Vec<String> {
+        let stages = self.inner.model().stages();
+        stages.iter().map(|s| s.uid().to_string()).collect()
+    }
+
+    /// The pipeline applied to one record batch: its columns plus the stages' outputs.
+    fn transform(&self, py: Python<'_>, batch: &Bound<'_, PyAny>) -> PyResult<ArrowArray> {
+        let batch = import_batch(batch)?;
+        let out = py.detach(|| self.inner.transform(batch)).map_err(py_err)?;
+        Ok(ArrowArray::of_batch(out))
+    }
+
+    /// The schema `transform` gives for batches of `schema` (loads the networks).
+    fn output_schema(&self, py: Python<'_>, schema: &Bound<'_, PyAny>) -> PyResult<ArrowSchema> {
+        let schema = import_schema(schema)?;
+        let schema = py
+            .detach(|| self.inner.output_schema(schema))
+            .map_err(py_err)?;
+        Ok(ArrowSchema { schema })
+    }
+}
+
+/// A pipeline as a function of one image column (what a SQL function calls): a struct
+/// `{prediction, label, probability}` for a classifier pipeline, else its last column.
+#[pyclass(frozen, module = "deep_pipelines._native")]
+struct ImageFunction {
+    inner: deep_pipelines::sql::ImageFunction,
+}
+
+#[pymethods]
+impl ImageFunction {
+    #[staticmethod]
+    fn load(py: Python<'_>, name: &str, path: String) -> PyResult<Self> {
+        let model = py.detach(|| load_pipeline(&path))?;
+        let inner = deep_pipelines::sql::ImageFunction::new(name, &model).map_err(py_err)?;
+        Ok(ImageFunction { inner })
+    }
+
+    #[staticmethod]
+    fn stage(py: Python<'_>, name: &str, class_name: &str, params_json: &str) -> PyResult<Self> {
+        let stage = network_stage(class_name, params_json)?;
+        let model = PipelineModel::new(format!("{name}_function"), vec![stage]);
+        let inner = py
+            .detach(|| deep_pipelines::sql::ImageFunction::new(name, &model))
+            .map_err(py_err)?;
+        Ok(ImageFunction { inner })
+    }
+
+    /// The output's type, as the one field (`value`) of a schema.
+    fn return_schema(&self) -> ArrowSchema {
+        let field = Field::new("value", self.inner.return_type(), true);
+        ArrowSchema {
+            schema: Arc::new(Schema::new(vec![field])),
+        }
+    }
+
+    /// One value per image of `images` (Spark's image struct, ours, or encoded bytes).
+    fn __call__(&self, py: Python<'_>, images: &Bound<'_, PyAny>) -> PyResult<ArrowArray> {
+        let images = import_array(images)?;
+        let out = py.detach(|| self.inner.call(&images)).map_err(py_err)?;
+        Ok(ArrowArray {
+            field: Field::new("", out.data_type().clone(), true),
+            array: out,
+        })
+    }
+}
+
+/// The images under `path` as record batches of `origin` (+ `label`), `image`, `image_error`.
+#[pyfunction]
+#[pyo3(signature = (path, recursive=true, label_from_folder=false, drop_invalid=false))]
+fn read_images(
+    py: Python<'_>,
+    path: String,
+    recursive: bool,
+    label_from_folder: bool,
+    drop_invalid: bool,
+) -> PyResult<ArrowStream> {
+    let options = ReadImagesOptions::default()
+        .with_recursive(recursive)
+        .with_label_from_folder(label_from_folder)
+        .with_drop_invalid(drop_invalid);
+    let (schema, batches) = py
+        .detach(|| {
+            let ctx = datafusion_context();
+            let df = deep_pipelines::read_images(&ctx, &path, options)?;
+            let schema: SchemaRef = Arc::clone(df.schema().inner());
+            let batches = deep_pipelines::batch::run_blocking("read_images", async move {
+                Ok(df.collect().await?)
+            })?;
+            Ok((schema, batches))
+        })
+        .map_err(py_err)?;
+    Ok(ArrowStream { schema, batches })
+}
+
+fn datafusion_context() -> deep_pipelines::prelude::SessionContext {
+    deep_pipelines::prelude::SessionContext::new()
+}
+
+/// Sizes the native thread pool (decoding, preprocessing, the networks) once per process,
+/// before its first use. Returns False when the pool already exists (its size stays).
+#[pyfunction]
+fn init_threads(num_threads: usize) -> bool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(num_threads.max(1))
+        .build_global()
+        .is_ok()
+}
+
+/// Threads in the native pool (creating it with the default size if it does not exist yet).
+#[pyfunction]
+fn num_threads() -> usize {
+    rayon::current_num_threads()
+}
+
+/// The named models (`modelName` values).
+#[pyfunction]
+fn available_models() -> Vec<String> {
+    deep_pipelines::models::available_models()
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("MODEL_DIR_ENV", deep_pipelines::models::MODEL_DIR_ENV)?;
+    m.add_class::<Transformer>()?;
+    m.add_class::<ImageFunction>()?;
+    m.add_class::<ArrowArray>()?;
+    m.add_class::<ArrowSchema>()?;
+    m.add_class::<ArrowStream>()?;
+    m.add_function(wrap_pyfunction!(read_images, m)?)?;
+    m.add_function(wrap_pyfunction!(init_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(available_models, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,105 @@
+"""The package without Spark: pyarrow in, pyarrow out, the same native core as the Rust API."""
+
+import re
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import deep_pipelines as dp
+
+from conftest import DATA, FIXTURES
+
+
+def test_read_images_gives_spark_image_structs_and_labels(few_images):
+    table = dp.read_images(few_images, labelFromFolder=True)
+    assert table.num_rows == 65
+    image = table.schema.field("image").type
+    assert [f.name for f in image] == ["origin", "height", "width", "nChannels", "mode", "data"]
+    broken = table.filter(pa.compute.equal(table["label"], "broken"))
+    assert broken.num_rows == 1
+    assert broken["image"].null_count == 1
+    assert broken["image_error"][0].as_py()  # says why
+
+
+def test_featurizer_gives_1280_features_and_null_for_a_corrupt_file(few_images):
+    table = dp.read_images(few_images, labelFromFolder=True)
+    out = dp.DeepImageFeaturizer(batchSize=16).transform(table)
+    features = out["features"]
+    assert features.type.list_size == 1280
+    nulls = [row for row, v in enumerate(features.to_pylist()) if v is None]
+    labels = out["label"].to_pylist()
+    assert [labels[r] for r in nulls] == ["broken"]
+    valid = np.array([v for v in features.to_pylist() if v is not None], dtype=np.float32)
+    assert valid.shape == (64, 1280) and np.isfinite(valid).all() and valid.std() > 0
+
+
+def test_featurizer_takes_encoded_bytes_like_the_image_struct(few_images):
+    files = sorted(p for p in few_images.rglob("*.png") if p.parent.name != "broken")[:8]
+    table = pa.table({"content": pa.array([p.read_bytes() for p in files], pa.large_binary())})
+    from_bytes = dp.DeepImageFeaturizer(inputCol="content").transform(table)["features"]
+    images = dp.read_images(few_images)
+    origins = [o.split("/")[-1] for o in images["origin"].to_pylist()]
+    order = [origins.index(p.name) for p in files]
+    from_structs = dp.DeepImageFeaturizer().transform(images.take(order))["features"]
+    a = np.array(from_bytes.to_pylist(), dtype=np.float32)
+    b = np.array(from_structs.to_pylist(), dtype=np.float32)
+    assert np.abs(a - b).max() <= 1e-5
+
+
+def test_bad_params_and_columns_are_clear_errors(few_images):
+    with pytest.raises(ValueError, match="unknown param"):
+        dp.DeepImageFeaturizer(modelname="EfficientNetLite0")
+    table = dp.read_images(few_images)
+    with pytest.raises(ValueError, match="pictures"):
+        dp.DeepImageFeaturizer(inputCol="pictures").transform(table)
+    with pytest.raises(ValueError, match="batchSize"):
+        dp.DeepImageFeaturizer(batchSize=0).transform(table)
+    with pytest.raises(Exception, match="NoSuchNet"):
+        dp.DeepImageFeaturizer(modelName="NoSuchNet").transform(table)
+
+
+# The 8 images of tests/suite/saved_v0_1.rs, in its order.
+SAVED_V0_1_FILES = [
+    "test/ankle-boot/00000.png", "test/ankle-boot/00023.png", "test/bag/00018.png",
+    "test/bag/00030.png", "test/sneaker/00009.png", "test/sneaker/00012.png",
+    "test/trouser/00002.png", "test/trouser/00003.png",
+]
+
+
+def saved_v0_1_images():
+    """SAVED_V0_1_FILES read by the Rust reader (label from folder), in that order."""
+    images = dp.read_images(DATA / "test", labelFromFolder=True)
+    origins = images["origin"].to_pylist()
+    rows = [next(r for r, o in enumerate(origins) if o.endswith(f)) for f in SAVED_V0_1_FILES]
+    return images.take(rows)
+
+
+def expected_table(name):
+    """A fixture's expected output table (as the Rust test printed it): header, rows."""
+    text = (FIXTURES / "saved_v0_1" / f"{name}.expected.txt").read_text()
+    lines = [l for l in text.splitlines() if l.startswith("| ")]
+    split = lambda l: [c.strip() for c in l.strip().strip("|").split("|")]
+    return split(lines[0]), [split(l) for l in lines[1:]]
+
+
+def test_a_pipeline_saved_by_rust_0_1_predicts_what_it_did_then():
+    """tests/fixtures/saved_v0_1: saved by the Rust API, with its outputs on 8 images."""
+    header, rows = expected_table("pipeline_model")
+    model = dp.PipelineModel.load(FIXTURES / "saved_v0_1" / "pipeline_model")
+    assert [u.split("_")[0] for u in model.stage_uids] == [
+        "StringIndexer", "DeepImageFeaturizer", "LogisticRegression", "IndexToString"
+    ]
+    out = model.transform(saved_v0_1_images())
+    assert len(rows) == out.num_rows == 8
+    p, l = header.index("probability"), header.index("predictedLabel")
+    for got_p, got_l, row in zip(out["probability"].to_pylist(), out["predictedLabel"].to_pylist(), rows):
+        want = [float(x) for x in row[p].strip("[]").split(",")]
+        assert np.allclose(got_p, want, rtol=0, atol=1e-12), (got_p, want)
+        assert got_l == row[l]
+
+
+def test_local_transform_of_an_empty_table_has_the_output_schema(few_images):
+    empty = dp.read_images(few_images).slice(0, 0)
+    out = dp.DeepImageFeaturizer().transform(empty)
+    assert out.num_rows == 0 and "features" in out.schema.names

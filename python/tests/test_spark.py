@@ -1,0 +1,182 @@
+"""deep_pipelines.spark in a local[2] Spark session: the stages as pyspark.ml Transformers, Spark's
+own persistence, SQL functions, and a Rust-saved pipeline applied to a Spark DataFrame. Features
+are compared with the Rust featurizer's (through the local API) for the same files."""
+
+import shutil
+
+import numpy as np
+import pyspark.sql.functions as F
+import pytest
+from pyspark.ml import Pipeline, PipelineModel
+from pyspark.ml.classification import LogisticRegression
+from pyspark.ml.evaluation import MulticlassClassificationEvaluator
+from pyspark.ml.feature import StringIndexer
+from pyspark.ml.functions import vector_to_array
+from pyspark.ml.linalg import VectorUDT
+from pyspark.sql.types import ArrayType, FloatType, IntegerType, StringType, StructType
+
+import deep_pipelines as dp
+from deep_pipelines.spark import (
+    DeepImageFeaturizer,
+    DeepImagePredictor,
+    register_image_udf,
+    transform,
+)
+
+from conftest import DATA, FIXTURES
+from test_local import SAVED_V0_1_FILES
+
+TOLERANCE = 1e-5
+
+
+def key(origin):
+    """`class/file.png` of a path or file: URI (file names repeat across class folders)."""
+    return "/".join(origin.rstrip("/").split("/")[-2:])
+
+
+def spark_images(spark, path):
+    """Spark's `image` source, with the class (parent folder) as `class`."""
+    df = spark.read.format("image").option("recursiveFileLookup", "true").load(str(path))
+    return df.withColumn("class", F.regexp_extract("image.origin", r"/([^/]+)/[^/]+$", 1))
+
+
+def rust_features(path):
+    """The Rust featurizer's features for the images under `path`, by `class/file`."""
+    out = dp.DeepImageFeaturizer().transform(dp.read_images(path))
+    return {
+        key(o): (None if f is None else np.asarray(f, dtype=np.float64))
+        for o, f in zip(out["origin"].to_pylist(), out["features"].to_pylist())
+    }
+
+
+def assert_features_equal(spark_rows, rust):
+    assert set(spark_rows) == set(rust)
+    assert spark_rows["broken/corrupt.png"] is None and rust["broken/corrupt.png"] is None
+    worst = max(
+        np.abs(np.asarray(spark_rows[k], dtype=np.float64) - rust[k]).max()
+        for k in rust
+        if rust[k] is not None
+    )
+    assert worst <= TOLERANCE, worst
+
+
+# The flow of examples/spark/transfer_learning.py.
+@pytest.fixture(scope="module")
+def fitted(spark):
+    train = spark_images(spark, DATA / "train")
+    pipeline = Pipeline(
+        stages=[
+            StringIndexer(inputCol="class", outputCol="label"),
+            DeepImageFeaturizer(inputCol="image", outputCol="features", modelName="EfficientNetLite0"),
+            LogisticRegression(maxIter=200, regParam=1e-3),
+        ]
+    )
+    return pipeline.fit(train)
+
+
+def test_transfer_learning_with_sparks_logistic_regression_reaches_084(spark, fitted):
+    predictions = fitted.transform(spark_images(spark, DATA / "test"))
+    assert isinstance(predictions.schema["features"].dataType, VectorUDT)
+    accuracy = MulticlassClassificationEvaluator(metricName="accuracy").evaluate(predictions)
+    print(f"test accuracy {accuracy:.4f}")
+    assert accuracy >= 0.84
+
+
+def test_features_from_the_image_source_equal_the_rust_featurizers(spark, few_images):
+    df = spark_images(spark, few_images)
+    out = DeepImageFeaturizer(outputFormat="array").transform(df)
+    assert out.schema["features"].dataType == ArrayType(FloatType(), True)
+    rows = {key(r.origin): r.features for r in out.select("image.origin", "features").collect()}
+    assert_features_equal(rows, rust_features(few_images))
+
+
+def test_features_from_binary_file_bytes_equal_the_rust_featurizers(spark, few_images):
+    df = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(str(few_images))
+    out = DeepImageFeaturizer(inputCol="content", outputCol="vec").transform(df)
+    rows = {
+        key(r.path): r.f
+        for r in out.select(
+            "path", F.when(out.vec.isNotNull(), vector_to_array("vec", "float32")).alias("f")
+        ).collect()
+    }
+    assert_features_equal(rows, rust_features(few_images))
+
+
+def test_a_pipeline_model_saves_and_loads_in_a_fresh_session(spark, fitted, few_images, tmp_path):
+    path = str(tmp_path / "fitted")
+    fitted.write().overwrite().save(path)
+
+    def predictions(session, model):
+        df = spark_images(session, few_images).where("class != 'broken'")
+        rows = model.transform(df).select("image.origin", "prediction", "probability").collect()
+        return {key(r.origin): (r.prediction, r.probability.toArray()) for r in rows}
+
+    before = predictions(spark, fitted)
+    fresh = spark.newSession()
+    loaded = PipelineModel.load(path)
+    featurizer = loaded.stages[1]
+    assert isinstance(featurizer, DeepImageFeaturizer)
+    assert featurizer.getModelName() == "EfficientNetLite0" and featurizer.getOutputCol() == "features"
+    after = predictions(fresh, loaded)
+    assert before.keys() == after.keys() and len(before) == 64
+    for k in before:
+        assert before[k][0] == after[k][0]
+        assert np.abs(before[k][1] - after[k][1]).max() <= 1e-9
+
+
+def test_sql_functions_return_typed_structs(spark, few_images):
+    register_image_udf(spark, "imagenet_top5", modelName="EfficientNetLite0")
+    register_image_udf(spark, "saved_predictor", model_path=str(FIXTURES / "saved_v0_1" / "predictor"))
+    spark_images(spark, few_images).createOrReplaceTempView("few_images")
+    df = spark.sql(
+        "SELECT image.origin AS origin, imagenet_top5(image) AS top, "
+        "saved_predictor(image) AS saved FROM few_images"
+    )
+    entry = StructType.fromJson(df.schema["top"].dataType.elementType.jsonValue())
+    assert [(f.name, f.dataType) for f in entry.fields] == [
+        ("class", IntegerType()), ("label", StringType()), ("probability", FloatType())
+    ]
+    rows = {key(r.origin): r for r in df.collect()}
+    assert rows["broken/corrupt.png"].top is None
+
+    local = dp.DeepImagePredictor(topK=5).transform(dp.read_images(few_images))
+    expected = dict(zip(map(key, local["origin"].to_pylist()), local["predicted_labels"].to_pylist()))
+    for k, row in rows.items():
+        if expected[k] is None:
+            continue
+        assert [e.label for e in row.top] == [e["label"] for e in expected[k]]
+        assert np.allclose(
+            [e.probability for e in row.top], [e["probability"] for e in expected[k]], atol=TOLERANCE
+        )
+        assert [e.label for e in row.saved] == [e.label for e in row.top[:3]]  # saved with topK=3
+
+
+def test_the_predictor_stage_decodes_top_k(spark, few_images):
+    df = spark_images(spark, few_images).where("class != 'broken'").limit(4)
+    out = DeepImagePredictor(topK=2).transform(df).select("predicted_labels").collect()
+    assert all(len(r.predicted_labels) == 2 for r in out)
+
+
+def test_a_pipeline_saved_by_rust_applies_to_spark_row_for_row(spark, tmp_path):
+    folder = tmp_path / "saved_v0_1_images"
+    for f in SAVED_V0_1_FILES:
+        (folder / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(DATA / f, folder / f)
+    path = FIXTURES / "saved_v0_1" / "pipeline_model"
+    df = spark_images(spark, folder).withColumnRenamed("class", "label")
+    out = transform(df, str(path)).collect()
+    rust = dp.PipelineModel.load(path).transform(dp.read_images(folder, labelFromFolder=True))
+    rust_rows = {key(o): i for i, o in enumerate(rust["origin"].to_pylist())}
+    assert len(out) == len(rust_rows) == 8
+    for row in out:
+        i = rust_rows[key(row.image.origin)]
+        assert row.predictedLabel == rust["predictedLabel"][i].as_py()
+        assert row.prediction == rust["prediction"][i].as_py()
+        assert np.abs(np.array(row.probability) - np.array(rust["probability"][i].as_py())).max() <= 1e-6
+        assert np.abs(np.array(row.features) - np.array(rust["features"][i].as_py())).max() <= TOLERANCE
+
+
+def test_a_missing_input_column_names_it(spark, few_images):
+    df = spark_images(spark, few_images)
+    with pytest.raises(ValueError, match="pictures"):
+        DeepImageFeaturizer(inputCol="pictures").transform(df)
