@@ -39,6 +39,7 @@ def main():
         SparkSession.builder.master("local[2]")
         .appName("deep-pipelines transfer learning")
         .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
         .getOrCreate()
     )
     spark.sparkContext.setLogLevel("ERROR")
