@@ -40,15 +40,22 @@ fn arrow_err(e: ArrowError) -> PyErr {
     PyValueError::new_err(format!("Arrow C Data Interface: {e}"))
 }
 
+/// What `obj`'s PyCapsule-interface `method` exports; an error saying what was expected if it
+/// has no such method.
+fn export<'py>(obj: &Bound<'py, PyAny>, method: &str, what: &str) -> PyResult<Bound<'py, PyAny>> {
+    if !obj.hasattr(method)? {
+        return Err(PyValueError::new_err(format!(
+            "expected {what} (an object with {method}), got {}",
+            obj.get_type()
+        )));
+    }
+    obj.call_method0(method)
+}
+
 /// An array from any object with `__arrow_c_array__` (pyarrow arrays and record batches,
 /// Polars, ...). The array's buffers are moved, not copied.
 fn import_array(obj: &Bound<'_, PyAny>) -> PyResult<ArrayRef> {
-    let capsules = obj.call_method0("__arrow_c_array__").map_err(|_| {
-        PyValueError::new_err(format!(
-            "expected an Arrow array or record batch (an object with __arrow_c_array__), got {}",
-            obj.get_type()
-        ))
-    })?;
+    let capsules = export(obj, "__arrow_c_array__", "an Arrow array or record batch")?;
     let (schema, array): (Bound<'_, PyCapsule>, Bound<'_, PyCapsule>) = capsules.extract()?;
     let schema = schema
         .pointer_checked(Some(SCHEMA))?
@@ -77,12 +84,7 @@ fn import_batch(obj: &Bound<'_, PyAny>) -> PyResult<RecordBatch> {
 }
 
 fn import_schema(obj: &Bound<'_, PyAny>) -> PyResult<SchemaRef> {
-    let capsule = obj.call_method0("__arrow_c_schema__").map_err(|_| {
-        PyValueError::new_err(format!(
-            "expected an Arrow schema (an object with __arrow_c_schema__), got {}",
-            obj.get_type()
-        ))
-    })?;
+    let capsule = export(obj, "__arrow_c_schema__", "an Arrow schema")?;
     let capsule: Bound<'_, PyCapsule> = capsule.extract()?;
     let schema = capsule
         .pointer_checked(Some(SCHEMA))?

@@ -27,6 +27,7 @@ from conftest import DATA, FIXTURES
 from test_local import SAVED_V0_1_FILES
 
 TOLERANCE = 1e-5
+CLASSES = sorted(p.name for p in (DATA / "train").iterdir() if p.is_dir())
 
 
 def key(origin):
@@ -127,10 +128,15 @@ def test_a_pipeline_model_saves_and_loads_in_a_fresh_session(spark, fitted, few_
 def test_sql_functions_return_typed_structs(spark, few_images):
     register_image_udf(spark, "imagenet_top5", modelName="EfficientNetLite0")
     register_image_udf(spark, "saved_predictor", model_path=str(FIXTURES / "saved_v0_1" / "predictor"))
+    # A fitted classifier saved by the Rust API (its StringIndexer passes images without labels).
+    register_image_udf(spark, "classify", model_path=str(FIXTURES / "saved_v0_1" / "pipeline_model"))
     spark_images(spark, few_images).createOrReplaceTempView("few_images")
     df = spark.sql(
         "SELECT image.origin AS origin, imagenet_top5(image) AS top, "
-        "saved_predictor(image) AS saved FROM few_images"
+        "saved_predictor(image) AS saved, classify(image) AS c FROM few_images"
+    )
+    assert df.schema["c"].dataType == StructType.fromDDL(
+        "prediction DOUBLE, label STRING, probability DOUBLE"
     )
     entry = StructType.fromJson(df.schema["top"].dataType.elementType.jsonValue())
     assert [(f.name, f.dataType) for f in entry.fields] == [
@@ -149,6 +155,16 @@ def test_sql_functions_return_typed_structs(spark, few_images):
             [e.probability for e in row.top], [e["probability"] for e in expected[k]], atol=TOLERANCE
         )
         assert [e.label for e in row.saved] == [e.label for e in row.top[:3]]  # saved with topK=3
+        assert row.c.label in CLASSES and 0.1 <= row.c.probability <= 1.0
+
+    # The classifier's labels match what the Rust pipeline predicts for the same files.
+    rust = dp.PipelineModel.load(FIXTURES / "saved_v0_1" / "pipeline_model").transform(
+        dp.read_images(few_images)
+    )
+    predicted = dict(zip(map(key, rust["origin"].to_pylist()), rust["predictedLabel"].to_pylist()))
+    for k, row in rows.items():
+        if predicted[k] is not None:
+            assert row.c.label == predicted[k], k
 
 
 def test_the_predictor_stage_decodes_top_k(spark, few_images):
