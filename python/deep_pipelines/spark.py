@@ -162,9 +162,7 @@ def _map_batches(kind: str, spec: str, num_threads: int, new_columns):
     return run
 
 
-def _apply(
-    df: DataFrame, kind: str, spec: str, native, num_threads: int, replace: bool = True
-) -> Tuple[DataFrame, list]:
+def _apply(df: DataFrame, kind: str, spec: str, native, num_threads: int) -> DataFrame:
     """``df`` with the native pipeline's new columns, through ``mapInArrow``. The output schema
     is found on the driver (the native pipeline run on no rows)."""
     in_schema = _arrow_schema(df)
@@ -175,7 +173,7 @@ def _apply(
         raise ValueError("the pipeline adds no column to the DataFrame")
     spark_schema = StructType(list(df.schema.fields) + [_spark_field(f) for f in new])
     names = [f.name for f in new]
-    return df.mapInArrow(_map_batches(kind, spec, num_threads, names), spark_schema), names
+    return df.mapInArrow(_map_batches(kind, spec, num_threads, names), spark_schema)
 
 
 # ---------------------------------------------------------------- stages
@@ -275,8 +273,7 @@ class _NetworkTransformer(Transformer, _NetworkParams, DefaultParamsReadable, De
         self._check_input(df)
         spec = self._spec()
         native = _cached("stage", spec, self.getNumThreads())
-        out, _ = _apply(df, "stage", spec, native, self.getNumThreads())
-        return out
+        return _apply(df, "stage", spec, native, self.getNumThreads())
 
 
 class DeepImageFeaturizer(_NetworkTransformer):
@@ -448,8 +445,7 @@ def transform(df: DataFrame, path: str, numThreads: int = 0) -> DataFrame:
             f"the pipeline at {path} reads images from `{image_col}`, not found; "
             f"columns: {', '.join(df.columns)}"
         )
-    out, _ = _apply(df, "load", path, native, numThreads)
-    return out
+    return _apply(df, "load", path, native, numThreads)
 
 
 def register_image_udf(

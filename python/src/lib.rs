@@ -323,7 +323,7 @@ fn read_images(
         .with_drop_invalid(drop_invalid);
     let (schema, batches) = py
         .detach(|| {
-            let ctx = datafusion_context();
+            let ctx = deep_pipelines::prelude::SessionContext::new();
             let df = deep_pipelines::read_images(&ctx, &path, options)?;
             let schema: SchemaRef = Arc::clone(df.schema().inner());
             let batches = deep_pipelines::batch::run_blocking("read_images", async move {
@@ -333,10 +333,6 @@ fn read_images(
         })
         .map_err(py_err)?;
     Ok(ArrowStream { schema, batches })
-}
-
-fn datafusion_context() -> deep_pipelines::prelude::SessionContext {
-    deep_pipelines::prelude::SessionContext::new()
 }
 
 /// Sizes the native thread pool (decoding, preprocessing, the networks) once per process,
