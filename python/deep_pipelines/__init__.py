@@ -109,36 +109,43 @@ class _Native:
 
 
 class _NetworkStage(_Native):
-    """A network stage with Spark-named params, checked by the native core."""
+    """A network stage with Spark-named params; the native core fills in the defaults and checks
+    the values (one place for both: the Rust params type). ``getParams()`` lists every param
+    with its value."""
 
     _class = ""
-    _defaults: Dict[str, Any] = {}
 
     def __init__(self, **params: Any):
-        unknown = sorted(set(params) - set(self._defaults))
+        known = self._known_params()
+        unknown = sorted(set(params) - known)
         if unknown:
             raise ValueError(
                 f"{self._class}: unknown param(s) {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(self._defaults))}"
+                f"known: {', '.join(sorted(known))}"
             )
-        self._params = {**self._defaults, **{k: v for k, v in params.items() if v is not None}}
+        self._given = {k: v for k, v in params.items() if v is not None}
         native = _native.Transformer.stage(self._class, self.native_params_json())
         super().__init__(native)
 
+    @classmethod
+    def _known_params(cls) -> set:
+        return set(json.loads(_native.Transformer.stage(cls._class, "{}").params_json))
+
     def native_params_json(self) -> str:
-        """The params the native core gets, with ``modelDir`` resolved (see :func:`model_dir`)."""
-        params = dict(self._params)
+        """The params given, with ``modelDir`` resolved (see :func:`model_dir`)."""
+        params = dict(self._given)
         params["modelDir"] = model_dir(params.get("modelDir"))
         return json.dumps(params, sort_keys=True)
 
     def getParams(self) -> Dict[str, Any]:
-        return dict(self._params)
+        """Every param's value, defaults included (``modelDir`` resolved)."""
+        return json.loads(self._native.params_json)
 
     def copy(self, **overrides: Any) -> "_NetworkStage":
-        return type(self)(**{**self._params, **overrides})
+        return type(self)(**{**self._given, **overrides})
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in sorted(self._params.items()))
+        args = ", ".join(f"{k}={v!r}" for k, v in sorted(self._given.items()))
         return f"{self._class}({args})"
 
 
@@ -148,16 +155,6 @@ class DeepImageFeaturizer(_NetworkStage):
     images (Spark's ImageSchema struct, e.g. from :func:`read_images`) or encoded bytes."""
 
     _class = "DeepImageFeaturizer"
-    _defaults = {
-        "inputCol": "image",
-        "outputCol": "features",
-        "modelName": "EfficientNetLite0",
-        "batchSize": 32,
-        "device": "cpu",
-        "featureMode": "pooled",
-        "outputType": "float32",
-        "modelDir": None,
-    }
 
 
 class DeepImagePredictor(_NetworkStage):
@@ -165,16 +162,6 @@ class DeepImagePredictor(_NetworkStage):
     ``(class, description, probability)`` when ``decodePredictions``, else all probabilities."""
 
     _class = "DeepImagePredictor"
-    _defaults = {
-        "inputCol": "image",
-        "outputCol": "predicted_labels",
-        "modelName": "EfficientNetLite0",
-        "decodePredictions": True,
-        "topK": 5,
-        "batchSize": 32,
-        "device": "cpu",
-        "modelDir": None,
-    }
 
 
 class PipelineModel(_Native):

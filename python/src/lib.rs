@@ -232,6 +232,25 @@ impl Transformer {
         })
     }
 
+    /// A one-stage network pipeline's params, defaults filled in, as JSON (Spark names); None
+    /// for other pipelines.
+    #[getter]
+    fn params_json(&self) -> PyResult<Option<String>> {
+        let [stage] = self.inner.model().stages() else {
+            return Ok(None);
+        };
+        let any = stage.as_any();
+        let json = if let Some(f) = any.downcast_ref::<DeepImageFeaturizer>() {
+            serde_json::to_string(f.params())
+        } else if let Some(p) = any.downcast_ref::<DeepImagePredictor>() {
+            serde_json::to_string(p.params())
+        } else {
+            return Ok(None);
+        };
+        json.map(Some)
+            .map_err(|e| PyRuntimeError::new_err(format!("params as JSON: {e}")))
+    }
+
     /// The input column the pipeline reads images from (None: no network stage).
     #[getter]
     fn image_col(&self) -> Option<String> {

@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 import deep_pipelines as dp
@@ -16,7 +17,7 @@ def test_read_images_gives_spark_image_structs_and_labels(few_images):
     assert table.num_rows == 65
     image = table.schema.field("image").type
     assert [f.name for f in image] == ["origin", "height", "width", "nChannels", "mode", "data"]
-    broken = table.filter(pa.compute.equal(table["label"], "broken"))
+    broken = table.filter(pc.equal(table["label"], "broken"))
     assert broken.num_rows == 1
     assert broken["image"].null_count == 1
     assert broken["image_error"][0].as_py()  # says why
