@@ -18,6 +18,7 @@ use crate::error::Result;
 use crate::models::{FeatureMode, LoadedModel};
 use crate::network_stage::{
     ImageCount, NetworkOutput, NetworkParams, check_model_params, check_model_reference,
+    preprocess_options, saved_network_params,
 };
 use crate::params::{
     Choice, ParamMap, Params, Rejected, check, choice, choice_setters, new_uid, setters,
@@ -25,6 +26,7 @@ use crate::params::{
 };
 use crate::persistence::SavedStage;
 use crate::pipeline::Transformer;
+use crate::preprocess::ResizeMode;
 
 choice! {
     /// `outputType`: the featurizer's value type; `float16` halves the memory and Parquet size.
@@ -68,6 +70,13 @@ pub struct DeepImageFeaturizerParams {
     /// Folder holding `<model>/manifest.json` and weights; empty = `$DEEP_PIPELINES_MODEL_DIR`
     /// or the bundled `models/`.
     pub model_dir: String,
+    /// `crop` (the manifest's resize + centre crop) or `pad` (letterbox, nothing cut off).
+    pub resize_mode: ResizeMode,
+    /// Colour transparent pixels are composited over (and letterbox padding): `white`,
+    /// `black`, `#rrggbb`, or `none` (drop alpha, keep the stored colour).
+    pub alpha_background: String,
+    /// Column to add with the reason for each null output; empty = none.
+    pub error_col: String,
     /// Strings the setters could not parse, reported by `validate`.
     #[serde(skip)]
     #[doc(hidden)]
@@ -85,6 +94,9 @@ impl Default for DeepImageFeaturizerParams {
             feature_mode: FeatureMode::Pooled,
             output_type: OutputType::Float32,
             model_dir: String::new(),
+            resize_mode: ResizeMode::Crop,
+            alpha_background: "white".into(),
+            error_col: String::new(),
             rejected: Rejected::default(),
         }
     }
@@ -115,6 +127,18 @@ impl Params for DeepImageFeaturizerParams {
                 "modelDir",
                 "folder with <model>/manifest.json + weights; empty = default",
             ),
+            (
+                "resizeMode",
+                "crop (the model's resize + centre crop, default) or pad (letterbox, nothing cut off)",
+            ),
+            (
+                "alphaBackground",
+                "colour transparent pixels are composited over, and letterbox padding: white (default), black, #rrggbb, none (drop alpha)",
+            ),
+            (
+                "errorCol",
+                "column to add with the reason of each null output (null image, inconsistent or oversized struct); empty = none",
+            ),
         ]
     }
 
@@ -123,6 +147,7 @@ impl Params for DeepImageFeaturizerParams {
         check::non_empty(s, "inputCol", &self.input_col)?;
         check::non_empty(s, "outputCol", &self.output_col)?;
         check_model_params(s, &self.model_name, self.batch_size, &self.device)?;
+        preprocess_options(s, self.resize_mode, &self.alpha_background)?;
         self.rejected.check(s)
     }
 
@@ -189,11 +214,14 @@ impl DeepImageFeaturizer {
         with_model_name: model_name,
         with_device: device,
         with_model_dir: model_dir,
+        with_alpha_background: alpha_background,
+        with_error_col: error_col,
     }
     setters! { with_batch_size: batch_size: usize }
     choice_setters! {
         with_feature_mode: feature_mode: FeatureMode = "featureMode",
         with_output_type: output_type: OutputType = "outputType",
+        with_resize_mode: resize_mode: ResizeMode = "resizeMode",
     }
 
     fn network(&self) -> NetworkParams<'_> {
@@ -206,11 +234,14 @@ impl DeepImageFeaturizer {
             device: &p.device,
             model_dir: &p.model_dir,
             batch_size: p.batch_size,
+            resize_mode: p.resize_mode,
+            alpha_background: &p.alpha_background,
+            error_col: &p.error_col,
         }
     }
 
     pub(crate) fn from_saved(saved: &SavedStage) -> Result<Self> {
-        let params: DeepImageFeaturizerParams = saved.params()?;
+        let params: DeepImageFeaturizerParams = saved_network_params(saved)?;
         check_model_reference(saved, &params.model_name, &params.model_dir)?;
         Ok(Self::with_uid(saved.uid.clone(), params))
     }

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, StructArray};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, StringArray, StructArray};
 use datafusion::arrow::datatypes::{DataType, Int32Type};
 use datafusion::common::exec_err;
 use datafusion::logical_expr::{
@@ -22,11 +22,13 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::image::{image_type, to_rgb8};
-use crate::models::{LoadedModel, available_devices, available_models, load_model_in};
+use crate::image::{DecodeLimits, ImageView, image_type};
+use crate::models::{LoadedModel, available_devices, available_models, load_model_in, model_error};
 use crate::params::{Params, check};
 use crate::persistence::SavedStage;
-use crate::preprocess::preprocess;
+use crate::preprocess::{
+    AlphaBackground, PreprocessOptions, ResizeMode, check_fits, preprocess_into,
+};
 
 /// Images a stage has run through its network. Clones of a stage and its `copy_with` copies
 /// share one count (a tuner's copies count into the stage the user holds); a new or loaded stage
@@ -79,6 +81,25 @@ pub(crate) fn check_model_params(
     Ok(())
 }
 
+/// Checks `alphaBackground` and builds the stage's preprocessing options.
+pub(crate) fn preprocess_options(
+    stage: &str,
+    resize_mode: ResizeMode,
+    alpha_background: &str,
+) -> Result<PreprocessOptions> {
+    let alpha_background = AlphaBackground::parse(alpha_background).ok_or_else(|| {
+        Error::param(
+            stage,
+            "alphaBackground",
+            format!("`{alpha_background}` is not a colour: use white, black, #rrggbb or none"),
+        )
+    })?;
+    Ok(PreprocessOptions {
+        resize_mode,
+        alpha_background,
+    })
+}
+
 /// Checks that `column` exists and is an image struct.
 fn require_image_column(df: &DataFrame, column: &str) -> Result<()> {
     let found = crate::feature::require_column(df, column)?;
@@ -102,6 +123,10 @@ pub(crate) struct NetworkParams<'a> {
     pub device: &'a str,
     pub model_dir: &'a str,
     pub batch_size: usize,
+    pub resize_mode: ResizeMode,
+    pub alpha_background: &'a str,
+    /// Column for the reason a row's output is null; empty = no such column.
+    pub error_col: &'a str,
 }
 
 impl NetworkParams<'_> {
@@ -121,7 +146,18 @@ impl NetworkParams<'_> {
             Some(Path::new(self.model_dir)),
         )?;
         let output = output(&model)?;
-        let udf = NetworkUdf::new(model, self.batch_size, output, images.clone());
+        let rows = RowCheck {
+            options: preprocess_options(self.uid, self.resize_mode, self.alpha_background)?,
+            model: Arc::clone(&model),
+            limits: DecodeLimits::default(),
+        };
+        let df = if self.error_col.is_empty() {
+            df
+        } else {
+            let check = ScalarUDF::new_from_impl(ImageProblemUdf::new(rows.clone()));
+            df.with_column(self.error_col, check.call(vec![ident(self.input_col)]))?
+        };
+        let udf = NetworkUdf::new(rows, self.batch_size, output, images.clone());
         let udf = ScalarUDF::new_from_impl(udf);
         Ok(df.with_column(self.output_col, udf.call(vec![ident(self.input_col)]))?)
     }
@@ -154,6 +190,18 @@ impl ModelReference {
             weights_file: manifest.weights.file,
         })
     }
+}
+
+/// A saved network stage's params. A stage saved before `alphaBackground` existed dropped
+/// alpha: it loads with `none`, so a fitted pipeline keeps preprocessing as it was fitted (the
+/// default for new stages is `white`).
+pub(crate) fn saved_network_params<P: Params>(saved: &SavedStage) -> Result<P> {
+    let mut params = saved.params.clone();
+    if let Some(map) = params.as_object_mut() {
+        map.entry("alphaBackground")
+            .or_insert_with(|| serde_json::Value::from("none"));
+    }
+    P::from_json(params)
 }
 
 /// Checks that the model a stage was saved with is the one installed now.
@@ -196,11 +244,75 @@ pub(crate) trait NetworkOutput: Debug + PartialEq + Eq + Hash + Send + Sync + An
     fn build(&self, model: &LoadedModel, values: Vec<f32>, valid: Vec<bool>) -> Result<ArrayRef>;
 }
 
+/// Which rows of an image column a network stage can take, and their network inputs. The
+/// network UDF and the `errorCol` UDF both ask it, so a null output and its reason agree.
+#[derive(Debug, Clone)]
+struct RowCheck {
+    model: Arc<LoadedModel>,
+    options: PreprocessOptions,
+    limits: DecodeLimits,
+}
+
+impl RowCheck {
+    /// The image of `row`, its fields checked against each other, the limits and the
+    /// preprocessing (no pixel read yet); the error is the reason its output is null.
+    fn image<'a>(
+        &self,
+        images: &'a StructArray,
+        row: usize,
+    ) -> std::result::Result<ImageView<'a>, String> {
+        if images.is_null(row) {
+            return Err("image is null".into());
+        }
+        let int = |name: &str| {
+            images
+                .column_by_name(name)
+                .and_then(|c| c.as_primitive_opt::<Int32Type>())
+                .map(|a| a.value(row))
+                .ok_or_else(|| format!("image struct has no Int32 field `{name}`"))
+        };
+        let data = images
+            .column_by_name("data")
+            .and_then(|c| c.as_binary_opt::<i32>())
+            .map(|a| a.value(row))
+            .ok_or("image struct has no Binary field `data`")?;
+        let view = ImageView::from_row(
+            int("height")?,
+            int("width")?,
+            int("nChannels")?,
+            int("mode")?,
+            data,
+            &self.limits,
+        )?;
+        check_fits(&view, &self.model.manifest, &self.options)?;
+        Ok(view)
+    }
+
+    /// Values in one image's network input.
+    fn input_len(&self) -> usize {
+        let size = self.model.manifest.input_size as usize;
+        3 * size * size
+    }
+
+    /// Writes the network input of `row` into `out`; the row must have passed
+    /// [`RowCheck::image`].
+    fn input_into(&self, images: &StructArray, row: usize, out: &mut [f32]) -> Result<()> {
+        let broken = |e: String| {
+            model_error(
+                &self.model.manifest.name,
+                format!("row {row} passed its checks, then failed: {e}"),
+            )
+        };
+        let image = self.image(images, row).map_err(broken)?;
+        preprocess_into(&image, &self.model.manifest, &self.options, out).map_err(broken)
+    }
+}
+
 /// The UDF behind a network stage: image struct -> one output per row, computed per record batch
-/// in `batch_size`-image forward passes. Null or undecodable images give null rows.
+/// in `batch_size`-image forward passes. Null, inconsistent or oversized images give null rows.
 #[derive(Debug)]
 struct NetworkUdf<O> {
-    model: Arc<LoadedModel>,
+    rows: RowCheck,
     batch_size: usize,
     output: O,
     images: ImageCount,
@@ -209,10 +321,10 @@ struct NetworkUdf<O> {
 }
 
 impl<O: NetworkOutput> NetworkUdf<O> {
-    fn new(model: Arc<LoadedModel>, batch_size: usize, output: O, images: ImageCount) -> Self {
+    fn new(rows: RowCheck, batch_size: usize, output: O, images: ImageCount) -> Self {
         NetworkUdf {
-            name: format!("{}_{}", O::VERB, model.manifest.name),
-            model,
+            name: format!("{}_{}", O::VERB, rows.model.manifest.name),
+            rows,
             batch_size,
             output,
             images,
@@ -222,29 +334,31 @@ impl<O: NetworkOutput> NetworkUdf<O> {
     }
 
     fn compute(&self, images: &StructArray) -> Result<ArrayRef> {
-        let model = &self.model;
+        let model = &self.rows.model;
         let width = self.output.width(model);
         let (values, valid) = self.run_batched(images, width)?;
         self.output.build(model, values, valid)
     }
 
-    /// Preprocesses every valid image (in parallel) and runs them through the network
-    /// `batch_size` at a time, each giving `width` values. Returns the flat values (zeros for
-    /// null rows) and the validity of each row.
+    /// Runs the valid images through the network `batch_size` at a time, each giving `width`
+    /// values. Images are preprocessed (in parallel) one forward pass at a time, so at most
+    /// `batch_size` network inputs exist at once, whatever the record batch's size. Returns the
+    /// flat values (zeros for null rows) and the validity of each row.
     fn run_batched(&self, images: &StructArray, width: usize) -> Result<(Vec<f32>, Vec<bool>)> {
-        let mut inputs: Vec<Option<Vec<f32>>> = (0..images.len())
-            .into_par_iter()
-            .map(|row| self.preprocessed(images, row))
+        let valid: Vec<bool> = (0..images.len())
+            .map(|row| self.rows.image(images, row).is_ok())
             .collect();
-        let valid: Vec<bool> = inputs.iter().map(Option::is_some).collect();
-        let present: Vec<usize> = (0..inputs.len()).filter(|&i| valid[i]).collect();
-        let mut values = vec![0.0f32; inputs.len() * width];
+        let present: Vec<usize> = (0..valid.len()).filter(|&i| valid[i]).collect();
+        let mut values = vec![0.0f32; valid.len() * width];
+        let model = &self.rows.model;
+        let input_len = self.rows.input_len();
         for chunk in present.chunks(self.batch_size) {
-            let mut batch = Vec::new();
-            for &row in chunk {
-                batch.extend(inputs[row].take().unwrap_or_default());
-            }
-            let out = self.output.forward(&self.model, batch, chunk.len())?;
+            let mut inputs = vec![0.0f32; chunk.len() * input_len];
+            inputs
+                .par_chunks_mut(input_len)
+                .zip(chunk)
+                .try_for_each(|(out, &row)| self.rows.input_into(images, row, out))?;
+            let out = self.output.forward(model, inputs, chunk.len())?;
             self.images.add(chunk.len());
             for (k, &row) in chunk.iter().enumerate() {
                 values[row * width..(row + 1) * width]
@@ -253,31 +367,71 @@ impl<O: NetworkOutput> NetworkUdf<O> {
         }
         Ok((values, valid))
     }
+}
 
-    /// The network input for one row, `None` for a null or undecodable image.
-    fn preprocessed(&self, images: &StructArray, row: usize) -> Option<Vec<f32>> {
-        if images.is_null(row) {
-            return None;
+/// The `errorCol` UDF: null where the network stage gives an output, else the reason it does
+/// not (null image, inconsistent fields, over the size limits, unsupported mode). Reads no
+/// pixel: cheap next to the network.
+#[derive(Debug)]
+struct ImageProblemUdf {
+    rows: RowCheck,
+    signature: Signature,
+    name: String,
+}
+
+impl ImageProblemUdf {
+    fn new(rows: RowCheck) -> Self {
+        ImageProblemUdf {
+            name: format!("image_problem_{}", rows.model.manifest.name),
+            rows,
+            signature: Signature::exact(vec![image_type()], Volatility::Immutable),
         }
-        let int = |name: &str| {
-            images
-                .column_by_name(name)
-                .and_then(|c| c.as_primitive_opt::<Int32Type>())
-                .map(|a| a.value(row))
+    }
+}
+
+impl PartialEq for ImageProblemUdf {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+            && self.rows.options == other.rows.options
+            && self.rows.limits == other.rows.limits
+            && Arc::ptr_eq(&self.rows.model, &other.rows.model)
+    }
+}
+
+impl Eq for ImageProblemUdf {}
+
+impl Hash for ImageProblemUdf {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.name.hash(state);
+        self.rows.options.hash(state);
+    }
+}
+
+impl ScalarUDFImpl for ImageProblemUdf {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> datafusion::common::Result<DataType> {
+        Ok(DataType::Utf8)
+    }
+
+    fn invoke_with_args(
+        &self,
+        args: ScalarFunctionArgs,
+    ) -> datafusion::common::Result<ColumnarValue> {
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let Some(images) = arrays.first().and_then(|a| a.as_struct_opt()) else {
+            return exec_err!("{} input must be an image struct", self.name);
         };
-        let data = images
-            .column_by_name("data")
-            .and_then(|c| c.as_binary_opt::<i32>())
-            .map(|a| a.value(row))?;
-        let rgb = to_rgb8(
-            int("height")?,
-            int("width")?,
-            int("nChannels")?,
-            int("mode")?,
-            data,
-        )
-        .ok()?;
-        preprocess(&rgb, &self.model.manifest).ok()
+        let problems: StringArray = (0..images.len())
+            .map(|row| self.rows.image(images, row).err())
+            .collect();
+        Ok(ColumnarValue::Array(Arc::new(problems)))
     }
 }
 
@@ -286,7 +440,8 @@ impl<O: NetworkOutput> PartialEq for NetworkUdf<O> {
         self.name == other.name
             && self.batch_size == other.batch_size
             && self.output == other.output
-            && Arc::ptr_eq(&self.model, &other.model)
+            && self.rows.options == other.rows.options
+            && Arc::ptr_eq(&self.rows.model, &other.rows.model)
             && self.images.same(&other.images)
     }
 }
@@ -311,7 +466,7 @@ impl<O: NetworkOutput> ScalarUDFImpl for NetworkUdf<O> {
     }
 
     fn return_type(&self, _arg_types: &[DataType]) -> datafusion::common::Result<DataType> {
-        Ok(self.output.data_type(&self.model))
+        Ok(self.output.data_type(&self.rows.model))
     }
 
     fn invoke_with_args(

@@ -167,12 +167,40 @@ fn create_dir(path: &Path) -> Result<()> {
     std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))
 }
 
+/// Checks that a stage uid or data-file name is one plain path component, as the writer makes
+/// them (`LogisticRegression_1a2b...`, `model.safetensors`): ASCII letters, digits, `_`, `-`
+/// and `.`, not starting with `.`. Names read from `metadata.json` are joined onto the model's
+/// folder, so anything else (`..`, `/`, an absolute path) could reach outside it.
+fn check_component(what: &str, name: &str, file: &Path) -> Result<()> {
+    let plain = !name.is_empty()
+        && name.len() <= 200
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if plain {
+        Ok(())
+    } else {
+        Err(persistence_error(
+            file,
+            format!(
+                "{what} {name:?} is not a plain file name (letters, digits, `_`, `-`, `.`; not starting with `.`); refusing to use it as a path"
+            ),
+        ))
+    }
+}
+
 fn stage_dir_name(index: usize, count: usize, uid: &str) -> String {
     let width = count.saturating_sub(1).to_string().len();
     format!("{index:0width$}_{uid}")
 }
 
 fn write_stage(stage: &SavedStage, dir: &Path) -> Result<()> {
+    let metadata = dir.join(METADATA);
+    check_component("stage uid", &stage.uid, &metadata)?;
+    for (name, _) in &stage.data {
+        check_component("data file name", name, &metadata)?;
+    }
     create_dir(dir)?;
     let mut data_files = std::collections::BTreeMap::new();
     if !stage.data.is_empty() {
@@ -238,21 +266,43 @@ pub fn save(stage: &SavedStage, path: &Path, overwrite: bool) -> Result<()> {
         let _ = std::fs::remove_dir_all(&temp);
         return Err(e);
     }
-    let result = if path.exists() {
-        // Overwrite: move the old folder aside first, so `path` is always whole or absent.
-        let old = parent.join(format!(".{name}.old-{}-{nanos}", std::process::id()));
-        std::fs::rename(path, &old)
-            .and_then(|()| std::fs::rename(&temp, path))
-            .map(|()| {
-                let _ = std::fs::remove_dir_all(&old);
-            })
-    } else {
-        std::fs::rename(&temp, path)
-    };
-    result.map_err(|e| {
+    if !path.exists() {
+        return std::fs::rename(&temp, path).map_err(|e| {
+            let _ = std::fs::remove_dir_all(&temp);
+            Error::io(path, e)
+        });
+    }
+    // Overwrite: move the old folder aside, move the new one in, then delete the old one. If
+    // the second move fails the old folder goes back, so `path` holds the old model or the new
+    // one, never neither.
+    let old = parent.join(format!(".{name}.old-{}-{nanos}", std::process::id()));
+    if let Err(e) = std::fs::rename(path, &old) {
         let _ = std::fs::remove_dir_all(&temp);
-        Error::io(path, e)
-    })
+        return Err(persistence_error(
+            path,
+            format!("cannot move the previous model aside ({e}); it is unchanged"),
+        ));
+    }
+    if let Err(e) = std::fs::rename(&temp, path) {
+        let _ = std::fs::remove_dir_all(&temp);
+        return Err(match std::fs::rename(&old, path) {
+            Ok(()) => persistence_error(
+                path,
+                format!(
+                    "cannot move the new model into place ({e}); the previous model is unchanged"
+                ),
+            ),
+            Err(back) => persistence_error(
+                path,
+                format!(
+                    "cannot move the new model into place ({e}), nor the previous one back ({back}): the previous model is at {}",
+                    old.display()
+                ),
+            ),
+        });
+    }
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
 }
 
 /// An error about the file or folder at `path`.
@@ -274,6 +324,13 @@ fn read_stage(dir: &Path) -> Result<SavedStage> {
                 meta.format_version, meta.library_version
             ),
         ));
+    }
+    check_component("stage uid", &meta.uid, &meta_path)?;
+    for name in meta.data_files.keys() {
+        check_component("data file name", name, &meta_path)?;
+    }
+    for uid in &meta.stage_uids {
+        check_component("stage uid", uid, &meta_path)?;
     }
     let class = meta
         .class

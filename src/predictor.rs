@@ -16,10 +16,14 @@ use crate::error::{Error, Result};
 use crate::models::LoadedModel;
 use crate::network_stage::{
     ImageCount, NetworkOutput, NetworkParams, check_model_params, check_model_reference,
+    preprocess_options, saved_network_params,
 };
-use crate::params::{ParamMap, Params, check, new_uid, setters, string_setters};
+use crate::params::{
+    ParamMap, Params, Rejected, check, choice_setters, new_uid, setters, string_setters,
+};
 use crate::persistence::SavedStage;
 use crate::pipeline::Transformer;
+use crate::preprocess::ResizeMode;
 
 /// Params of [`DeepImagePredictor`] (sparkdl names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,6 +38,17 @@ pub struct DeepImagePredictorParams {
     pub batch_size: usize,
     pub device: String,
     pub model_dir: String,
+    /// `crop` (the manifest's resize + centre crop) or `pad` (letterbox, nothing cut off).
+    pub resize_mode: ResizeMode,
+    /// Colour transparent pixels are composited over (and letterbox padding): `white`,
+    /// `black`, `#rrggbb`, or `none` (drop alpha, keep the stored colour).
+    pub alpha_background: String,
+    /// Column to add with the reason for each null output; empty = none.
+    pub error_col: String,
+    /// Strings the setters could not parse, reported by `validate`.
+    #[serde(skip)]
+    #[doc(hidden)]
+    pub rejected: Rejected,
 }
 
 impl Default for DeepImagePredictorParams {
@@ -47,6 +62,10 @@ impl Default for DeepImagePredictorParams {
             batch_size: 32,
             device: "cpu".into(),
             model_dir: String::new(),
+            resize_mode: ResizeMode::Crop,
+            alpha_background: "white".into(),
+            error_col: String::new(),
+            rejected: Rejected::default(),
         }
     }
 }
@@ -73,6 +92,18 @@ impl Params for DeepImagePredictorParams {
                 "modelDir",
                 "folder with <model>/manifest.json + weights; empty = default",
             ),
+            (
+                "resizeMode",
+                "crop (the model's resize + centre crop, default) or pad (letterbox, nothing cut off)",
+            ),
+            (
+                "alphaBackground",
+                "colour transparent pixels are composited over, and letterbox padding: white (default), black, #rrggbb, none (drop alpha)",
+            ),
+            (
+                "errorCol",
+                "column to add with the reason of each null output (null image, inconsistent or oversized struct); empty = none",
+            ),
         ]
     }
 
@@ -81,8 +112,13 @@ impl Params for DeepImagePredictorParams {
         check::non_empty(s, "inputCol", &self.input_col)?;
         check::non_empty(s, "outputCol", &self.output_col)?;
         check_model_params(s, &self.model_name, self.batch_size, &self.device)?;
+        preprocess_options(s, self.resize_mode, &self.alpha_background)?;
         check::in_range(s, "topK", self.top_k as f64, 1.0, 1e6)?;
-        Ok(())
+        self.rejected.check(s)
+    }
+
+    fn rejected(&self) -> &Rejected {
+        &self.rejected
     }
 }
 
@@ -143,12 +179,15 @@ impl DeepImagePredictor {
         with_model_name: model_name,
         with_device: device,
         with_model_dir: model_dir,
+        with_alpha_background: alpha_background,
+        with_error_col: error_col,
     }
     setters! {
         with_top_k: top_k: usize,
         with_batch_size: batch_size: usize,
         with_decode_predictions: decode_predictions: bool,
     }
+    choice_setters! { with_resize_mode: resize_mode: ResizeMode = "resizeMode" }
 
     fn network(&self) -> NetworkParams<'_> {
         let p = &self.params;
@@ -160,11 +199,14 @@ impl DeepImagePredictor {
             device: &p.device,
             model_dir: &p.model_dir,
             batch_size: p.batch_size,
+            resize_mode: p.resize_mode,
+            alpha_background: &p.alpha_background,
+            error_col: &p.error_col,
         }
     }
 
     pub(crate) fn from_saved(saved: &SavedStage) -> Result<Self> {
-        let params: DeepImagePredictorParams = saved.params()?;
+        let params: DeepImagePredictorParams = saved_network_params(saved)?;
         check_model_reference(saved, &params.model_name, &params.model_dir)?;
         Ok(Self::with_uid(saved.uid.clone(), params))
     }

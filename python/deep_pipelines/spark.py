@@ -201,6 +201,25 @@ class _NetworkParams(HasInputCol, HasOutputCol):
         "native threads per Python worker; 0: the task's CPUs (spark.task.cpus)",
         typeConverter=TypeConverters.toInt,
     )
+    resizeMode = Param(
+        Params._dummy(),
+        "resizeMode",
+        "crop (the model's resize + centre crop, default) or pad (letterbox, nothing cut off)",
+        typeConverter=TypeConverters.toString,
+    )
+    alphaBackground = Param(
+        Params._dummy(),
+        "alphaBackground",
+        "colour transparent pixels are composited over, and letterbox padding: "
+        "white (default), black, #rrggbb, none (drop alpha)",
+        typeConverter=TypeConverters.toString,
+    )
+    errorCol = Param(
+        Params._dummy(),
+        "errorCol",
+        "column to add with the reason of each null output; empty: none",
+        typeConverter=TypeConverters.toString,
+    )
 
     def getModelName(self) -> str:
         return self.getOrDefault(self.modelName)
@@ -213,6 +232,24 @@ class _NetworkParams(HasInputCol, HasOutputCol):
 
     def getNumThreads(self) -> int:
         return self.getOrDefault(self.numThreads)
+
+    def getResizeMode(self) -> str:
+        return self.getOrDefault(self.resizeMode)
+
+    def getAlphaBackground(self) -> str:
+        return self.getOrDefault(self.alphaBackground)
+
+    def getErrorCol(self) -> str:
+        return self.getOrDefault(self.errorCol)
+
+    def setResizeMode(self, value: str):
+        return self._set(resizeMode=value)
+
+    def setAlphaBackground(self, value: str):
+        return self._set(alphaBackground=value)
+
+    def setErrorCol(self, value: str):
+        return self._set(errorCol=value)
 
     def setModelName(self, value: str):
         return self._set(modelName=value)
@@ -240,6 +277,9 @@ class _NetworkParams(HasInputCol, HasOutputCol):
             batchSize=32,
             modelDir="",
             numThreads=0,
+            resizeMode="crop",
+            alphaBackground="white",
+            errorCol="",
         )
 
     def _native_params(self) -> Dict[str, Any]:
@@ -249,6 +289,9 @@ class _NetworkParams(HasInputCol, HasOutputCol):
             "modelName": self.getModelName(),
             "batchSize": self.getBatchSize(),
             "modelDir": _dp.model_dir(self.getModelDir() or None),
+            "resizeMode": self.getResizeMode(),
+            "alphaBackground": self.getAlphaBackground(),
+            "errorCol": self.getErrorCol(),
         }
 
 
@@ -310,6 +353,9 @@ class DeepImageFeaturizer(_NetworkTransformer):
         featureMode: Optional[str] = None,
         modelDir: Optional[str] = None,
         numThreads: Optional[int] = None,
+        resizeMode: Optional[str] = None,
+        alphaBackground: Optional[str] = None,
+        errorCol: Optional[str] = None,
     ):
         super().__init__()
         self._network_defaults("features")
@@ -328,6 +374,9 @@ class DeepImageFeaturizer(_NetworkTransformer):
         featureMode: Optional[str] = None,
         modelDir: Optional[str] = None,
         numThreads: Optional[int] = None,
+        resizeMode: Optional[str] = None,
+        alphaBackground: Optional[str] = None,
+        errorCol: Optional[str] = None,
     ):
         return self._set(**self._input_kwargs)
 
@@ -392,6 +441,9 @@ class DeepImagePredictor(_NetworkTransformer):
         batchSize: Optional[int] = None,
         modelDir: Optional[str] = None,
         numThreads: Optional[int] = None,
+        resizeMode: Optional[str] = None,
+        alphaBackground: Optional[str] = None,
+        errorCol: Optional[str] = None,
     ):
         super().__init__()
         self._network_defaults("predicted_labels")
@@ -410,6 +462,9 @@ class DeepImagePredictor(_NetworkTransformer):
         batchSize: Optional[int] = None,
         modelDir: Optional[str] = None,
         numThreads: Optional[int] = None,
+        resizeMode: Optional[str] = None,
+        alphaBackground: Optional[str] = None,
+        errorCol: Optional[str] = None,
     ):
         return self._set(**self._input_kwargs)
 

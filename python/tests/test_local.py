@@ -60,6 +60,28 @@ def test_bad_params_and_columns_are_clear_errors(few_images):
         dp.DeepImageFeaturizer(modelName="NoSuchNet").transform(table)
 
 
+def test_struct_rows_are_checked_and_preprocessing_params_pass_through(few_images):
+    images = dp.read_images(few_images).slice(0, 2)
+    good = images["image"].combine_chunks()
+    fields = {f.name: good.field(i) for i, f in enumerate(good.type)}
+    # Row 1 now claims more bytes than it carries: null, with the reason in errorCol.
+    height = pa.array([fields["height"][0].as_py(), 10_000], pa.int32())
+    bad = pa.StructArray.from_arrays(
+        [fields["origin"], height, fields["width"], fields["nChannels"], fields["mode"], fields["data"]],
+        fields=list(good.type),
+    )
+    table = pa.table({"image": bad})
+    stage = dp.DeepImageFeaturizer(resizeMode="pad", alphaBackground="#ffffff", errorCol="why")
+    out = stage.transform(table)
+    assert out["features"][0].is_valid and not out["features"][1].is_valid
+    assert out["why"][0].as_py() is None
+    assert "bytes, expected" in out["why"][1].as_py()
+    crop = dp.DeepImageFeaturizer().transform(table)["features"][0].as_py()
+    assert np.abs(np.array(crop) - np.array(out["features"][0].as_py())).max() > 1e-3
+    with pytest.raises(ValueError, match="alphaBackground"):
+        dp.DeepImageFeaturizer(alphaBackground="grey").transform(table)
+
+
 # The 8 images of tests/suite/saved_v0_1.rs, in its order.
 SAVED_V0_1_FILES = [
     "test/ankle-boot/00000.png", "test/ankle-boot/00023.png", "test/bag/00018.png",

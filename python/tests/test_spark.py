@@ -103,6 +103,24 @@ def test_features_from_binary_file_bytes_equal_the_rust_featurizers(spark, few_i
     assert_features_equal(rows, rust_features(few_images))
 
 
+def test_preprocessing_params_and_error_col_reach_the_executors(spark, few_images):
+    df = spark_images(spark, few_images)
+    out = DeepImageFeaturizer(outputFormat="array", resizeMode="pad", errorCol="why").transform(df)
+    rows = {key(r.origin): (r.features, r.why) for r in out.select("image.origin", "features", "why").collect()}
+    # Spark's image source marks an undecodable file with mode -1: null, and the reason.
+    features, why = rows["broken/corrupt.png"]
+    assert features is None and "unsupported image mode -1" in why
+    assert all(w is None for k, (f, w) in rows.items() if k != "broken/corrupt.png")
+    rust = dp.DeepImageFeaturizer(resizeMode="pad").transform(dp.read_images(few_images))
+    rust = {
+        key(o): (None if f is None else np.asarray(f, dtype=np.float64))
+        for o, f in zip(rust["origin"].to_pylist(), rust["features"].to_pylist())
+    }
+    assert_features_equal({k: f for k, (f, _) in rows.items()}, rust)
+    cropped = rust_features(few_images)
+    assert max(np.abs(rust[k] - cropped[k]).max() for k in rust if rust[k] is not None) > 1e-3
+
+
 def test_a_pipeline_model_saves_and_loads_in_a_fresh_session(spark, fitted, few_images, tmp_path):
     path = str(tmp_path / "fitted")
     fitted.write().overwrite().save(path)

@@ -131,7 +131,149 @@ pub fn decode_rgb8(
     )
 }
 
-/// Converts an `ImageSchema` row (grey, BGR or BGRA) to RGB, checking that the fields agree.
+/// How the bytes of an [`ImageView`] are laid out, per pixel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PixelLayout {
+    /// One grey byte (`ImageSchema` mode 0).
+    Grey,
+    /// Blue, green, red (`ImageSchema` mode 16).
+    Bgr,
+    /// Blue, green, red, alpha (`ImageSchema` mode 24).
+    Bgra,
+    /// Red, green, blue ([`Rgb8`]).
+    Rgb,
+}
+
+impl PixelLayout {
+    /// Bytes per pixel.
+    pub fn channels(self) -> usize {
+        match self {
+            PixelLayout::Grey => 1,
+            PixelLayout::Bgr | PixelLayout::Rgb => 3,
+            PixelLayout::Bgra => 4,
+        }
+    }
+}
+
+/// A borrowed image whose fields are known to agree: `data.len() == width * height * channels`,
+/// both sides at least 1. Made from an `ImageSchema` row by [`ImageView::from_row`], which checks
+/// every field before any pixel is read, or from an [`Rgb8`].
+#[derive(Debug, Clone, Copy)]
+pub struct ImageView<'a> {
+    pub width: u32,
+    pub height: u32,
+    pub layout: PixelLayout,
+    pub data: &'a [u8],
+}
+
+impl<'a> ImageView<'a> {
+    /// Checks an `ImageSchema` row (a struct from any source: the decoder, Parquet, Spark, a
+    /// caller) against itself and against `limits`, touching no pixel. The error is a readable
+    /// sentence for the row.
+    pub fn from_row(
+        height: i32,
+        width: i32,
+        channels: i32,
+        mode: i32,
+        data: &'a [u8],
+        limits: &DecodeLimits,
+    ) -> std::result::Result<Self, String> {
+        let layout = match mode {
+            MODE_GRAY8 => PixelLayout::Grey,
+            MODE_BGR8 => PixelLayout::Bgr,
+            MODE_BGRA8 => PixelLayout::Bgra,
+            other => {
+                return Err(format!(
+                    "unsupported image mode {other} (expected 0 = CV_8UC1, 16 = CV_8UC3, 24 = CV_8UC4)"
+                ));
+            }
+        };
+        let expected = layout.channels();
+        if i64::from(channels) != expected as i64 {
+            return Err(format!(
+                "nChannels {channels} does not match mode {mode} ({expected} channels)"
+            ));
+        }
+        if height <= 0 || width <= 0 {
+            return Err(format!("image has no pixels ({width}x{height})"));
+        }
+        let (width, height) = (width as u32, height as u32);
+        if width.max(height) > limits.max_side {
+            return Err(format!(
+                "image is {width}x{height}, over the limit of {} px per side",
+                limits.max_side
+            ));
+        }
+        let bytes = u64::from(width) * u64::from(height) * expected as u64;
+        if bytes > limits.max_decoded_bytes {
+            return Err(format!(
+                "image is {width}x{height}x{expected}: {bytes} bytes, over the limit of {} bytes",
+                limits.max_decoded_bytes
+            ));
+        }
+        if data.len() as u64 != bytes {
+            return Err(format!(
+                "data has {} bytes, expected {width}x{height}x{expected} = {bytes}",
+                data.len()
+            ));
+        }
+        Ok(ImageView {
+            width,
+            height,
+            layout,
+            data,
+        })
+    }
+
+    /// Appends pixels `x0..x1` of row `y` to `out` as RGB; `background` is what transparent
+    /// pixels are composited over (`None`: alpha is dropped and the stored colour kept).
+    pub fn row_rgb_into(
+        &self,
+        y: u32,
+        (x0, x1): (u32, u32),
+        background: Option<[u8; 3]>,
+        out: &mut Vec<u8>,
+    ) {
+        let c = self.layout.channels();
+        let start = y as usize * self.width as usize;
+        let row = &self.data[(start + x0 as usize) * c..(start + x1 as usize) * c];
+        match (self.layout, background) {
+            (PixelLayout::Grey, _) => row.iter().for_each(|&g| out.extend_from_slice(&[g, g, g])),
+            (PixelLayout::Rgb, _) => out.extend_from_slice(row),
+            (PixelLayout::Bgr, _) | (PixelLayout::Bgra, None) => row
+                .chunks_exact(c)
+                .for_each(|p| out.extend_from_slice(&[p[2], p[1], p[0]])),
+            (PixelLayout::Bgra, Some(b)) => row.chunks_exact(4).for_each(|p| {
+                let a = u32::from(p[3]);
+                let over = |c: u8, b: u8| {
+                    ((u32::from(c) * a + u32::from(b) * (255 - a) + 127) / 255) as u8
+                };
+                out.extend_from_slice(&[over(p[2], b[0]), over(p[1], b[1]), over(p[0], b[2])]);
+            }),
+        }
+    }
+}
+
+impl Rgb8 {
+    /// This image as an [`ImageView`]. Panics if `data` does not hold `width * height` pixels
+    /// (an `Rgb8` that broke its own invariant).
+    pub fn view(&self) -> ImageView<'_> {
+        assert_eq!(
+            self.data.len(),
+            self.width as usize * self.height as usize * 3,
+            "Rgb8 data length"
+        );
+        ImageView {
+            width: self.width,
+            height: self.height,
+            layout: PixelLayout::Rgb,
+            data: &self.data,
+        }
+    }
+}
+
+/// Converts an `ImageSchema` row (grey, BGR or BGRA) to RGB, checking that the fields agree
+/// (alpha is dropped). No size limit applies: use [`ImageView::from_row`] for untrusted rows.
 pub fn to_rgb8(
     height: i32,
     width: i32,
@@ -139,42 +281,18 @@ pub fn to_rgb8(
     mode: i32,
     data: &[u8],
 ) -> std::result::Result<Rgb8, String> {
-    let expected_channels = match mode {
-        MODE_GRAY8 => 1,
-        MODE_BGR8 => 3,
-        MODE_BGRA8 => 4,
-        other => {
-            return Err(format!(
-                "unsupported image mode {other} (expected 0 = CV_8UC1, 16 = CV_8UC3, 24 = CV_8UC4)"
-            ));
-        }
+    let unlimited = DecodeLimits {
+        max_side: u32::MAX,
+        max_decoded_bytes: u64::MAX,
     };
-    if channels != expected_channels {
-        return Err(format!(
-            "nChannels {channels} does not match mode {mode} ({expected_channels} channels)"
-        ));
+    let view = ImageView::from_row(height, width, channels, mode, data, &unlimited)?;
+    let mut rgb = Vec::with_capacity(view.width as usize * view.height as usize * 3);
+    for y in 0..view.height {
+        view.row_rgb_into(y, (0, view.width), None, &mut rgb);
     }
-    if height <= 0 || width <= 0 {
-        return Err(format!("image has no pixels ({width}x{height})"));
-    }
-    let pixels = height as usize * width as usize;
-    if data.len() != pixels * channels as usize {
-        return Err(format!(
-            "data has {} bytes, expected {width}x{height}x{channels} = {}",
-            data.len(),
-            pixels * channels as usize
-        ));
-    }
-    let rgb = match channels {
-        1 => data.iter().flat_map(|&g| [g, g, g]).collect(),
-        c => data
-            .chunks_exact(c as usize)
-            .flat_map(|p| [p[2], p[1], p[0]])
-            .collect(),
-    };
     Ok(Rgb8 {
-        width: width as u32,
-        height: height as u32,
+        width: view.width,
+        height: view.height,
         data: rgb,
     })
 }

@@ -38,7 +38,9 @@ mod read;
 use datafusion::arrow::datatypes::{DataType, Field, Fields};
 
 pub use column::{decode_binary_array, decode_image_column, image_array};
-pub use decode::{DecodeLimits, ImageRow, Rgb8, decode_image, decode_rgb8, to_rgb8};
+pub use decode::{
+    DecodeLimits, ImageRow, ImageView, PixelLayout, Rgb8, decode_image, decode_rgb8, to_rgb8,
+};
 pub use read::{ReadImagesOptions, list_image_files, read_images};
 
 /// OpenCV type code of an 8-bit single-channel (grey) image.

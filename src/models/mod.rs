@@ -44,7 +44,7 @@ pub use manifest::{
 };
 pub use runtime::{
     available_devices, available_models, device, load_model, load_model_in, manifest, manifest_in,
-    register_network,
+    register_network, replace_network,
 };
 pub use weights::{
     check_safetensors_header, load_pytorch, load_safetensors, load_safetensors_bytes, load_weights,
@@ -84,7 +84,7 @@ pub trait Architecture {
     fn weight_names(&self) -> NameMap;
 }
 
-fn model_error(model: &str, message: impl Into<String>) -> Error {
+pub(crate) fn model_error(model: &str, message: impl Into<String>) -> Error {
     Error::Model {
         model: model.to_string(),
         message: message.into(),

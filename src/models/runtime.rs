@@ -110,14 +110,26 @@ impl LoadedModel {
     }
 }
 
-type Cache = Mutex<HashMap<(String, String, PathBuf), Arc<LoadedModel>>>;
+/// What a cached model was loaded from: its weight file's size and modification time. A
+/// different stamp on the next lookup (the file was replaced) loads the model again.
+type Stamp = Option<(u64, std::time::SystemTime)>;
+
+fn stamp(path: &Path) -> Stamp {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.len(), meta.modified().ok()?))
+}
+
+/// One cache entry: its own lock, so loading one model never blocks another's lookup.
+type Slot = Arc<Mutex<Option<(Stamp, Arc<LoadedModel>)>>>;
+type Cache = Mutex<HashMap<(String, String, PathBuf), Slot>>;
 
 /// Loads a named model on a named device once per process and shares it.
 pub fn load_model(name: &str, device_name: &str) -> Result<Arc<LoadedModel>> {
     load_model_in(name, device_name, None)
 }
 
-/// [`load_model`] from a given model directory (`None` or empty: the default one).
+/// [`load_model`] from a given model directory (`None` or empty: the default one). A model whose
+/// weight file changed since it was cached is loaded again.
 pub fn load_model_in(
     name: &str,
     device_name: &str,
@@ -130,11 +142,21 @@ pub fn load_model_in(
     let cache = CACHE.get_or_init(Default::default);
     let dir = resolve_dir(dir);
     let key = (name.to_string(), device_name.to_string(), dir.clone());
-    // Holding the lock while loading makes concurrent partitions wait for one load.
-    let mut map = cache
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(model) = map.get(&key) {
+    // The map's lock is held only to find the entry; the entry's lock while loading makes
+    // concurrent partitions wait for one load of this model, and nobody else.
+    let slot: Slot = Arc::clone(
+        cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(key)
+            .or_default(),
+    );
+    let mut entry = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let (manifest, folder) = manifest_in(name, Some(&dir))?;
+    let now = stamp(&folder.join(&manifest.weights.file));
+    if let Some((loaded, model)) = entry.as_ref()
+        && *loaded == now
+    {
         return Ok(Arc::clone(model));
     }
     let model = Arc::new(LoadedModel::load_from(
@@ -142,7 +164,7 @@ pub fn load_model_in(
         Some(&dir),
         &device(device_name)?,
     )?);
-    map.insert(key, Arc::clone(&model));
+    *entry = Some((now, Arc::clone(&model)));
     Ok(model)
 }
 
@@ -182,10 +204,31 @@ fn user_model(name: &str) -> Option<Arc<LoadedModel>> {
 /// register_network(m, Arc::new(MeanColour), &Device::flex()).unwrap();
 /// // DeepImageFeaturizer::new().with_model_name("MeanColour") now yields 3-d mean colours.
 /// ```
+///
+/// A name already registered is an error: use [`replace_network`] to replace it.
 pub fn register_network(
     manifest: Manifest,
     network: Arc<dyn ImageNetwork>,
     device: &Device,
+) -> Result<()> {
+    add_network(manifest, network, device, false)
+}
+
+/// [`register_network`], replacing a network registered under the same name. Stages planned
+/// before keep the network they were planned with.
+pub fn replace_network(
+    manifest: Manifest,
+    network: Arc<dyn ImageNetwork>,
+    device: &Device,
+) -> Result<()> {
+    add_network(manifest, network, device, true)
+}
+
+fn add_network(
+    manifest: Manifest,
+    network: Arc<dyn ImageNetwork>,
+    device: &Device,
+    replace: bool,
 ) -> Result<()> {
     if catalog::folder(&manifest.name).is_some() {
         return Err(model_error(
@@ -200,6 +243,12 @@ pub fn register_network(
     let mut models = user_models()
         .write()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !replace && models.contains_key(&model.manifest.name) {
+        return Err(model_error(
+            &model.manifest.name,
+            "a network is already registered under this name; use replace_network to replace it",
+        ));
+    }
     models.insert(model.manifest.name.clone(), Arc::new(model));
     Ok(())
 }

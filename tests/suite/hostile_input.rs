@@ -91,7 +91,7 @@ mod allocation_probe {
 #[global_allocator]
 static ALLOCATOR: allocation_probe::LargestAllocation = allocation_probe::LargestAllocation;
 
-use allocation_probe::largest_allocation_in;
+pub(crate) use allocation_probe::largest_allocation_in;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/images");
 
@@ -105,7 +105,7 @@ fn photo(w: u32, h: u32) -> DynamicImage {
     }))
 }
 
-fn encode(img: &DynamicImage, format: ImageFormat) -> Vec<u8> {
+pub(crate) fn encode(img: &DynamicImage, format: ImageFormat) -> Vec<u8> {
     let mut out = Vec::new();
     img.write_to(&mut Cursor::new(&mut out), format).unwrap();
     out
@@ -967,7 +967,7 @@ fn tampered_weight_headers_are_rejected_without_allocating() {
 
 /// A manifest for a small user network: EfficientNet-Lite0's preprocessing, `channels` outputs
 /// (features, feature map `[channels, 1, 1]` and classes).
-fn user_manifest(name: &str, channels: usize) -> Manifest {
+pub(crate) fn user_manifest(name: &str, channels: usize) -> Manifest {
     let (mut m, _) = manifest("EfficientNetLite0").unwrap();
     m.name = name.into();
     m.architecture = "custom".into();
@@ -995,7 +995,7 @@ impl ImageNetwork for Exploding {
 /// The mean of each input channel, repeated (R, G, B, R, G, B) and cut to `.0` channels:
 /// `[N, .0, 1, 1]`; logits are the same values.
 #[derive(Debug)]
-struct MeanChannels(usize);
+pub(crate) struct MeanChannels(pub usize);
 
 impl ImageNetwork for MeanChannels {
     fn feature_map(&self, input: Tensor<4>) -> Tensor<4> {

@@ -7,6 +7,7 @@ mod common;
 
 mod bad_input;
 mod batch;
+mod bounded_input;
 mod efficientnet_parity;
 mod hostile_input;
 mod logistic_sklearn_parity;

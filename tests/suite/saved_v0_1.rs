@@ -134,14 +134,30 @@ fn metadata_tree(dir: &Path) -> Vec<(PathBuf, serde_json::Value)> {
     found
 }
 
-/// The unfitted pipeline loads and saves again to the same metadata, stage by stage.
+/// The unfitted pipeline loads and saves again to the same metadata, stage by stage, plus the
+/// params added since 0.1 (issue 11's preprocessing options), written out as loaded: the
+/// featurizer keeps dropping alpha (`none`), as it did when saved, while a new stage's default
+/// is `white`.
 #[test]
 fn pipeline_saved_by_0_1_saves_back_unchanged() {
     let saved = Path::new(FIXTURE).join("pipeline");
     let pipeline = Pipeline::load(&saved).unwrap();
     let dir = tempfile::tempdir().unwrap();
     pipeline.save(dir.path().join("again")).unwrap();
-    let before = metadata_tree(&saved);
+    let mut before = metadata_tree(&saved);
     assert_eq!(before.len(), 4, "the pipeline and its three stages");
+    let featurizer = before
+        .iter_mut()
+        .find(|(_, m)| m["class"] == "deep_pipelines.DeepImageFeaturizer")
+        .map(|(_, m)| m)
+        .unwrap();
+    for (key, value, default) in [
+        ("alphaBackground", "none", "white"),
+        ("errorCol", "", ""),
+        ("resizeMode", "crop", "crop"),
+    ] {
+        featurizer["paramMap"][key] = value.into();
+        featurizer["defaultParamMap"][key] = default.into();
+    }
     assert_eq!(metadata_tree(&dir.path().join("again")), before);
 }
