@@ -424,14 +424,16 @@ impl ScalarUDFImpl for ImageProblemUdf {
         &self,
         args: ScalarFunctionArgs,
     ) -> datafusion::common::Result<ColumnarValue> {
-        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-        let Some(images) = arrays.first().and_then(|a| a.as_struct_opt()) else {
-            return exec_err!("{} input must be an image struct", self.name);
-        };
-        let problems: StringArray = (0..images.len())
-            .map(|row| self.rows.image(images, row).err())
-            .collect();
-        Ok(ColumnarValue::Array(Arc::new(problems)))
+        crate::error::catch_panics(self.name(), || {
+            let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+            let Some(images) = arrays.first().and_then(|a| a.as_struct_opt()) else {
+                return exec_err!("{} input must be an image struct", self.name);
+            };
+            let problems: StringArray = (0..images.len())
+                .map(|row| self.rows.image(images, row).err())
+                .collect();
+            Ok(ColumnarValue::Array(Arc::new(problems)))
+        })
     }
 }
 

@@ -41,7 +41,6 @@ impl Default for AlphaBackground {
 impl AlphaBackground {
     /// Parses `white`, `black`, `#rrggbb` or `none`.
     pub fn parse(text: &str) -> Option<Self> {
-        // Accepted spellings, for error messages: `white`, `black`, `#rrggbb`, `none`.
         let hex = |s: &str| u8::from_str_radix(s, 16).ok();
         match text.trim().to_ascii_lowercase().as_str() {
             "white" => Some(AlphaBackground::Colour([255, 255, 255])),
