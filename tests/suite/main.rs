@@ -8,6 +8,7 @@ mod common;
 mod bad_input;
 mod batch;
 mod bounded_input;
+mod cli;
 mod efficientnet_parity;
 mod hostile_input;
 mod logistic_sklearn_parity;

@@ -1,0 +1,624 @@
+//! `deep-pipelines`: the library's jobs from the command line. Featurize or classify a folder
+//! of images (or a Parquet file of images) to Parquet, fit a transfer-learning model on a
+//! labelled folder, apply a saved model. Progress goes to stderr, results to files or stdout.
+//!
+//! ```text
+//! deep-pipelines models
+//! deep-pipelines featurize photos/ -o features.parquet
+//! deep-pipelines fit train/ -o fitted-model --test test/
+//! deep-pipelines apply fitted-model photos/ -o predictions.parquet
+//! ```
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use datafusion::arrow::datatypes::DataType;
+use datafusion::dataframe::DataFrameWriteOptions;
+use datafusion::logical_expr::cast;
+use datafusion::prelude::{ParquetReadOptions, SessionConfig};
+use deep_pipelines::evaluation::confusion_matrix;
+use deep_pipelines::image::{image_type, list_image_files};
+use deep_pipelines::models::{available_models, manifest, model_dir};
+use deep_pipelines::prelude::*;
+use deep_pipelines::{Error, Result};
+
+/// `println!` that ignores a closed stdout (`deep-pipelines models | head`) instead of panicking.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+#[derive(Parser)]
+#[command(
+    name = "deep-pipelines",
+    version,
+    about = "Pretrained CNNs on folders of images: features, predictions, transfer learning"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// No progress lines on stderr.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Every named model: input size, feature size, and whether its weights are installed.
+    Models,
+    /// Images -> features, written to Parquet (origin, label, features, error).
+    Featurize {
+        /// A folder of images (read recursively) or a Parquet file with an image column.
+        input: PathBuf,
+        /// The Parquet file to write.
+        #[arg(short, long)]
+        output: PathBuf,
+        #[command(flatten)]
+        network: NetworkArgs,
+        /// `pooled` (the feature vector) or `flattened` (the last feature map).
+        #[arg(long, default_value = "pooled")]
+        feature_mode: String,
+        /// `float32` or `float16`.
+        #[arg(long, default_value = "float32")]
+        output_type: String,
+    },
+    /// Images -> top-K ImageNet classes, written to Parquet.
+    Predict {
+        input: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+        #[command(flatten)]
+        network: NetworkArgs,
+        /// Classes kept per image.
+        #[arg(long, default_value_t = 5)]
+        top_k: usize,
+    },
+    /// Transfer learning: a labelled folder (one sub-folder per class) -> a saved model.
+    Fit {
+        /// Training images, one sub-folder per class.
+        train_dir: PathBuf,
+        /// Where to save the fitted model.
+        #[arg(short, long)]
+        output: PathBuf,
+        #[command(flatten)]
+        network: NetworkArgs,
+        /// L2 (elastic net: mixed) regularisation strength.
+        #[arg(long, default_value_t = 1e-3)]
+        reg_param: f64,
+        /// Elastic-net mixing: 0 = L2, 1 = L1.
+        #[arg(long, default_value_t = 0.0)]
+        elastic_net: f64,
+        /// Iterations of the optimiser at most.
+        #[arg(long, default_value_t = 200)]
+        max_iter: usize,
+        /// Test images laid out like the training folder: prints accuracy and the confusion matrix.
+        #[arg(long)]
+        test: Option<PathBuf>,
+        /// Replace an existing model at the output path.
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// A saved model applied to images, predictions written to Parquet.
+    Apply {
+        /// A model saved by `fit` (or by the library's `PipelineModel::save`).
+        model_dir: PathBuf,
+        input: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+/// The network stage's options.
+#[derive(Args)]
+struct NetworkArgs {
+    /// A named model (see `deep-pipelines models`).
+    #[arg(long, default_value = "EfficientNetLite0")]
+    model: String,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// `cpu`, or `wgpu` in a build with the `wgpu` feature.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// `crop` (the model's resize + centre crop) or `pad` (letterbox).
+    #[arg(long, default_value = "crop")]
+    resize_mode: String,
+    /// What transparent pixels are composited over: white, black, #rrggbb or none.
+    #[arg(long, default_value = "white")]
+    alpha_background: String,
+}
+
+impl NetworkArgs {
+    fn featurizer(&self) -> DeepImageFeaturizer {
+        DeepImageFeaturizer::new()
+            .with_model_name(&self.model)
+            .with_batch_size(self.batch_size)
+            .with_device(&self.device)
+            .with_resize_mode(self.resize_mode.as_str())
+            .with_alpha_background(&self.alpha_background)
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let progress = !cli.quiet;
+    // Without leaf-expression pushdown, a plan that reads both `image` and `image_error` calls
+    // the decoding UDF once per row, not once per field.
+    let config = SessionConfig::new().set_bool(
+        "datafusion.optimizer.enable_leaf_expression_pushdown",
+        false,
+    );
+    let ctx = SessionContext::new_with_config(config);
+    match cli.command {
+        Command::Models => models(),
+        Command::Featurize {
+            input,
+            output,
+            network,
+            feature_mode,
+            output_type,
+        } => {
+            let (images, total) = read_input(&ctx, &input, true, false).await?;
+            let stage = network
+                .featurizer()
+                .with_feature_mode(feature_mode.as_str())
+                .with_output_type(output_type.as_str())
+                .with_error_col("error");
+            let counter = stage.clone();
+            let out = stage.transform(images)?;
+            let out = out.drop_columns(&["image"])?;
+            let meter = Meter::start("featurize", total, progress, move || {
+                counter.images_processed()
+            });
+            write_parquet(out, &output).await?;
+            meter.finish();
+            say!("wrote {}", output.display());
+            Ok(())
+        }
+        Command::Predict {
+            input,
+            output,
+            network,
+            top_k,
+        } => {
+            let (images, total) = read_input(&ctx, &input, true, false).await?;
+            let stage = DeepImagePredictor::new()
+                .with_model_name(&network.model)
+                .with_batch_size(network.batch_size)
+                .with_device(&network.device)
+                .with_resize_mode(network.resize_mode.as_str())
+                .with_alpha_background(&network.alpha_background)
+                .with_top_k(top_k)
+                .with_error_col("error");
+            let counter = stage.clone();
+            let out = stage.transform(images)?.drop_columns(&["image"])?;
+            let meter = Meter::start("predict", total, progress, move || {
+                counter.images_processed()
+            });
+            write_parquet(out, &output).await?;
+            meter.finish();
+            say!("wrote {}", output.display());
+            Ok(())
+        }
+        Command::Fit {
+            train_dir,
+            output,
+            network,
+            reg_param,
+            elastic_net,
+            max_iter,
+            test,
+            overwrite,
+        } => {
+            fit(
+                &ctx,
+                FitJob {
+                    train_dir,
+                    output,
+                    network,
+                    reg_param,
+                    elastic_net,
+                    max_iter,
+                    test,
+                    overwrite,
+                    progress,
+                },
+            )
+            .await
+        }
+        Command::Apply {
+            model_dir,
+            input,
+            output,
+        } => {
+            let model = PipelineModel::load(&model_dir)?;
+            // No labels: new images have none (a folder name is not a class).
+            let (images, total) = read_input(&ctx, &input, false, false).await?;
+            let counter = model.clone();
+            let mut out = model.transform(images)?;
+            if let (Some(lr), Some(indexer)) = (
+                model.stage::<LogisticRegressionModel>(),
+                model.stage::<StringIndexerModel>(),
+            ) {
+                out = IndexToString::new()
+                    .with_input_col(&lr.params().prediction_col)
+                    .with_output_col("predictedLabel")
+                    .with_labels(indexer.labels())
+                    .transform(out)?;
+            }
+            let keep: Vec<String> = out
+                .schema()
+                .fields()
+                .iter()
+                .filter(|f| f.name() != "image" && f.name() != "features")
+                .map(|f| f.name().clone())
+                .collect();
+            let out = out.select_columns(&keep.iter().map(String::as_str).collect::<Vec<_>>())?;
+            let meter = Meter::start("apply", total, progress, move || images_processed(&counter));
+            write_parquet(out, &output).await?;
+            meter.finish();
+            say!("wrote {}", output.display());
+            Ok(())
+        }
+    }
+}
+
+/// Images the network stages of `model` have processed.
+fn images_processed(model: &PipelineModel) -> u64 {
+    model
+        .stages()
+        .iter()
+        .filter_map(|s| {
+            let any = s.as_any();
+            any.downcast_ref::<DeepImageFeaturizer>()
+                .map(DeepImageFeaturizer::images_processed)
+                .or_else(|| {
+                    any.downcast_ref::<DeepImagePredictor>()
+                        .map(DeepImagePredictor::images_processed)
+                })
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+fn models() -> Result<()> {
+    let dir = model_dir();
+    say!(
+        "{:<20} {:>6} {:>9} {:>8}  weights",
+        "model",
+        "input",
+        "features",
+        "classes"
+    );
+    for name in available_models() {
+        let (m, folder) = manifest(&name)?;
+        let weights = folder.join(&m.weights.file);
+        let state = if weights.is_file() {
+            format!("installed ({})", weights.display())
+        } else {
+            format!(
+                "missing: put {} at {} (source: {})",
+                m.weights.file,
+                weights.display(),
+                m.weights.source
+            )
+        };
+        say!(
+            "{:<20} {:>6} {:>9} {:>8}  {state}",
+            name,
+            m.input_size,
+            m.feature_dim,
+            m.num_classes
+        );
+    }
+    say!(
+        "\nmodel directory: {} (set DEEP_PIPELINES_MODEL_DIR to use another)",
+        dir.display()
+    );
+    Ok(())
+}
+
+/// Images from a folder (recursive; with `labels`, `label` = each file's folder name) or a Parquet file with
+/// an image struct column or a binary column of encoded images, as column `image`; and how many
+/// rows there are.
+async fn read_input(
+    ctx: &SessionContext,
+    input: &Path,
+    labels: bool,
+    drop_invalid: bool,
+) -> Result<(DataFrame, usize)> {
+    if input.is_dir() {
+        let files = list_image_files(input, &ReadImagesOptions::default())?;
+        let options = ReadImagesOptions::default()
+            .with_label_from_folder(labels)
+            .with_drop_invalid(drop_invalid);
+        return Ok((read_images(ctx, input, options)?, files.len()));
+    }
+    if !input.is_file() {
+        return Err(Error::Io {
+            path: input.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+        });
+    }
+    let path = input.to_string_lossy();
+    let df = ctx
+        .read_parquet(path.as_ref(), ParquetReadOptions::default())
+        .await?;
+    let rows = df.clone().count().await?;
+    let schema = df.schema().clone();
+    let image_like = |t: &DataType| match (t, image_type()) {
+        (DataType::Struct(found), DataType::Struct(want)) => want
+            .iter()
+            .all(|w| found.iter().any(|f| f.name() == w.name())),
+        _ => false,
+    };
+    if let Some(f) = schema.fields().iter().find(|f| image_like(f.data_type())) {
+        let name = f.name().clone();
+        let image = cast(ident(&name), image_type()).alias("image");
+        let others: Vec<_> = schema
+            .fields()
+            .iter()
+            .filter(|g| g.name() != &name && g.name() != "image")
+            .map(|g| ident(g.name()))
+            .chain([image])
+            .collect();
+        return Ok((df.select(others)?, rows));
+    }
+    let binary = schema.fields().iter().find(|f| {
+        matches!(
+            f.data_type(),
+            DataType::Binary | DataType::LargeBinary | DataType::BinaryView
+        )
+    });
+    match binary {
+        Some(f) => {
+            let origin = schema
+                .fields()
+                .iter()
+                .find(|g| g.name() == "origin" || g.name() == "path")
+                .map(|g| g.name().clone());
+            let df = decode_image_column(
+                df,
+                &f.name().clone(),
+                "image",
+                origin.as_deref(),
+                Default::default(),
+                drop_invalid,
+            )?;
+            Ok((df, rows))
+        }
+        None => Err(Error::Column {
+            stage: None,
+            column: "image".into(),
+            message: format!(
+                "{}: no image struct (origin, height, width, nChannels, mode, data) or binary column; columns: {}",
+                input.display(),
+                schema
+                    .fields()
+                    .iter()
+                    .map(|f| format!("{} {}", f.name(), f.data_type()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
+    }
+}
+
+/// Writes `df` to one Parquet file, streaming batch by batch, under a temporary name renamed into
+/// place at the end: `path` never holds a partial file.
+async fn write_parquet(df: DataFrame, path: &Path) -> Result<()> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Fit(format!("{} is not a file name", path.display())))?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| Error::Io {
+        path: parent.display().to_string(),
+        source: e,
+    })?;
+    let temp = parent.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let options = DataFrameWriteOptions::new().with_single_file_output(true);
+    let written = df
+        .write_parquet(&temp.to_string_lossy(), options, None)
+        .await;
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&temp);
+        return Err(e.into());
+    }
+    std::fs::rename(&temp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&temp);
+        Error::Io {
+            path: path.display().to_string(),
+            source: e,
+        }
+    })
+}
+
+struct FitJob {
+    train_dir: PathBuf,
+    output: PathBuf,
+    network: NetworkArgs,
+    reg_param: f64,
+    elastic_net: f64,
+    max_iter: usize,
+    test: Option<PathBuf>,
+    overwrite: bool,
+    progress: bool,
+}
+
+async fn fit(ctx: &SessionContext, job: FitJob) -> Result<()> {
+    if job.output.exists() && !job.overwrite {
+        return Err(Error::Persistence(format!(
+            "{} already exists; pass --overwrite to replace it",
+            job.output.display()
+        )));
+    }
+    let (train, total) = read_input(ctx, &job.train_dir, true, true).await?;
+    let featurizer = job.network.featurizer();
+    let counter = featurizer.clone();
+    let pipeline = Pipeline::new()
+        .with_estimator(
+            StringIndexer::new()
+                .with_input_col("label")
+                .with_output_col("labelIndex")
+                .with_string_order_type("alphabetAsc"),
+        )
+        .with_transformer(featurizer)
+        .with_estimator(
+            LogisticRegression::new()
+                .with_label_col("labelIndex")
+                .with_reg_param(job.reg_param)
+                .with_elastic_net_param(job.elastic_net)
+                .with_standardization(false)
+                .with_max_iter(job.max_iter),
+        );
+    let started = Instant::now();
+    let meter = Meter::start("fit: featurize", total, job.progress, move || {
+        counter.images_processed()
+    });
+    let model = pipeline.fit(&train).await?;
+    meter.finish();
+    let lr = model
+        .stage::<LogisticRegressionModel>()
+        .ok_or_else(|| Error::Fit("the fitted pipeline has no logistic regression".into()))?;
+    let labels = model
+        .stage::<StringIndexerModel>()
+        .map(|s| s.labels().to_vec())
+        .unwrap_or_default();
+    say!(
+        "fitted on {total} images, {} classes ({}) in {:.1} s; logistic regression: {} iterations, {}",
+        labels.len(),
+        labels.join(", "),
+        started.elapsed().as_secs_f64(),
+        lr.fitted().iterations,
+        if lr.fitted().converged {
+            "converged"
+        } else {
+            "stopped at --max-iter"
+        },
+    );
+    if job.overwrite {
+        model.save_overwrite(&job.output)?;
+    } else {
+        model.save(&job.output)?;
+    }
+    say!("saved the model to {}", job.output.display());
+    if let Some(test_dir) = &job.test {
+        let (test, total) = read_input(ctx, test_dir, true, true).await?;
+        let counter = model.clone();
+        let meter = Meter::start("test: featurize", total, job.progress, move || {
+            images_processed(&counter)
+        });
+        let predictions = model.transform(test)?.cache().await?;
+        meter.finish();
+        let metrics = MulticlassClassificationEvaluator::new()
+            .with_label_col("labelIndex")
+            .evaluate_all(&predictions)
+            .await?;
+        say!(
+            "test: {total} images, accuracy {:.4}, f1 (weighted) {:.4}, logLoss {:.4}",
+            metrics["accuracy"],
+            metrics["f1"],
+            metrics["logLoss"]
+        );
+        let matrix = confusion_matrix(&predictions, "labelIndex", "prediction")
+            .await?
+            .with_labels(&labels);
+        say!("confusion matrix (rows: actual, columns: predicted)\n{matrix}");
+    }
+    Ok(())
+}
+
+/// Progress of a long job on stderr: images done (`done` counts from its value at the start),
+/// images/s and ETA. On a
+/// terminal one line redrawn every half second; otherwise a line every 5 s. Prints nothing when
+/// `enabled` is false.
+struct Meter {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Meter {
+    fn start(
+        what: &'static str,
+        total: usize,
+        enabled: bool,
+        done: impl Fn() -> u64 + Send + 'static,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = enabled.then(|| {
+            let stop = Arc::clone(&stop);
+            let base = done();
+            let done = move || done().saturating_sub(base);
+            std::thread::spawn(move || {
+                let terminal = std::io::stderr().is_terminal();
+                let every = if terminal {
+                    Duration::from_millis(500)
+                } else {
+                    Duration::from_secs(5)
+                };
+                let started = Instant::now();
+                let line = |n: u64| {
+                    let secs = started.elapsed().as_secs_f64().max(1e-9);
+                    let rate = n as f64 / secs;
+                    let eta = if rate > 0.0 && (n as usize) < total {
+                        format!(", ETA {:.0} s", (total as f64 - n as f64) / rate)
+                    } else {
+                        String::new()
+                    };
+                    format!("{what}: {n}/{total} images, {rate:.1} images/s, {secs:.0} s{eta}")
+                };
+                let mut last = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                    if last.elapsed() >= every {
+                        last = Instant::now();
+                        if terminal {
+                            eprint!("\r{}\x1b[K", line(done()));
+                        } else {
+                            eprintln!("{}", line(done()));
+                        }
+                    }
+                }
+                let end = line(done());
+                if terminal {
+                    eprintln!("\r{end}\x1b[K");
+                } else {
+                    eprintln!("{end}");
+                }
+            })
+        });
+        Meter { stop, thread }
+    }
+
+    fn finish(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

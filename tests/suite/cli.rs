@@ -1,0 +1,203 @@
+//! The `deep-pipelines` command line, driven as a user would: `fit` on the bundled images with
+//! `--test` (accuracy, confusion matrix, a saved model), `apply` of that model, `featurize` of a
+//! folder with a broken file, `models`, and errors that name the file and exit non-zero.
+
+use crate::common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::DataType;
+use deep_pipelines::prelude::*;
+
+fn cli(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_deep-pipelines"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A string column as Rust strings (Parquet reads them back as Utf8View).
+fn strings(batch: &RecordBatch, name: &str) -> Vec<Option<String>> {
+    let column = cast(batch.column_by_name(name).unwrap(), &DataType::Utf8).unwrap();
+    let column = column.as_string::<i32>();
+    (0..column.len())
+        .map(|r| column.is_valid(r).then(|| column.value(r).to_string()))
+        .collect()
+}
+
+async fn read_parquet(path: &Path) -> RecordBatch {
+    let ctx = SessionContext::new();
+    let df = ctx
+        .read_parquet(path.to_str().unwrap(), Default::default())
+        .await
+        .unwrap();
+    common::collect(df).await
+}
+
+#[tokio::test]
+async fn fit_with_test_then_apply_the_saved_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("fitted-model");
+    let train = format!("{}/train", common::DATA);
+    let test = format!("{}/test", common::DATA);
+    let out = cli(&[
+        "fit",
+        &train,
+        "-o",
+        model.to_str().unwrap(),
+        "--test",
+        &test,
+    ]);
+    let stdout = text(&out.stdout);
+    println!("{stdout}\n{}", text(&out.stderr));
+    assert!(out.status.success());
+    let accuracy: f64 = stdout
+        .split("accuracy ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(accuracy >= 0.84, "test accuracy {accuracy}");
+    assert!(stdout.contains("confusion matrix"), "{stdout}");
+    // Progress lines on stderr (not a terminal here: plain lines, the last one at the end).
+    assert!(text(&out.stderr).contains("test: featurize: 500/500 images"));
+
+    // Saving over it needs --overwrite.
+    let again = cli(&["fit", &train, "-o", model.to_str().unwrap(), "-q"]);
+    assert!(!again.status.success());
+    assert!(text(&again.stderr).contains("--overwrite"));
+
+    let predictions = dir.path().join("out/predictions.parquet");
+    let out = cli(&[
+        "apply",
+        model.to_str().unwrap(),
+        &test,
+        "-o",
+        predictions.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).is_empty(),
+        "--quiet printed {}",
+        text(&out.stderr)
+    );
+    let batch = read_parquet(&predictions).await;
+    assert_eq!(batch.num_rows(), 500);
+    let origins = strings(&batch, "origin");
+    let labels = strings(&batch, "predictedLabel");
+    let right = origins
+        .iter()
+        .zip(&labels)
+        .filter(|(origin, label)| {
+            let folder = Path::new(origin.as_deref().unwrap()).parent().unwrap();
+            folder.file_name().unwrap().to_str() == label.as_deref()
+        })
+        .count();
+    let apply_accuracy = right as f64 / 500.0;
+    assert!(
+        (apply_accuracy - accuracy).abs() < 1e-9,
+        "apply {apply_accuracy} vs fit's test {accuracy}"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("out")).unwrap().collect();
+    assert_eq!(leftovers.len(), 1, "temporary files left: {leftovers:?}");
+}
+
+#[tokio::test]
+async fn featurize_writes_features_and_a_reason_per_broken_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(images.join("bag")).unwrap();
+    for name in ["00018.png", "00030.png"] {
+        std::fs::copy(
+            format!("{}/test/bag/{name}", common::DATA),
+            images.join("bag").join(name),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        images.join("bag/broken.png"),
+        b"\x89PNG\r\n\x1a\n truncated",
+    )
+    .unwrap();
+    let output = dir.path().join("features.parquet");
+    let out = cli(&[
+        "featurize",
+        images.to_str().unwrap(),
+        "-o",
+        output.to_str().unwrap(),
+        "--output-type",
+        "float16",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let batch = read_parquet(&output).await;
+    assert_eq!(batch.num_rows(), 3);
+    let features = batch
+        .column_by_name("features")
+        .unwrap()
+        .as_fixed_size_list();
+    assert_eq!(features.value_length(), 1280);
+    let decode_errors = strings(&batch, "image_error");
+    let origins = strings(&batch, "origin");
+    for r in 0..3 {
+        let broken = origins[r].as_deref().unwrap().ends_with("broken.png");
+        assert_eq!(features.is_null(r), broken, "row {r}");
+        assert_eq!(
+            decode_errors[r].is_some(),
+            broken,
+            "row {r}: {:?}",
+            decode_errors[r]
+        );
+    }
+}
+
+#[test]
+fn models_and_errors_name_what_is_wrong() {
+    let out = cli(&["models"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success());
+    let lite0 = stdout
+        .lines()
+        .find(|l| l.starts_with("EfficientNetLite0 "))
+        .unwrap();
+    assert!(
+        lite0.contains("installed") && lite0.contains("1280"),
+        "{lite0}"
+    );
+
+    let missing = cli(&["featurize", "no/such/folder", "-o", "x.parquet"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        text(&missing.stderr).contains("no/such/folder"),
+        "{}",
+        text(&missing.stderr)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = cli(&[
+        "featurize",
+        common::DATA,
+        "-o",
+        dir.path().join("f.parquet").to_str().unwrap(),
+        "--model",
+        "NoSuchNet",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("NoSuchNet"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!dir.path().join("f.parquet").exists());
+
+    let usage = cli(&["featurize"]);
+    assert_eq!(usage.status.code(), Some(2));
+}
