@@ -113,6 +113,23 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Runs SQL over image folders, Parquet files and saved models registered as functions.
+    Sql {
+        /// The query, e.g. "SELECT origin, classify(image) AS c FROM photos".
+        query: String,
+        /// A folder of images as table NAME (columns: origin, label, image, image_error).
+        #[arg(long = "images", value_name = "NAME=DIR")]
+        images: Vec<String>,
+        /// A Parquet file (or folder of them) as table NAME.
+        #[arg(long = "parquet", value_name = "NAME=PATH")]
+        parquet: Vec<String>,
+        /// A saved model as SQL function NAME (image or encoded bytes -> its output).
+        #[arg(long = "model", value_name = "NAME=MODEL_DIR")]
+        models: Vec<String>,
+        /// Write the result to this Parquet file instead of printing it.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
 }
 
 /// The network stage's options.
@@ -244,6 +261,47 @@ async fn run(cli: Cli) -> Result<()> {
             )
             .await
         }
+        Command::Sql {
+            query,
+            images,
+            parquet,
+            models,
+            output,
+        } => {
+            for spec in &images {
+                let (name, dir) = name_and_path("--images", spec)?;
+                deep_pipelines::register_images_table(
+                    &ctx,
+                    name,
+                    dir,
+                    ReadImagesOptions::default().with_label_from_folder(true),
+                )?;
+            }
+            for spec in &parquet {
+                let (name, path) = name_and_path("--parquet", spec)?;
+                ctx.register_parquet(name, path, ParquetReadOptions::default())
+                    .await?;
+            }
+            for spec in &models {
+                let (name, dir) = name_and_path("--model", spec)?;
+                deep_pipelines::register_model(&ctx, name, &PipelineModel::load(dir)?)?;
+            }
+            let result = ctx.sql(&query).await?;
+            match output {
+                Some(path) => {
+                    write_parquet(result, &path).await?;
+                    say!("wrote {}", path.display());
+                }
+                None => {
+                    let batches = result.collect().await?;
+                    say!(
+                        "{}",
+                        datafusion::arrow::util::pretty::pretty_format_batches(&batches)?
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Apply {
             model_dir,
             input,
@@ -279,6 +337,17 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `NAME=PATH` from a `--images` / `--parquet` / `--model` option.
+fn name_and_path<'a>(option: &str, spec: &'a str) -> Result<(&'a str, &'a str)> {
+    spec.split_once('=')
+        .filter(|(name, path)| !name.is_empty() && !path.is_empty())
+        .ok_or_else(|| Error::InvalidParam {
+            stage: "deep-pipelines sql".into(),
+            param: option.into(),
+            message: format!("`{spec}` is not NAME=PATH"),
+        })
 }
 
 /// Images the network stages of `model` have processed.

@@ -109,6 +109,28 @@ async fn fit_with_test_then_apply_the_saved_model() {
     );
     let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("out")).unwrap().collect();
     assert_eq!(leftovers.len(), 1, "temporary files left: {leftovers:?}");
+
+    // The saved model as a SQL function over an image folder gives apply's labels.
+    let few = dir.path().join("few");
+    std::fs::create_dir_all(&few).unwrap();
+    for (i, origin) in origins.iter().take(12).enumerate() {
+        std::fs::copy(origin.as_deref().unwrap(), few.join(format!("{i:02}.png"))).unwrap();
+    }
+    let via_sql = dir.path().join("sql.parquet");
+    let out = cli(&[
+        "sql",
+        "SELECT origin, classify(image)['label'] AS label FROM photos ORDER BY origin",
+        "--images",
+        &format!("photos={}", few.display()),
+        "--model",
+        &format!("classify={}", model.display()),
+        "-o",
+        via_sql.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let sql_labels = strings(&read_parquet(&via_sql).await, "label");
+    let expected: Vec<Option<String>> = labels.iter().take(12).cloned().collect();
+    assert_eq!(sql_labels, expected);
 }
 
 #[tokio::test]
@@ -157,6 +179,24 @@ async fn featurize_writes_features_and_a_reason_per_broken_file() {
             decode_errors[r]
         );
     }
+
+    // The features file, queried with SQL.
+    let out = cli(&[
+        "sql",
+        "SELECT count(*) AS n, count(features) AS with_features FROM feats",
+        "--parquet",
+        &format!("feats={}", output.display()),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    assert!(table.contains("| 3 | 2 "), "{table}");
+    let bad = cli(&["sql", "SELECT 1", "--parquet", "nameonly"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        text(&bad.stderr).contains("NAME=PATH"),
+        "{}",
+        text(&bad.stderr)
+    );
 }
 
 #[test]
