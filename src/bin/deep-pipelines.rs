@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use datafusion::arrow::datatypes::DataType;
+use datafusion::config::TableParquetOptions;
 use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::logical_expr::cast;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig};
@@ -511,8 +512,12 @@ async fn write_parquet(df: DataFrame, path: &Path) -> Result<()> {
         std::process::id()
     ));
     let options = DataFrameWriteOptions::new().with_single_file_output(true);
+    // Row groups of 2,048 rows: the writer holds one row group in memory (DataFusion's default
+    // of 1M rows would hold every feature of a 100,000-image job until the end).
+    let mut parquet = TableParquetOptions::default();
+    parquet.global.max_row_group_size = 2048;
     let written = df
-        .write_parquet(&temp.to_string_lossy(), options, None)
+        .write_parquet(&temp.to_string_lossy(), options, Some(parquet))
         .await;
     if let Err(e) = written {
         let _ = std::fs::remove_file(&temp);
