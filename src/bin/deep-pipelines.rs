@@ -194,22 +194,13 @@ async fn run(cli: Cli) -> Result<()> {
             feature_mode,
             output_type,
         } => {
-            let (images, total) = read_input(&ctx, &input, true, false).await?;
             let stage = network
                 .featurizer()
                 .with_feature_mode(feature_mode.as_str())
                 .with_output_type(output_type.as_str())
                 .with_error_col("error");
-            let counter = stage.clone();
-            let out = stage.transform(images)?;
-            let out = out.drop_columns(&["image"])?;
-            let meter = Meter::start("featurize", total, progress, move || {
-                counter.images_processed()
-            });
-            write_parquet(out, &output).await?;
-            meter.finish();
-            say!("wrote {}", output.display());
-            Ok(())
+            let model = PipelineModel::new("featurize", vec![Arc::new(stage)]);
+            transform_to_parquet(&ctx, "featurize", &model, &input, &output, progress).await
         }
         Command::Predict {
             input,
@@ -217,7 +208,6 @@ async fn run(cli: Cli) -> Result<()> {
             network,
             top_k,
         } => {
-            let (images, total) = read_input(&ctx, &input, true, false).await?;
             let stage = DeepImagePredictor::new()
                 .with_model_name(&network.model)
                 .with_batch_size(network.batch_size)
@@ -226,15 +216,8 @@ async fn run(cli: Cli) -> Result<()> {
                 .with_alpha_background(&network.alpha_background)
                 .with_top_k(top_k)
                 .with_error_col("error");
-            let counter = stage.clone();
-            let out = stage.transform(images)?.drop_columns(&["image"])?;
-            let meter = Meter::start("predict", total, progress, move || {
-                counter.images_processed()
-            });
-            write_parquet(out, &output).await?;
-            meter.finish();
-            say!("wrote {}", output.display());
-            Ok(())
+            let model = PipelineModel::new("predict", vec![Arc::new(stage)]);
+            transform_to_parquet(&ctx, "predict", &model, &input, &output, progress).await
         }
         Command::Fit {
             train_dir,
@@ -309,35 +292,53 @@ async fn run(cli: Cli) -> Result<()> {
             output,
         } => {
             let model = PipelineModel::load(&model_dir)?;
-            // No labels: new images have none (a folder name is not a class).
-            let (images, total) = read_input(&ctx, &input, false, false).await?;
-            let counter = model.clone();
-            let mut out = model.transform(images)?;
+            let mut stages = model.stages().to_vec();
             if let (Some(lr), Some(indexer)) = (
                 model.stage::<LogisticRegressionModel>(),
                 model.stage::<StringIndexerModel>(),
             ) {
-                out = IndexToString::new()
+                let names = IndexToString::new()
                     .with_input_col(&lr.params().prediction_col)
                     .with_output_col("predictedLabel")
-                    .with_labels(indexer.labels())
-                    .transform(out)?;
+                    .with_labels(indexer.labels());
+                stages.push(Arc::new(names));
             }
-            let keep: Vec<String> = out
-                .schema()
-                .fields()
-                .iter()
-                .filter(|f| f.name() != "image" && f.name() != "features")
-                .map(|f| f.name().clone())
-                .collect();
-            let out = out.select_columns(&keep.iter().map(String::as_str).collect::<Vec<_>>())?;
-            let meter = Meter::start("apply", total, progress, move || images_processed(&counter));
-            write_parquet(out, &output).await?;
-            meter.finish();
-            say!("wrote {}", output.display());
-            Ok(())
+            let model = PipelineModel::new(model.uid(), stages);
+            transform_to_parquet(&ctx, "apply", &model, &input, &output, progress).await
         }
     }
+}
+
+/// Runs `model` over the images at `input` and streams its output to the Parquet file `output`,
+/// with progress: every column but the pixels and the features (the pipeline's own output only
+/// when it ends with them). `featurize` and `predict` keep the folder's `label`; `apply` reads
+/// none (new images have no class; its indexer then passes them through).
+async fn transform_to_parquet(
+    ctx: &SessionContext,
+    job: &'static str,
+    model: &PipelineModel,
+    input: &Path,
+    output: &Path,
+    progress: bool,
+) -> Result<()> {
+    let labels = job != "apply";
+    let (images, total) = read_input(ctx, input, labels, false).await?;
+    let out = model.transform(images)?;
+    let last = out.schema().fields().last().map(|f| f.name().clone());
+    let keep: Vec<String> = out
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .filter(|name| name != "image" && (name != "features" || last.as_ref() == Some(name)))
+        .collect();
+    let out = out.select_columns(&keep.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let counter = model.clone();
+    let meter = Meter::start(job, total, progress, move || images_processed(&counter));
+    write_parquet(out, output).await?;
+    meter.finish();
+    say!("wrote {}", output.display());
+    Ok(())
 }
 
 /// `NAME=PATH` from a `--images` / `--parquet` / `--model` option.
