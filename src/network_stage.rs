@@ -369,6 +369,24 @@ impl<O: NetworkOutput> NetworkUdf<O> {
     }
 }
 
+/// What both network-stage UDFs do with their call: `compute` on the image struct argument,
+/// under `catch_panics` (a panic is a query error naming the UDF).
+fn on_images(
+    name: &str,
+    args: &ScalarFunctionArgs,
+    compute: impl FnOnce(&StructArray) -> Result<ArrayRef>,
+) -> datafusion::common::Result<ColumnarValue> {
+    crate::error::catch_panics(name, || {
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let Some(images) = arrays.first().and_then(|a| a.as_struct_opt()) else {
+            return exec_err!("{name} input must be an image struct");
+        };
+        let array = compute(images)
+            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+        Ok(ColumnarValue::Array(array))
+    })
+}
+
 /// The `errorCol` UDF: null where the network stage gives an output, else the reason it does
 /// not (null image, inconsistent fields, over the size limits, unsupported mode). Reads no
 /// pixel: cheap next to the network.
@@ -424,15 +442,11 @@ impl ScalarUDFImpl for ImageProblemUdf {
         &self,
         args: ScalarFunctionArgs,
     ) -> datafusion::common::Result<ColumnarValue> {
-        crate::error::catch_panics(self.name(), || {
-            let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-            let Some(images) = arrays.first().and_then(|a| a.as_struct_opt()) else {
-                return exec_err!("{} input must be an image struct", self.name);
-            };
+        on_images(&self.name, &args, |images| {
             let problems: StringArray = (0..images.len())
                 .map(|row| self.rows.image(images, row).err())
                 .collect();
-            Ok(ColumnarValue::Array(Arc::new(problems)))
+            Ok(Arc::new(problems))
         })
     }
 }
@@ -475,15 +489,6 @@ impl<O: NetworkOutput> ScalarUDFImpl for NetworkUdf<O> {
         &self,
         args: ScalarFunctionArgs,
     ) -> datafusion::common::Result<ColumnarValue> {
-        crate::error::catch_panics(self.name(), || {
-            let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-            let Some(images) = arrays.first().and_then(|a| a.as_struct_opt()) else {
-                return exec_err!("{} input must be an image struct", self.name);
-            };
-            let array = self
-                .compute(images)
-                .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
-            Ok(ColumnarValue::Array(array))
-        })
+        on_images(&self.name, &args, |images| self.compute(images))
     }
 }

@@ -162,6 +162,15 @@ impl NetworkArgs {
             .with_resize_mode(self.resize_mode.as_str())
             .with_alpha_background(&self.alpha_background)
     }
+
+    fn predictor(&self) -> DeepImagePredictor {
+        DeepImagePredictor::new()
+            .with_model_name(&self.model)
+            .with_batch_size(self.batch_size)
+            .with_device(&self.device)
+            .with_resize_mode(self.resize_mode.as_str())
+            .with_alpha_background(&self.alpha_background)
+    }
 }
 
 #[tokio::main]
@@ -208,12 +217,8 @@ async fn run(cli: Cli) -> Result<()> {
             network,
             top_k,
         } => {
-            let stage = DeepImagePredictor::new()
-                .with_model_name(&network.model)
-                .with_batch_size(network.batch_size)
-                .with_device(&network.device)
-                .with_resize_mode(network.resize_mode.as_str())
-                .with_alpha_background(&network.alpha_background)
+            let stage = network
+                .predictor()
                 .with_top_k(top_k)
                 .with_error_col("error");
             let model = PipelineModel::new("predict", vec![Arc::new(stage)]);
