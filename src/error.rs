@@ -97,15 +97,20 @@ pub(crate) fn catch_panics<T>(
     f: impl FnOnce() -> datafusion::common::Result<T>,
 ) -> datafusion::common::Result<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
-        let message = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "(no message)".to_string());
         Err(DataFusionError::Execution(format!(
-            "{what} panicked: {message}"
+            "{what} panicked: {}",
+            panic_message(payload.as_ref())
         )))
     })
+}
+
+/// The message a panic was raised with.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_string())
 }
 
 #[cfg(test)]

@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::Result;
 use crate::models::{FeatureMode, LoadedModel};
 use crate::network_stage::{
-    ImageCount, NetworkOutput, NetworkParams, check_model_params, check_model_reference,
-    preprocess_options, saved_network_params,
+    NetworkMetrics, NetworkOutput, NetworkParams, NetworkStats, check_model_params,
+    check_model_reference, preprocess_options, saved_network_params,
 };
 use crate::params::{
     Choice, ParamMap, Params, Rejected, check, choice, choice_setters, new_uid, setters,
@@ -117,7 +117,10 @@ impl Params for DeepImageFeaturizerParams {
                 "named pretrained model, e.g. EfficientNetLite0",
             ),
             ("batchSize", "images per forward pass"),
-            ("device", "cpu, or wgpu when built with the wgpu feature"),
+            (
+                "device",
+                "cpu, or (built with the wgpu feature) wgpu (a GPU) or wgpu-cpu (software Vulkan)",
+            ),
             (
                 "featureMode",
                 "pooled (feature vector, default) or flattened (last feature map)",
@@ -172,7 +175,7 @@ impl Params for DeepImageFeaturizerParams {
 pub struct DeepImageFeaturizer {
     uid: String,
     params: DeepImageFeaturizerParams,
-    images: ImageCount,
+    metrics: NetworkMetrics,
 }
 
 impl Default for DeepImageFeaturizer {
@@ -194,7 +197,7 @@ impl DeepImageFeaturizer {
         DeepImageFeaturizer {
             uid,
             params,
-            images: ImageCount::default(),
+            metrics: NetworkMetrics::default(),
         }
     }
 
@@ -205,7 +208,19 @@ impl DeepImageFeaturizer {
     /// Images this stage (with its clones and tuning copies) has run through the network: a
     /// cost meter, e.g. to check that tuning featurizes each row once.
     pub fn images_processed(&self) -> u64 {
-        self.images.get()
+        self.metrics.images()
+    }
+
+    /// What this stage (with its clones and tuning copies) has done since it was made, loaded
+    /// or reset: rows, images, null rows and why, seconds in preprocessing and in the network,
+    /// images/s and the device.
+    pub fn metrics(&self) -> NetworkStats {
+        self.metrics.snapshot()
+    }
+
+    /// Sets [`Self::metrics`] back to zero (e.g. between two runs of one fitted stage).
+    pub fn reset_metrics(&self) {
+        self.metrics.reset();
     }
 
     string_setters! {
@@ -258,7 +273,7 @@ impl Transformer for DeepImageFeaturizer {
             mode: self.params.feature_mode,
             output_type: self.params.output_type,
         };
-        self.network().add_column(df, &self.images, |_| Ok(output))
+        self.network().add_column(df, &self.metrics, |_| Ok(output))
     }
 
     fn as_any(&self) -> &dyn Any {

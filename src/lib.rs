@@ -58,6 +58,7 @@ pub use evaluation::{
 pub use feature::{IndexToString, StringIndexer, StringIndexerModel};
 pub use featurizer::DeepImageFeaturizer;
 pub use image::{ReadImagesOptions, decode_image_column, read_images};
+pub use network_stage::NetworkStats;
 pub use params::{ParamMap, Params};
 pub use pipeline::{Estimator, Pipeline, PipelineModel, Transformer};
 pub use predictor::DeepImagePredictor;

@@ -8,8 +8,9 @@ use std::any::Any;
 use std::fmt::Debug;
 use std::hash::{Hash, Hasher};
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, StringArray, StructArray};
 use datafusion::arrow::datatypes::{DataType, Int32Type};
@@ -30,24 +31,162 @@ use crate::preprocess::{
     AlphaBackground, PreprocessOptions, ResizeMode, check_fits, preprocess_into,
 };
 
-/// Images a stage has run through its network. Clones of a stage and its `copy_with` copies
-/// share one count (a tuner's copies count into the stage the user holds); a new or loaded stage
-/// starts at 0. Unlike a count on the process-wide cached model, no other stage disturbs it.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct ImageCount(Arc<AtomicU64>);
+/// What a network stage has done: rows seen, images run, null rows and why, and where the time
+/// went. Read with `metrics()` on a [`crate::DeepImageFeaturizer`] or
+/// [`crate::DeepImagePredictor`] after running a query. Counts since the stage was made or
+/// loaded, or since `reset_metrics()`; clones and tuning copies of a stage count into the
+/// stage the user holds.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct NetworkStats {
+    /// Rows of image column the stage was called on.
+    pub rows: u64,
+    /// Images run through the network (rows with an output).
+    pub images: u64,
+    /// Forward passes (each up to `batchSize` images).
+    pub forward_passes: u64,
+    /// Forward passes retried with half the batch after the device failed to allocate.
+    pub batch_halvings: u64,
+    /// Rows with a null output, by reason: `null image` (no image: a file that did not decode,
+    /// a null input), `invalid image struct` (fields that disagree, over the size limits, an
+    /// unsupported mode), `does not fit the input` (too extreme an aspect ratio). `errorCol`
+    /// gives each row's own sentence.
+    pub null_rows: std::collections::BTreeMap<String, u64>,
+    /// Seconds spent resizing and normalising, summed over the threads that did it.
+    pub preprocess_seconds: f64,
+    /// Seconds spent in forward passes (device time included), summed over partitions.
+    pub network_seconds: f64,
+    /// Seconds from the start of the first call to the end of the last.
+    pub wall_seconds: f64,
+    /// The device the network ran on (`cpu`, `wgpu`, ...), once it has run.
+    pub device: String,
+}
 
-impl ImageCount {
-    pub(crate) fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+impl NetworkStats {
+    /// Rows with a null output.
+    pub fn null_count(&self) -> u64 {
+        self.null_rows.values().sum()
     }
 
-    pub(crate) fn add(&self, images: usize) {
-        self.0.fetch_add(images as u64, Ordering::Relaxed);
+    /// Images per second of wall time (0 before any ran).
+    pub fn images_per_second(&self) -> f64 {
+        if self.wall_seconds > 0.0 {
+            self.images as f64 / self.wall_seconds
+        } else {
+            0.0
+        }
+    }
+}
+
+impl std::fmt::Display for NetworkStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} rows, {} images in {} forward passes on {} ({:.1} images/s); \
+             preprocess {:.1} s, network {:.1} s, wall {:.1} s",
+            self.rows,
+            self.images,
+            self.forward_passes,
+            if self.device.is_empty() {
+                "-"
+            } else {
+                &self.device
+            },
+            self.images_per_second(),
+            self.preprocess_seconds,
+            self.network_seconds,
+            self.wall_seconds
+        )?;
+        if self.batch_halvings > 0 {
+            write!(f, "; {} batch halvings", self.batch_halvings)?;
+        }
+        for (reason, count) in &self.null_rows {
+            write!(f, "; null ({reason}): {count}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The shared, updatable counters behind [`NetworkStats`].
+#[derive(Debug, Clone, Default)]
+pub(crate) struct NetworkMetrics(Arc<Mutex<Counters>>);
+
+#[derive(Debug, Default)]
+struct Counters {
+    stats: NetworkStats,
+    first: Option<Instant>,
+}
+
+impl NetworkMetrics {
+    pub(crate) fn snapshot(&self) -> NetworkStats {
+        self.with(|c| c.stats.clone())
+    }
+
+    pub(crate) fn reset(&self) {
+        self.with(|c| *c = Counters::default());
+    }
+
+    /// Images run through the network.
+    pub(crate) fn images(&self) -> u64 {
+        self.with(|c| c.stats.images)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn add_images(&self, images: usize) {
+        self.with(|c| c.stats.images += images as u64);
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Counters) -> T) -> T {
+        // Counters stay consistent even if a thread panicked holding the lock.
+        let mut guard = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut guard)
+    }
+
+    fn started(&self, at: Instant) {
+        self.with(|c| {
+            c.first.get_or_insert(at);
+        });
+    }
+
+    fn record(&self, call: &CallStats) {
+        self.with(|c| {
+            let s = &mut c.stats;
+            s.rows += call.rows;
+            s.images += call.images;
+            s.forward_passes += call.forward_passes;
+            s.batch_halvings += call.batch_halvings;
+            s.preprocess_seconds += call.preprocess.as_secs_f64();
+            s.network_seconds += call.network.as_secs_f64();
+            for reason in &call.nulls {
+                *s.null_rows.entry((*reason).to_string()).or_default() += 1;
+            }
+            if s.device.is_empty() {
+                s.device.clone_from(&call.device);
+            }
+            if let Some(first) = c.first {
+                s.wall_seconds = first.elapsed().as_secs_f64();
+            }
+        });
     }
 
     fn same(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
     }
+}
+
+/// What one call of a network UDF did, added to the stage's [`NetworkMetrics`] when it ends.
+#[derive(Debug, Default)]
+struct CallStats {
+    rows: u64,
+    images: u64,
+    forward_passes: u64,
+    batch_halvings: u64,
+    preprocess: Duration,
+    network: Duration,
+    nulls: Vec<&'static str>,
+    device: String,
 }
 
 /// Checks the params every network stage shares: a known model, a batch size, a device.
@@ -136,7 +275,7 @@ impl NetworkParams<'_> {
     pub(crate) fn add_column<O: NetworkOutput>(
         &self,
         df: DataFrame,
-        images: &ImageCount,
+        metrics: &NetworkMetrics,
         output: impl FnOnce(&LoadedModel) -> Result<O>,
     ) -> Result<DataFrame> {
         require_image_column(&df, self.input_col).map_err(|e| e.in_stage(self.uid))?;
@@ -157,7 +296,13 @@ impl NetworkParams<'_> {
             let check = ScalarUDF::new_from_impl(ImageProblemUdf::new(rows.clone()));
             df.with_column(self.error_col, check.call(vec![ident(self.input_col)]))?
         };
-        let udf = NetworkUdf::new(rows, self.batch_size, output, images.clone());
+        let udf = NetworkUdf::new(
+            rows,
+            self.batch_size,
+            output,
+            metrics.clone(),
+            &crate::models::device_label(self.device),
+        );
         let udf = ScalarUDF::new_from_impl(udf);
         Ok(df.with_column(self.output_col, udf.call(vec![ident(self.input_col)]))?)
     }
@@ -244,6 +389,14 @@ pub(crate) trait NetworkOutput: Debug + PartialEq + Eq + Hash + Send + Sync + An
     fn build(&self, model: &LoadedModel, values: Vec<f32>, valid: Vec<bool>) -> Result<ArrayRef>;
 }
 
+/// Why a row gets no network output: a short kind (counted in [`NetworkStats::null_rows`]) and
+/// the row's own sentence (its `errorCol` value).
+#[derive(Debug)]
+struct RowProblem {
+    kind: &'static str,
+    message: String,
+}
+
 /// Which rows of an image column a network stage can take, and their network inputs. The
 /// network UDF and the `errorCol` UDF both ask it, so a null output and its reason agree.
 #[derive(Debug, Clone)]
@@ -255,27 +408,29 @@ struct RowCheck {
 
 impl RowCheck {
     /// The image of `row`, its fields checked against each other, the limits and the
-    /// preprocessing (no pixel read yet); the error is the reason its output is null.
+    /// preprocessing (no pixel read yet); the error is why its output is null.
     fn image<'a>(
         &self,
         images: &'a StructArray,
         row: usize,
-    ) -> std::result::Result<ImageView<'a>, String> {
+    ) -> std::result::Result<ImageView<'a>, RowProblem> {
+        let problem = |kind, message| RowProblem { kind, message };
         if images.is_null(row) {
-            return Err("image is null".into());
+            return Err(problem("null image", "image is null".into()));
         }
+        let invalid = |message| problem("invalid image struct", message);
         let int = |name: &str| {
             images
                 .column_by_name(name)
                 .and_then(|c| c.as_primitive_opt::<Int32Type>())
                 .map(|a| a.value(row))
-                .ok_or_else(|| format!("image struct has no Int32 field `{name}`"))
+                .ok_or_else(|| invalid(format!("image struct has no Int32 field `{name}`")))
         };
         let data = images
             .column_by_name("data")
             .and_then(|c| c.as_binary_opt::<i32>())
             .map(|a| a.value(row))
-            .ok_or("image struct has no Binary field `data`")?;
+            .ok_or_else(|| invalid("image struct has no Binary field `data`".into()))?;
         let view = ImageView::from_row(
             int("height")?,
             int("width")?,
@@ -283,8 +438,10 @@ impl RowCheck {
             int("mode")?,
             data,
             &self.limits,
-        )?;
-        check_fits(&view, &self.model.manifest, &self.options)?;
+        )
+        .map_err(invalid)?;
+        check_fits(&view, &self.model.manifest, &self.options)
+            .map_err(|message| problem("does not fit the input", message))?;
         Ok(view)
     }
 
@@ -303,9 +460,34 @@ impl RowCheck {
                 format!("row {row} passed its checks, then failed: {e}"),
             )
         };
-        let image = self.image(images, row).map_err(broken)?;
+        let image = self.image(images, row).map_err(|p| broken(p.message))?;
         preprocess_into(&image, &self.model.manifest, &self.options, out).map_err(broken)
     }
+
+    /// The network inputs of `rows` (which passed [`RowCheck::image`]), made in parallel.
+    fn inputs(&self, images: &StructArray, rows: &[usize]) -> Result<Vec<f32>> {
+        let input_len = self.input_len();
+        let mut inputs = vec![0.0f32; rows.len() * input_len];
+        inputs
+            .par_chunks_mut(input_len)
+            .zip(rows)
+            .try_for_each(|(out, &row)| self.input_into(images, row, out))?;
+        Ok(inputs)
+    }
+}
+
+/// Whether a forward pass's error (or panic) says the device could not allocate its memory.
+fn is_allocation_failure(message: &str) -> bool {
+    let message = message.to_ascii_lowercase();
+    [
+        "out of memory",
+        "outofmemory",
+        "failed to allocate",
+        "allocation failed",
+        "could not allocate",
+    ]
+    .iter()
+    .any(|p| message.contains(p))
 }
 
 /// The UDF behind a network stage: image struct -> one output per row, computed per record batch
@@ -314,58 +496,137 @@ impl RowCheck {
 struct NetworkUdf<O> {
     rows: RowCheck,
     batch_size: usize,
+    /// Images per forward pass the device has managed: starts at `batch_size`, halved when the
+    /// device fails to allocate a batch.
+    device_batch: AtomicUsize,
     output: O,
-    images: ImageCount,
+    metrics: NetworkMetrics,
+    device: String,
     signature: Signature,
     name: String,
 }
 
 impl<O: NetworkOutput> NetworkUdf<O> {
-    fn new(rows: RowCheck, batch_size: usize, output: O, images: ImageCount) -> Self {
+    fn new(
+        rows: RowCheck,
+        batch_size: usize,
+        output: O,
+        metrics: NetworkMetrics,
+        device: &str,
+    ) -> Self {
         NetworkUdf {
             name: format!("{}_{}", O::VERB, rows.model.manifest.name),
             rows,
             batch_size,
+            device_batch: AtomicUsize::new(batch_size),
             output,
-            images,
+            metrics,
+            device: device.to_string(),
             // Volatile: an expensive call the optimiser must never duplicate or inline twice.
             signature: Signature::exact(vec![image_type()], Volatility::Volatile),
         }
     }
 
     fn compute(&self, images: &StructArray) -> Result<ArrayRef> {
+        self.metrics.started(Instant::now());
+        let mut call = CallStats {
+            rows: images.len() as u64,
+            device: self.device.clone(),
+            ..CallStats::default()
+        };
         let model = &self.rows.model;
         let width = self.output.width(model);
-        let (values, valid) = self.run_batched(images, width)?;
-        self.output.build(model, values, valid)
+        let outcome = self
+            .run_batched(images, width, &mut call)
+            .and_then(|(values, valid)| self.output.build(model, values, valid));
+        self.metrics.record(&call);
+        outcome
     }
 
     /// Runs the valid images through the network `batch_size` at a time, each giving `width`
     /// values. Images are preprocessed (in parallel) one forward pass at a time, so at most
-    /// `batch_size` network inputs exist at once, whatever the record batch's size. Returns the
-    /// flat values (zeros for null rows) and the validity of each row.
-    fn run_batched(&self, images: &StructArray, width: usize) -> Result<(Vec<f32>, Vec<bool>)> {
-        let valid: Vec<bool> = (0..images.len())
-            .map(|row| self.rows.image(images, row).is_ok())
-            .collect();
+    /// `batch_size` network inputs exist at once, whatever the record batch's size (decoding,
+    /// the larger cost before the network, is overlapped upstream by the folder scan). Returns
+    /// the flat values (zeros for null rows) and the validity of each row.
+    fn run_batched(
+        &self,
+        images: &StructArray,
+        width: usize,
+        call: &mut CallStats,
+    ) -> Result<(Vec<f32>, Vec<bool>)> {
+        let mut valid = Vec::with_capacity(images.len());
+        for row in 0..images.len() {
+            match self.rows.image(images, row) {
+                Ok(_) => valid.push(true),
+                Err(problem) => {
+                    call.nulls.push(problem.kind);
+                    valid.push(false);
+                }
+            }
+        }
         let present: Vec<usize> = (0..valid.len()).filter(|&i| valid[i]).collect();
         let mut values = vec![0.0f32; valid.len() * width];
-        let model = &self.rows.model;
-        let input_len = self.rows.input_len();
-        for chunk in present.chunks(self.batch_size) {
-            let mut inputs = vec![0.0f32; chunk.len() * input_len];
-            inputs
-                .par_chunks_mut(input_len)
-                .zip(chunk)
-                .try_for_each(|(out, &row)| self.rows.input_into(images, row, out))?;
-            let out = self.output.forward(model, inputs, chunk.len())?;
-            self.images.add(chunk.len());
-            for (k, &row) in chunk.iter().enumerate() {
+        let per_pass = self.device_batch.load(Ordering::Relaxed).max(1);
+        for rows in present.chunks(per_pass) {
+            let out = self.forward(images, rows, call)?;
+            for (k, &row) in rows.iter().enumerate() {
                 values[row * width..(row + 1) * width]
                     .copy_from_slice(&out[k * width..(k + 1) * width]);
             }
         }
         Ok((values, valid))
+    }
+
+    /// Preprocesses `rows` and runs them through the network, in passes of at most the device's
+    /// batch size. When the device fails to allocate a pass, that size is halved (down to one
+    /// image) for this and every later pass, and the rows are preprocessed again in halves (no
+    /// second copy of the inputs is kept for the retry).
+    fn forward(
+        &self,
+        images: &StructArray,
+        rows: &[usize],
+        call: &mut CallStats,
+    ) -> Result<Vec<f32>> {
+        let limit = self.device_batch.load(Ordering::Relaxed).max(1);
+        if rows.len() > limit {
+            let mut out = Vec::new();
+            for part in rows.chunks(limit) {
+                out.extend(self.forward(images, part, call)?);
+            }
+            return Ok(out);
+        }
+        let started = Instant::now();
+        let inputs = self.rows.inputs(images, rows)?;
+        call.preprocess += started.elapsed();
+        let started = Instant::now();
+        let model = &self.rows.model;
+        let batch = rows.len();
+        let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.output.forward(model, inputs, batch)
+        }))
+        .unwrap_or_else(|payload| {
+            Err(model_error(
+                &model.manifest.name,
+                format!(
+                    "forward pass of {batch} images panicked: {}",
+                    crate::error::panic_message(payload.as_ref())
+                ),
+            ))
+        });
+        call.network += started.elapsed();
+        call.forward_passes += 1;
+        match attempt {
+            Ok(out) => {
+                call.images += batch as u64;
+                Ok(out)
+            }
+            Err(error) if batch > 1 && is_allocation_failure(&error.to_string()) => {
+                call.batch_halvings += 1;
+                self.device_batch.fetch_min(batch / 2, Ordering::Relaxed);
+                self.forward(images, rows, call)
+            }
+            Err(error) => Err(error),
+        }
     }
 }
 
@@ -444,7 +705,7 @@ impl ScalarUDFImpl for ImageProblemUdf {
     ) -> datafusion::common::Result<ColumnarValue> {
         on_images(&self.name, &args, |images| {
             let problems: StringArray = (0..images.len())
-                .map(|row| self.rows.image(images, row).err())
+                .map(|row| self.rows.image(images, row).err().map(|p| p.message))
                 .collect();
             Ok(Arc::new(problems))
         })
@@ -458,7 +719,7 @@ impl<O: NetworkOutput> PartialEq for NetworkUdf<O> {
             && self.output == other.output
             && self.rows.options == other.rows.options
             && Arc::ptr_eq(&self.rows.model, &other.rows.model)
-            && self.images.same(&other.images)
+            && self.metrics.same(&other.metrics)
     }
 }
 

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::models::LoadedModel;
 use crate::network_stage::{
-    ImageCount, NetworkOutput, NetworkParams, check_model_params, check_model_reference,
-    preprocess_options, saved_network_params,
+    NetworkMetrics, NetworkOutput, NetworkParams, NetworkStats, check_model_params,
+    check_model_reference, preprocess_options, saved_network_params,
 };
 use crate::params::{
     ParamMap, Params, Rejected, check, choice_setters, new_uid, setters, string_setters,
@@ -87,7 +87,10 @@ impl Params for DeepImagePredictorParams {
             ),
             ("topK", "classes kept per image when decoding"),
             ("batchSize", "images per forward pass"),
-            ("device", "cpu, or wgpu when built with the wgpu feature"),
+            (
+                "device",
+                "cpu, or (built with the wgpu feature) wgpu (a GPU) or wgpu-cpu (software Vulkan)",
+            ),
             (
                 "modelDir",
                 "folder with <model>/manifest.json + weights; empty = default",
@@ -138,7 +141,7 @@ impl Params for DeepImagePredictorParams {
 pub struct DeepImagePredictor {
     uid: String,
     params: DeepImagePredictorParams,
-    images: ImageCount,
+    metrics: NetworkMetrics,
 }
 
 impl Default for DeepImagePredictor {
@@ -160,7 +163,7 @@ impl DeepImagePredictor {
         DeepImagePredictor {
             uid,
             params,
-            images: ImageCount::default(),
+            metrics: NetworkMetrics::default(),
         }
     }
 
@@ -170,7 +173,19 @@ impl DeepImagePredictor {
 
     /// Images this stage (with its clones and tuning copies) has run through the network.
     pub fn images_processed(&self) -> u64 {
-        self.images.get()
+        self.metrics.images()
+    }
+
+    /// What this stage (with its clones and tuning copies) has done since it was made, loaded
+    /// or reset: rows, images, null rows and why, seconds in preprocessing and in the network,
+    /// images/s and the device.
+    pub fn metrics(&self) -> NetworkStats {
+        self.metrics.snapshot()
+    }
+
+    /// Sets [`Self::metrics`] back to zero (e.g. between two runs of one fitted stage).
+    pub fn reset_metrics(&self) {
+        self.metrics.reset();
     }
 
     string_setters! {
@@ -220,7 +235,7 @@ impl Transformer for DeepImagePredictor {
     fn transform(&self, df: DataFrame) -> Result<DataFrame> {
         self.params.validate()?;
         let p = &self.params;
-        self.network().add_column(df, &self.images, |model| {
+        self.network().add_column(df, &self.metrics, |model| {
             let classes = model.manifest.num_classes;
             if classes == 0 {
                 return Err(Error::param(

@@ -32,12 +32,16 @@ use datafusion::arrow::array::{
 use datafusion::arrow::compute::{concat_batches, take};
 use datafusion::arrow::datatypes::{DataType, Field, Fields, Float64Type, Schema, SchemaRef};
 use datafusion::catalog::streaming::StreamingTable;
-use datafusion::common::{exec_err, plan_err};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{Column, exec_err, plan_err};
 use datafusion::execution::TaskContext;
 use datafusion::execution::runtime_env::RuntimeEnv;
+use datafusion::logical_expr::expr_rewriter::NamePreserver;
 use datafusion::logical_expr::{
-    ColumnarValue, Expr, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+    ColumnarValue, Expr, LogicalPlan, Projection, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl,
+    Signature, Volatility,
 };
+use datafusion::optimizer::{ApplyOrder, OptimizerConfig, OptimizerRule};
 use datafusion::physical_plan::execution_plan::reset_plan_states;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::PartitionStream;
@@ -49,19 +53,167 @@ use crate::classification::LogisticRegressionModel;
 use crate::error::{Error, Result};
 use crate::feature::StringIndexerModel;
 use crate::featurizer::DeepImageFeaturizer;
-use crate::image::{DecodeLimits, ReadImagesOptions, image_array, image_type, read_images};
+use crate::image::{DecodeLimits, ReadImagesOptions, image_array, image_folder_table, image_type};
 use crate::pipeline::{PipelineModel, Transformer};
 use crate::predictor::DeepImagePredictor;
 
-/// Registers the images under `path` as table `name` (columns as [`read_images`] gives them).
+/// DataFusion's option that, when on (its default), moves each `get_field` of a struct-valued
+/// function down to a copy of the call of its own: `SELECT f(image)['label'],
+/// f(image)['probability']` would run the network twice per row (measured: 48 forward passes
+/// for 24 images).
+pub const LEAF_EXPRESSION_PUSHDOWN: &str = "datafusion.optimizer.enable_leaf_expression_pushdown";
+
+/// A session config for queries that call models: [`LEAF_EXPRESSION_PUSHDOWN`] off, so a
+/// registered model runs once per row whatever fields of its result a query reads.
+///
+/// ```
+/// let ctx = datafusion::prelude::SessionContext::new_with_config(
+///     deep_pipelines::sql::session_config().with_target_partitions(4),
+/// );
+/// # let _ = ctx;
+/// ```
+pub fn session_config() -> SessionConfig {
+    SessionConfig::new().set_bool(LEAF_EXPRESSION_PUSHDOWN, false)
+}
+
+/// Makes registered models run once per row on an existing session, whatever fields of their
+/// result a query reads: turns [`LEAF_EXPRESSION_PUSHDOWN`] off and adds the optimizer rule that
+/// computes repeated model calls of a projection once (`f(image)['a'], f(image)['b']`). The
+/// `register_*` functions of this module call it on the session they register into.
+pub fn one_call_per_row(ctx: &SessionContext) {
+    let has_rule = {
+        let state = ctx.state_ref();
+        let mut state = state.write();
+        state
+            .config_mut()
+            .options_mut()
+            .optimizer
+            .enable_leaf_expression_pushdown = false;
+        state
+            .optimizers()
+            .iter()
+            .any(|r| r.name() == ModelCallsOnce::NAME)
+    };
+    if !has_rule {
+        ctx.add_optimizer_rule(Arc::new(ModelCallsOnce));
+    }
+}
+
+/// Computes each model call that a projection repeats once: `SELECT f(image)['label'],
+/// f(image)['probability']` becomes a projection of `f(image)` below one that reads its fields.
+/// Model calls are volatile, which keeps other rules from copying them but also keeps
+/// DataFusion's common-subexpression elimination away: this rule does that one job, for model
+/// functions only.
+#[derive(Debug)]
+struct ModelCallsOnce;
+
+impl ModelCallsOnce {
+    const NAME: &str = "deep_pipelines_model_calls_once";
+}
+
+fn is_model_call(expr: &Expr) -> bool {
+    matches!(expr, Expr::ScalarFunction(f) if f.func.inner().is::<ModelFunction>())
+}
+
+impl OptimizerRule for ModelCallsOnce {
+    fn name(&self) -> &str {
+        Self::NAME
+    }
+
+    fn apply_order(&self) -> Option<ApplyOrder> {
+        Some(ApplyOrder::TopDown)
+    }
+
+    fn rewrite(
+        &self,
+        plan: LogicalPlan,
+        _config: &dyn OptimizerConfig,
+    ) -> datafusion::common::Result<Transformed<LogicalPlan>> {
+        let LogicalPlan::Projection(projection) = plan else {
+            return Ok(Transformed::no(plan));
+        };
+        let mut calls: Vec<(Expr, usize)> = Vec::new();
+        for expr in &projection.expr {
+            expr.apply(|e| {
+                if !is_model_call(e) {
+                    return Ok(TreeNodeRecursion::Continue);
+                }
+                match calls.iter_mut().find(|(call, _)| call == e) {
+                    Some((_, n)) => *n += 1,
+                    None => calls.push((e.clone(), 1)),
+                }
+                Ok(TreeNodeRecursion::Jump)
+            })?;
+        }
+        let repeated: Vec<Expr> = calls
+            .into_iter()
+            .filter(|(_, n)| *n > 1)
+            .map(|(call, _)| call)
+            .collect();
+        if repeated.is_empty() {
+            return Ok(Transformed::no(LogicalPlan::Projection(projection)));
+        }
+        let Projection { expr, input, .. } = projection;
+        let taken: Vec<String> = input
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        let mut names = Vec::new();
+        let mut i = 0;
+        while names.len() < repeated.len() {
+            let name = format!("__model_call_{i}");
+            if !taken.contains(&name) {
+                names.push(name);
+            }
+            i += 1;
+        }
+        let mut inner: Vec<Expr> = input
+            .schema()
+            .iter()
+            .map(|(qualifier, field)| Expr::Column(Column::new(qualifier.cloned(), field.name())))
+            .collect();
+        inner.extend(
+            repeated
+                .iter()
+                .zip(&names)
+                .map(|(call, name)| call.clone().alias(name)),
+        );
+        let inner = LogicalPlan::Projection(Projection::try_new(inner, input)?);
+        let preserver = NamePreserver::new_for_projection();
+        let outer = expr
+            .into_iter()
+            .map(|e| {
+                let saved = preserver.save(&e);
+                let rewritten = e
+                    .transform_down(|e| match repeated.iter().position(|call| *call == e) {
+                        Some(k) => Ok(Transformed::new(
+                            Expr::Column(Column::new_unqualified(&names[k])),
+                            true,
+                            TreeNodeRecursion::Jump,
+                        )),
+                        None => Ok(Transformed::no(e)),
+                    })?
+                    .data;
+                Ok(saved.restore(rewritten))
+            })
+            .collect::<datafusion::common::Result<Vec<_>>>()?;
+        Ok(Transformed::yes(LogicalPlan::Projection(
+            Projection::try_new(outer, Arc::new(inner))?,
+        )))
+    }
+}
+
+/// Registers the images under `path` as table `name` (columns as [`crate::read_images`] gives
+/// them; each file decoded once, only when `image` or `image_error` is read).
 pub fn register_images_table(
     ctx: &SessionContext,
     name: &str,
     path: impl AsRef<Path>,
     options: ReadImagesOptions,
 ) -> Result<()> {
-    let df = read_images(ctx, path, options)?;
-    ctx.register_table(name, df.into_view())?;
+    ctx.register_table(name, Arc::new(image_folder_table(path, options)?))?;
     Ok(())
 }
 
@@ -76,6 +228,7 @@ pub fn register_featurizer(
         vec![Arc::new(featurizer.clone())],
     );
     ctx.register_udf(model_function(name, &model)?);
+    one_call_per_row(ctx);
     Ok(())
 }
 
@@ -85,8 +238,12 @@ pub fn register_featurizer(
 /// `{prediction: Float64, label: Utf8, probability: Float64}` (label from the pipeline's
 /// [`StringIndexerModel`] when it has one; probability of the predicted class); any other
 /// pipeline returns the column that its last stage adds.
+///
+/// Also turns [`LEAF_EXPRESSION_PUSHDOWN`] off on `ctx` ([`one_call_per_row`]), so the pipeline
+/// runs once per row however many fields of its result a query reads.
 pub fn register_model(ctx: &SessionContext, name: &str, model: &PipelineModel) -> Result<()> {
     ctx.register_udf(model_function(name, model)?);
+    one_call_per_row(ctx);
     Ok(())
 }
 
@@ -279,6 +436,9 @@ impl ModelFunction {
                 session_id: state.session_id().to_string(),
                 runtime_env: Arc::clone(state.runtime_env()),
             },
+            // Volatile: no rule may copy the call (e.g. into a filter pushed below the
+            // projection that computes it). DataFusion's common-subexpression elimination skips
+            // volatile calls, so `ModelCallsOnce` does that job for model functions.
             signature: Signature::any(1, Volatility::Volatile),
         })
     }

@@ -21,9 +21,10 @@ use datafusion::arrow::datatypes::DataType;
 use datafusion::config::TableParquetOptions;
 use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::logical_expr::cast;
-use datafusion::prelude::{ParquetReadOptions, SessionConfig};
+use datafusion::prelude::ParquetReadOptions;
+use deep_pipelines::NetworkStats;
 use deep_pipelines::evaluation::confusion_matrix;
-use deep_pipelines::image::{image_type, list_image_files};
+use deep_pipelines::image::{ScanMetrics, image_folder_table, image_type};
 use deep_pipelines::models::{available_models, manifest, model_dir};
 use deep_pipelines::prelude::*;
 use deep_pipelines::{Error, Result};
@@ -142,7 +143,8 @@ struct NetworkArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
-    /// `cpu`, or `wgpu` in a build with the `wgpu` feature.
+    /// `cpu`, or in a build with the `wgpu` feature `wgpu` (the first GPU) or `wgpu-cpu`
+    /// (software Vulkan).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// `crop` (the model's resize + centre crop) or `pad` (letterbox).
@@ -187,13 +189,9 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     let progress = !cli.quiet;
-    // Without leaf-expression pushdown, a plan that reads both `image` and `image_error` calls
-    // the decoding UDF once per row, not once per field.
-    let config = SessionConfig::new().set_bool(
-        "datafusion.optimizer.enable_leaf_expression_pushdown",
-        false,
-    );
-    let ctx = SessionContext::new_with_config(config);
+    // Models called from SQL run once per row whatever fields of their result are read; a
+    // Parquet image column decoded by `decode_image_column` is decoded once.
+    let ctx = SessionContext::new_with_config(deep_pipelines::sql::session_config());
     match cli.command {
         Command::Models => models(),
         Command::Featurize {
@@ -327,7 +325,7 @@ async fn transform_to_parquet(
     progress: bool,
 ) -> Result<()> {
     let labels = job != "apply";
-    let (images, total) = read_input(ctx, input, labels, false).await?;
+    let (images, total, scan) = read_input(ctx, input, labels, false).await?;
     let out = model.transform(images)?;
     let last = out.schema().fields().last().map(|f| f.name().clone());
     let keep: Vec<String> = out
@@ -342,8 +340,30 @@ async fn transform_to_parquet(
     let meter = Meter::start(job, total, progress, move || images_processed(&counter));
     write_parquet(out, output).await?;
     meter.finish();
+    report(job, model, scan.as_ref(), progress);
     say!("wrote {}", output.display());
     Ok(())
+}
+
+/// Where the time went, on stderr: the network stage's counters (rows, nulls and why, images/s,
+/// seconds preprocessing and in the network, device) and the folder scan's (files decoded,
+/// seconds decoding).
+fn report(job: &str, model: &PipelineModel, scan: Option<&ScanMetrics>, enabled: bool) {
+    if !enabled {
+        return;
+    }
+    if let Some(stats) = network_stats(model) {
+        eprintln!("{job}: {stats}");
+    }
+    if let Some(scan) = scan.map(ScanMetrics::snapshot) {
+        eprintln!(
+            "{job}: read {} files ({} decoded, {} failed), decode {:.1} s",
+            scan.files_read(),
+            scan.decoded,
+            scan.failed,
+            scan.decode_seconds
+        );
+    }
 }
 
 /// `NAME=PATH` from a `--images` / `--parquet` / `--model` option.
@@ -357,22 +377,35 @@ fn name_and_path<'a>(option: &str, spec: &'a str) -> Result<(&'a str, &'a str)> 
         })
 }
 
+/// The counters of the first network stage of `model`.
+fn network_stats(model: &PipelineModel) -> Option<NetworkStats> {
+    model.stages().iter().find_map(|s| {
+        let any = s.as_any();
+        any.downcast_ref::<DeepImageFeaturizer>()
+            .map(DeepImageFeaturizer::metrics)
+            .or_else(|| {
+                any.downcast_ref::<DeepImagePredictor>()
+                    .map(DeepImagePredictor::metrics)
+            })
+    })
+}
+
+/// Sets the counters of the network stages of `model` back to zero.
+fn reset_metrics(model: &PipelineModel) {
+    for stage in model.stages() {
+        let any = stage.as_any();
+        if let Some(f) = any.downcast_ref::<DeepImageFeaturizer>() {
+            f.reset_metrics();
+        }
+        if let Some(p) = any.downcast_ref::<DeepImagePredictor>() {
+            p.reset_metrics();
+        }
+    }
+}
+
 /// Images the network stages of `model` have processed.
 fn images_processed(model: &PipelineModel) -> u64 {
-    model
-        .stages()
-        .iter()
-        .filter_map(|s| {
-            let any = s.as_any();
-            any.downcast_ref::<DeepImageFeaturizer>()
-                .map(DeepImageFeaturizer::images_processed)
-                .or_else(|| {
-                    any.downcast_ref::<DeepImagePredictor>()
-                        .map(DeepImagePredictor::images_processed)
-                })
-        })
-        .max()
-        .unwrap_or(0)
+    network_stats(model).map_or(0, |s| s.images)
 }
 
 fn models() -> Result<()> {
@@ -414,19 +447,21 @@ fn models() -> Result<()> {
 
 /// Images from a folder (recursive; with `labels`, `label` = each file's folder name) or a Parquet file with
 /// an image struct column or a binary column of encoded images, as column `image`; and how many
-/// rows there are.
+/// rows there are; and, for a folder, the scan's counters.
 async fn read_input(
     ctx: &SessionContext,
     input: &Path,
     labels: bool,
     drop_invalid: bool,
-) -> Result<(DataFrame, usize)> {
+) -> Result<(DataFrame, usize, Option<ScanMetrics>)> {
     if input.is_dir() {
-        let files = list_image_files(input, &ReadImagesOptions::default())?;
         let options = ReadImagesOptions::default()
             .with_label_from_folder(labels)
             .with_drop_invalid(drop_invalid);
-        return Ok((read_images(ctx, input, options)?, files.len()));
+        let scan = options.metrics();
+        let table = image_folder_table(input, options)?;
+        let files = table.file_count();
+        return Ok((ctx.read_table(Arc::new(table))?, files, Some(scan)));
     }
     if !input.is_file() {
         return Err(Error::Io {
@@ -456,7 +491,7 @@ async fn read_input(
             .map(|g| ident(g.name()))
             .chain([image])
             .collect();
-        return Ok((df.select(others)?, rows));
+        return Ok((df.select(others)?, rows, None));
     }
     let binary = schema.fields().iter().find(|f| {
         matches!(
@@ -479,7 +514,7 @@ async fn read_input(
                 Default::default(),
                 drop_invalid,
             )?;
-            Ok((df, rows))
+            Ok((df, rows, None))
         }
         None => Err(Error::Column {
             stage: None,
@@ -557,7 +592,7 @@ async fn fit(ctx: &SessionContext, job: FitJob) -> Result<()> {
             job.output.display()
         )));
     }
-    let (train, total) = read_input(ctx, &job.train_dir, true, true).await?;
+    let (train, total, scan) = read_input(ctx, &job.train_dir, true, true).await?;
     let featurizer = job.network.featurizer();
     let counter = featurizer.clone();
     let pipeline = Pipeline::new()
@@ -582,6 +617,7 @@ async fn fit(ctx: &SessionContext, job: FitJob) -> Result<()> {
     });
     let model = pipeline.fit(&train).await?;
     meter.finish();
+    report("fit", &model, scan.as_ref(), job.progress);
     let lr = model
         .stage::<LogisticRegressionModel>()
         .ok_or_else(|| Error::Fit("the fitted pipeline has no logistic regression".into()))?;
@@ -608,13 +644,15 @@ async fn fit(ctx: &SessionContext, job: FitJob) -> Result<()> {
     }
     say!("saved the model to {}", job.output.display());
     if let Some(test_dir) = &job.test {
-        let (test, total) = read_input(ctx, test_dir, true, true).await?;
+        let (test, total, scan) = read_input(ctx, test_dir, true, true).await?;
+        reset_metrics(&model);
         let counter = model.clone();
         let meter = Meter::start("test: featurize", total, job.progress, move || {
             images_processed(&counter)
         });
         let predictions = model.transform(test)?.cache().await?;
         meter.finish();
+        report("test", &model, scan.as_ref(), job.progress);
         let metrics = MulticlassClassificationEvaluator::new()
             .with_label_col("labelIndex")
             .evaluate_all(&predictions)

@@ -52,8 +52,8 @@ fn clones_and_copies_share_the_forward_count_and_a_new_stage_starts_at_zero() {
     let stage = DeepImageFeaturizer::new();
     let copy = stage.copy_with(&ParamMap::new()).unwrap();
     let copy = copy.as_any().downcast_ref::<DeepImageFeaturizer>().unwrap();
-    stage.clone().images.add(2);
-    copy.images.add(3);
+    stage.clone().metrics.add_images(2);
+    copy.metrics.add_images(3);
     assert_eq!(stage.images_processed(), 5);
     assert_eq!(DeepImageFeaturizer::new().images_processed(), 0);
 }

@@ -14,7 +14,7 @@ use datafusion::logical_expr::{
 };
 use datafusion::prelude::{DataFrame, ident, lit};
 
-use super::decode::{DecodeLimits, ImageRow, decode_file, decode_image};
+use super::decode::{DecodeLimits, ImageRow, decode_image};
 use super::{image_fields, image_type};
 use crate::error::{Error, Result};
 
@@ -32,7 +32,7 @@ fn decoded_fields() -> Fields {
 }
 
 /// Builds the `{image, error}` struct array from per-row results (None = null input row).
-fn decoded_array(rows: Vec<Option<std::result::Result<ImageRow, String>>>) -> ArrayRef {
+pub(super) fn decoded_array(rows: Vec<Option<std::result::Result<ImageRow, String>>>) -> ArrayRef {
     let n = rows.len();
     let mut origin = StringBuilder::with_capacity(n, n * 32);
     let mut height = Int32Builder::with_capacity(n);
@@ -88,46 +88,29 @@ fn decoded_array(rows: Vec<Option<std::result::Result<ImageRow, String>>>) -> Ar
     ))
 }
 
-/// Where a decoding UDF gets its bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(super) enum ByteSource {
-    /// One argument: a file path, read at execution time.
-    File,
-    /// Two arguments: encoded bytes and the origin to record.
-    Column,
-}
-
-/// Decodes images inside the query, one record batch at a time, so memory stays O(batch).
+/// Decodes a column of encoded images inside the query (arguments: the bytes and the origin to
+/// record), one record batch at a time, so memory stays O(batch).
 ///
-/// Marked volatile (it reads files, and it is expensive): the optimiser must neither duplicate
-/// it into a pushed-down filter nor evaluate it twice.
+/// Marked volatile (it is expensive): the optimiser must neither duplicate it into a
+/// pushed-down filter nor evaluate it twice.
 #[derive(Debug, PartialEq, Eq, Hash)]
-pub(super) struct DecodeImageUdf {
-    source: ByteSource,
+struct DecodeImageUdf {
     limits: DecodeLimits,
     signature: Signature,
 }
 
 impl DecodeImageUdf {
-    pub(super) fn new(source: ByteSource, limits: DecodeLimits) -> Self {
-        let arity = match source {
-            ByteSource::File => 1,
-            ByteSource::Column => 2,
-        };
+    fn new(limits: DecodeLimits) -> Self {
         DecodeImageUdf {
-            source,
             limits,
-            signature: Signature::any(arity, Volatility::Volatile),
+            signature: Signature::any(2, Volatility::Volatile),
         }
     }
 }
 
 impl ScalarUDFImpl for DecodeImageUdf {
     fn name(&self) -> &str {
-        match self.source {
-            ByteSource::File => "read_image_file",
-            ByteSource::Column => "decode_image",
-        }
+        "decode_image"
     }
 
     fn signature(&self) -> &Signature {
@@ -145,17 +128,8 @@ impl ScalarUDFImpl for DecodeImageUdf {
         crate::error::catch_panics(self.name(), || {
             let n = args.number_rows;
             let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-            let rows: Vec<_> = match self.source {
-                ByteSource::File => {
-                    let paths = string_array(&arrays[0], "path")?;
-                    let paths: Vec<Option<&str>> = paths.iter().collect();
-                    rayon_map(&paths, |p| p.map(|p| decode_file(p, &self.limits)))
-                }
-                ByteSource::Column => {
-                    let origins = string_array(&arrays[1], "origin")?;
-                    decode_bytes(&arrays[0], origins.iter(), &self.limits)?
-                }
-            };
+            let origins = string_array(&arrays[1], "origin")?;
+            let rows = decode_bytes(&arrays[0], origins.iter(), &self.limits)?;
             debug_assert_eq!(rows.len(), n);
             Ok(ColumnarValue::Array(decoded_array(rows)))
         })
@@ -267,7 +241,7 @@ fn binary_values(array: &ArrayRef) -> datafusion::common::Result<Vec<Option<&[u8
 }
 
 /// Name of the temporary `{image, error}` column the decoding UDF adds.
-pub(super) const DECODED: &str = "__decoded";
+const DECODED: &str = "__decoded";
 
 /// Decodes a binary column of encoded images (e.g. read from Parquet) into an image column.
 ///
@@ -304,7 +278,7 @@ pub fn decode_image_column(
         }
         None => lit(ScalarValue::Utf8(None)),
     };
-    let udf = ScalarUDF::new_from_impl(DecodeImageUdf::new(ByteSource::Column, limits));
+    let udf = ScalarUDF::new_from_impl(DecodeImageUdf::new(limits));
     let df = df
         .with_column(DECODED, udf.call(vec![ident(input_col), origin]))?
         .with_column(output_col, get_field(ident(DECODED), "image"))?

@@ -34,6 +34,7 @@
 mod column;
 mod decode;
 mod read;
+mod scan;
 
 use datafusion::arrow::datatypes::{DataType, Field, Fields};
 
@@ -41,7 +42,8 @@ pub use column::{decode_binary_array, decode_image_column, image_array};
 pub use decode::{
     DecodeLimits, ImageRow, ImageView, PixelLayout, Rgb8, decode_image, decode_rgb8, to_rgb8,
 };
-pub use read::{ReadImagesOptions, list_image_files, read_images};
+pub use read::{ReadImagesOptions, image_folder_table, list_image_files, read_images};
+pub use scan::{ImageFolderExec, ImageFolderTable, ScanMetrics, ScanStats};
 
 /// OpenCV type code of an 8-bit single-channel (grey) image.
 pub const MODE_GRAY8: i32 = 0;

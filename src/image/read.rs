@@ -3,15 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, RecordBatch, StringArray};
-use datafusion::arrow::datatypes::{DataType, Field, Schema};
-use datafusion::datasource::MemTable;
-use datafusion::functions::core::expr_fn::get_field;
-use datafusion::logical_expr::ScalarUDF;
-use datafusion::prelude::{DataFrame, SessionContext, ident};
+use datafusion::prelude::{DataFrame, SessionContext};
 
-use super::column::{ByteSource, DECODED, DecodeImageUdf};
 use super::decode::DecodeLimits;
+use super::scan::{FolderFiles, ImageFolderTable, ScanMetrics};
 use crate::error::{Error, Result};
 
 /// Options of [`read_images`].
@@ -36,6 +31,8 @@ pub struct ReadImagesOptions {
     pub label_from_folder: bool,
     /// Decoding limits.
     pub limits: DecodeLimits,
+    /// Counts what the scans made with these options read and decode (shared by clones).
+    pub metrics: ScanMetrics,
 }
 
 impl Default for ReadImagesOptions {
@@ -52,6 +49,7 @@ impl Default for ReadImagesOptions {
             drop_invalid: false,
             label_from_folder: false,
             limits: DecodeLimits::default(),
+            metrics: ScanMetrics::default(),
         }
     }
 }
@@ -92,6 +90,12 @@ impl ReadImagesOptions {
     pub fn with_limits(mut self, limits: DecodeLimits) -> Self {
         self.limits = limits;
         self
+    }
+
+    /// A handle on the counters of the scans made with these options: files decoded, failed,
+    /// seconds spent decoding.
+    pub fn metrics(&self) -> ScanMetrics {
+        self.metrics.clone()
     }
 
     fn validate(&self) -> Result<()> {
@@ -152,25 +156,12 @@ fn sample_key(seed: u64, path: &str) -> f64 {
     (h >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Reads the image files under `path` into a DataFrame with columns
-/// `origin` (path), [`label` (parent folder)], `image` (ImageSchema struct) and `image_error`.
-///
-/// Only the file list is built eagerly; files are read and decoded when the plan executes, one
-/// small batch (`batch_rows`) at a time per partition.
-///
-/// ```no_run
-/// # async fn demo() -> deep_pipelines::Result<()> {
-/// use deep_pipelines::image::{read_images, ReadImagesOptions};
-/// let ctx = datafusion::prelude::SessionContext::new();
-/// let df = read_images(&ctx, "photos/", ReadImagesOptions::default().with_label_from_folder(true))?;
-/// df.show().await?;
-/// # Ok(()) }
-/// ```
-pub fn read_images(
-    ctx: &SessionContext,
+/// The image files under `path` as a table (see [`read_images`] for its columns): a scan that
+/// reads and decodes each file once, only when `image` or `image_error` is read.
+pub fn image_folder_table(
     path: impl AsRef<Path>,
     options: ReadImagesOptions,
-) -> Result<DataFrame> {
+) -> Result<ImageFolderTable> {
     options.validate()?;
     let path = path.as_ref();
     let files: Vec<PathBuf> = list_image_files(path, &options)?
@@ -195,52 +186,40 @@ pub fn read_images(
             ),
         ));
     }
-
-    let mut fields = vec![Field::new("origin", DataType::Utf8, false)];
-    if options.label_from_folder {
-        fields.push(Field::new("label", DataType::Utf8, true));
-    }
-    let schema = Arc::new(Schema::new(fields));
     let per_partition = files.len().div_ceil(options.num_partitions);
-    let mut partitions = Vec::new();
-    for part in files.chunks(per_partition) {
-        let mut batches = Vec::new();
-        for chunk in part.chunks(options.batch_rows) {
-            let origins: StringArray = chunk
-                .iter()
-                .map(|p| Some(p.to_string_lossy().into_owned()))
-                .collect();
-            let mut columns: Vec<ArrayRef> = vec![Arc::new(origins)];
-            if options.label_from_folder {
-                let labels: StringArray = chunk
-                    .iter()
-                    .map(|p| {
-                        p.parent()
-                            .and_then(|d| d.file_name())
-                            .map(|n| n.to_string_lossy().into_owned())
-                    })
-                    .collect();
-                columns.push(Arc::new(labels));
-            }
-            batches.push(RecordBatch::try_new(Arc::clone(&schema), columns)?);
-        }
-        partitions.push(batches);
-    }
-    let table = MemTable::try_new(Arc::clone(&schema), partitions)?;
-    let df = ctx.read_table(Arc::new(table))?;
+    Ok(ImageFolderTable::new(FolderFiles {
+        partitions: files
+            .chunks(per_partition)
+            .map(<[PathBuf]>::to_vec)
+            .collect(),
+        label_from_folder: options.label_from_folder,
+        drop_invalid: options.drop_invalid,
+        batch_rows: options.batch_rows,
+        limits: options.limits,
+        metrics: options.metrics,
+    }))
+}
 
-    let udf = ScalarUDF::new_from_impl(DecodeImageUdf::new(ByteSource::File, options.limits));
-    let df = df.with_column(DECODED, udf.call(vec![ident("origin")]))?;
-    let mut select = vec![ident("origin")];
-    if options.label_from_folder {
-        select.push(ident("label"));
-    }
-    select.push(get_field(ident(DECODED), "image").alias("image"));
-    select.push(get_field(ident(DECODED), "error").alias("image_error"));
-    let df = df.select(select)?;
-    Ok(if options.drop_invalid {
-        df.filter(ident("image").is_not_null())?
-    } else {
-        df
-    })
+/// Reads the image files under `path` into a DataFrame with columns
+/// `origin` (path), [`label` (parent folder)], `image` (ImageSchema struct) and `image_error`.
+///
+/// Only the file list is built eagerly. Files are read and decoded when the plan executes, once
+/// each, one small batch (`batch_rows`) at a time per partition, the next batch decoded while
+/// the current one is consumed; a query that reads neither `image` nor `image_error` (e.g.
+/// `origin`, `label`, a count) reads no file. [`ReadImagesOptions::metrics`] counts the work.
+///
+/// ```no_run
+/// # async fn demo() -> deep_pipelines::Result<()> {
+/// use deep_pipelines::image::{read_images, ReadImagesOptions};
+/// let ctx = datafusion::prelude::SessionContext::new();
+/// let df = read_images(&ctx, "photos/", ReadImagesOptions::default().with_label_from_folder(true))?;
+/// df.show().await?;
+/// # Ok(()) }
+/// ```
+pub fn read_images(
+    ctx: &SessionContext,
+    path: impl AsRef<Path>,
+    options: ReadImagesOptions,
+) -> Result<DataFrame> {
+    Ok(ctx.read_table(Arc::new(image_folder_table(path, options)?))?)
 }

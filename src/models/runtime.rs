@@ -15,12 +15,15 @@ use super::{ImageNetwork, model_error};
 use crate::error::{Error, Result};
 
 /// The device named by a `device` param: `cpu` (burn's flex backend) or, with the `wgpu`
-/// feature, `wgpu`. Always explicit: `Device::default()` may pick a software GPU.
+/// feature, `wgpu` (the first GPU adapter: discrete, integrated, then virtual) or `wgpu-cpu` (a
+/// software Vulkan adapter such as Mesa's llvmpipe: slow, for tests). Always explicit:
+/// `Device::default()` may pick a software adapter. A name with no such adapter is an error
+/// naming the adapters found.
 pub fn device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::flex()),
         #[cfg(feature = "wgpu")]
-        "wgpu" => Ok(Device::wgpu(Default::default())),
+        "wgpu" | "wgpu-cpu" => super::gpu::device(name),
         other => Err(Error::param(
             "models",
             "device",
@@ -36,9 +39,18 @@ pub fn device(name: &str) -> Result<Device> {
 pub fn available_devices() -> Vec<&'static str> {
     let mut devices = vec!["cpu"];
     if cfg!(feature = "wgpu") {
-        devices.push("wgpu");
+        devices.extend(["wgpu", "wgpu-cpu"]);
     }
     devices
+}
+
+/// The device a name means, in words: `cpu`, or `wgpu: <adapter> (<type>, <backend>)`.
+pub fn device_label(name: &str) -> String {
+    #[cfg(feature = "wgpu")]
+    if name.starts_with("wgpu") {
+        return super::gpu::label(name);
+    }
+    name.to_string()
 }
 
 /// Names accepted by `modelName`: the named models, then any registered with [`register_network`].

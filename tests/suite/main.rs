@@ -9,7 +9,10 @@ mod bad_input;
 mod batch;
 mod bounded_input;
 mod cli;
+mod decode_once;
 mod efficientnet_parity;
+#[cfg(feature = "wgpu")]
+mod gpu;
 mod hostile_input;
 mod logistic_sklearn_parity;
 mod model_zoo;
