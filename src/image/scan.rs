@@ -37,7 +37,7 @@ use super::decode::{DecodeLimits, decode_file};
 use super::image_type;
 
 /// Record batches a partition decodes ahead of its consumer: the next batch is read and decoded
-/// while the network runs on the current one, and memory stays a few batches per partition.
+/// while the network runs on the current one, so memory stays two batches per partition.
 const PREFETCH_BATCHES: usize = 1;
 
 /// What a folder scan has done, shared by every scan of one [`super::ReadImagesOptions`] (clone
@@ -276,15 +276,23 @@ impl ExecutionPlan for ImageFolderExec {
             )));
         }
         // Decoding is blocking work: a thread of the runtime's blocking pool decodes the next
-        // batches while the consumer (the network) works on the current one.
+        // batch while the consumer (the network) works on the current one. It waits for the
+        // channel to be empty before decoding, so one batch at most is decoded ahead.
         let mut builder =
             RecordBatchReceiverStreamBuilder::new(Arc::clone(&self.schema), PREFETCH_BATCHES);
         let tx = builder.tx();
         builder.spawn_blocking(move || {
-            while let Some(batch) = reader.next_batch() {
+            loop {
+                let Ok(slot) = futures::executor::block_on(tx.reserve()) else {
+                    break; // the consumer is gone
+                };
+                let Some(batch) = reader.next_batch() else {
+                    break;
+                };
                 let failed = batch.is_err();
-                if tx.blocking_send(batch).is_err() || failed {
-                    break; // the consumer is gone, or the error is the stream's end
+                slot.send(batch);
+                if failed {
+                    break; // the error is the stream's end
                 }
             }
             Ok(())
