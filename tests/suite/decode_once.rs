@@ -16,23 +16,7 @@ use deep_pipelines::models::{ImageNetwork, register_network};
 use deep_pipelines::prelude::*;
 
 /// 12 images of each of two classes and one file that is not an image: 25 rows.
-fn folder() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for class in ["bag", "sneaker"] {
-        let target = dir.path().join(class);
-        std::fs::create_dir_all(&target).unwrap();
-        let mut files: Vec<_> = std::fs::read_dir(format!("{}/test/{class}", common::DATA))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        files.sort();
-        for file in files.iter().take(12) {
-            std::fs::copy(file, target.join(file.file_name().unwrap())).unwrap();
-        }
-    }
-    std::fs::write(dir.path().join("bag/broken.png"), b"\x89PNG\r\n\x1a\n cut").unwrap();
-    dir
-}
+use crate::sql::image_folder as folder;
 
 /// Rows of `sql` on table `images` (the folder, read with `options`), and files the scan read.
 async fn rows_and_reads(

@@ -13,7 +13,7 @@ use deep_pipelines::prelude::*;
 use deep_pipelines::sql::register_featurizer;
 
 /// A folder with a sample of the test images (two classes) plus one file that is not an image.
-fn image_folder() -> tempfile::TempDir {
+pub(crate) fn image_folder() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for class in ["bag", "sneaker"] {
         let target = dir.path().join(class);
