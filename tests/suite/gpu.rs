@@ -66,12 +66,14 @@ async fn the_featurizer_on_wgpu_equals_the_cpu_featurizer() {
     let ctx = SessionContext::new();
     let images = common::images(&ctx, "test", 0.02);
     let on_cpu = DeepImageFeaturizer::new().with_batch_size(4);
-    let expected = common::collect(on_cpu.transform(images.clone()).unwrap()).await;
+    // Partitions finish in any order: compare rows by origin.
+    let by_origin = |df: DataFrame| df.sort(vec![col("origin").sort(true, false)]).unwrap();
+    let expected = common::collect(by_origin(on_cpu.transform(images.clone()).unwrap())).await;
     for name in wgpu_devices() {
         let on_gpu = DeepImageFeaturizer::new()
             .with_device(name)
             .with_batch_size(4);
-        let out = common::collect(on_gpu.transform(images.clone()).unwrap()).await;
+        let out = common::collect(by_origin(on_gpu.transform(images.clone()).unwrap())).await;
         let (a, b) = (
             out.column_by_name("features").unwrap().as_fixed_size_list(),
             expected
