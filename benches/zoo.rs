@@ -1,100 +1,149 @@
-//! Forward-pass throughput of the zoo's architectures: batch 8 at each model's input size to
-//! ImageNet logits, on the CPU (flex) device. Random weights for the torchvision architectures
-//! (speed does not depend on the values), BatchNorm folded into the convolutions as the
-//! featurizer runs them; EfficientNet-Lite0 with its bundled weights.
-//! `benches/compare_torchvision.py` runs PyTorch on the same models next to this bench and
-//! prints the ratios.
-//! `cargo bench --bench zoo`
+//! Forward-pass throughput of the zoo's architectures to ImageNet logits on the CPU device, as
+//! the featurizer runs them: BatchNorm folded into the convolutions and the NHWC CPU plan.
+//! Random weights for the torchvision architectures (speed does not depend on the values),
+//! EfficientNet-Lite0 with its bundled weights.
+//!
+//! `cargo bench --bench zoo` measures batch 8 and 32 with criterion. With `--serve` it instead
+//! answers one request per line on stdin, so that `benches/compare_torchvision.py` can time
+//! ours between PyTorch and ONNX Runtime in one interleaved run:
+//! - `time <model> <batch>`: seconds of one forward pass (input to logits), on its own line;
+//! - `gemm <size>`: GFLOP/s of one `size`^3 f32 GEMM through the `gemm` crate on every thread;
+//! - `info`: the SIMD level the CPU plan's kernels run and the thread count.
 
 mod common;
 
+use std::io::{BufRead, Write};
 use std::sync::Arc;
+use std::time::Instant;
 
 use burn::prelude::*;
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput};
+use deep_pipelines::models::cpu::{inference_network, kernels};
 use deep_pipelines::models::efficientnet::EfficientNetConfig;
 use deep_pipelines::models::inception_v3::InceptionV3Config;
-use deep_pipelines::models::layers::FoldBatchNorms;
 use deep_pipelines::models::mobilenet_v2::MobileNetV2Config;
 use deep_pipelines::models::mobilenet_v3::MobileNetV3Config;
 use deep_pipelines::models::resnet::ResNetConfig;
 use deep_pipelines::models::squeezenet::SqueezeNetConfig;
 use deep_pipelines::models::{Architecture, ImageNetwork, load_model};
 
-const BATCH: usize = 8;
+/// The zoo's names (torchvision's), input sizes and networks, built on first use.
+fn network(name: &str) -> Option<(usize, Arc<dyn ImageNetwork>)> {
+    let device = Device::flex();
+    fn build<A: Architecture>(a: A, device: &Device) -> Arc<dyn ImageNetwork> {
+        inference_network(a.init(device), device)
+    }
+    Some(match name {
+        "efficientnet_lite0" => (
+            224,
+            load_model("EfficientNetLite0", "cpu")
+                .expect("bundled model loads")
+                .network
+                .clone(),
+        ),
+        "resnet18" => (224, build(ResNetConfig::resnet18(), &device)),
+        "resnet50" => (224, build(ResNetConfig::resnet50(), &device)),
+        "mobilenet_v2" => (224, build(MobileNetV2Config::mobilenet_v2(), &device)),
+        "mobilenet_v3_large" => (224, build(MobileNetV3Config::large(), &device)),
+        "squeezenet1_1" => (224, build(SqueezeNetConfig::squeezenet1_1(), &device)),
+        "efficientnet_b0" => (224, build(EfficientNetConfig::b0(), &device)),
+        "inception_v3" => (299, build(InceptionV3Config::inception_v3(), &device)),
+        _ => return None,
+    })
+}
+
+const MODELS: &[&str] = &[
+    "efficientnet_lite0",
+    "resnet18",
+    "resnet50",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "squeezenet1_1",
+    "efficientnet_b0",
+    "inception_v3",
+];
+
+/// One forward pass to logits, values read back (as the featurizer does).
+fn forward(net: &dyn ImageNetwork, inputs: &[f32], batch: usize, size: usize) -> Vec<f32> {
+    let x = Tensor::<4>::from_data(
+        TensorData::new(inputs.to_vec(), [batch, 3, size, size]),
+        &Device::flex(),
+    );
+    net.logits(net.feature_map(x))
+        .expect("has a head")
+        .into_data()
+        .try_to_vec::<f32>()
+        .expect("f32 logits")
+}
+
+fn gemm_gflops(size: usize) -> f64 {
+    let a = common::inputs(size * size);
+    let b = common::inputs(size * size);
+    let mut c = vec![0.0f32; size * size];
+    let threads = rayon::current_num_threads();
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let start = Instant::now();
+        kernels::matmul(size, size, size, &a, size, &b, &mut c, size, threads);
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    2.0 * (size as f64).powi(3) / best / 1e9
+}
+
+fn serve() {
+    let mut nets = std::collections::HashMap::new();
+    let stdout = std::io::stdout();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.expect("stdin");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let answer = match words.as_slice() {
+            ["time", name, batch] => {
+                let batch: usize = batch.parse().expect("batch");
+                let entry = nets
+                    .entry(name.to_string())
+                    .or_insert_with(|| network(name));
+                match entry {
+                    Some((size, net)) => {
+                        let inputs = common::inputs(batch * 3 * *size * *size);
+                        let start = Instant::now();
+                        std::hint::black_box(forward(net.as_ref(), &inputs, batch, *size));
+                        format!("{}", start.elapsed().as_secs_f64())
+                    }
+                    None => format!("error unknown model {name}"),
+                }
+            }
+            ["gemm", size] => format!("{}", gemm_gflops(size.parse().expect("size"))),
+            ["info"] => format!("{:?} {}", kernels::level(), rayon::current_num_threads()),
+            _ => format!("error unknown request `{line}`"),
+        };
+        let mut out = stdout.lock();
+        writeln!(out, "{answer}")
+            .and_then(|_| out.flush())
+            .expect("stdout");
+    }
+}
 
 fn bench_zoo(c: &mut Criterion) {
-    let device = Device::flex();
-    let lite0 = load_model("EfficientNetLite0", "cpu").expect("bundled model loads");
-    let models: Vec<(&str, usize, Arc<dyn ImageNetwork>)> = vec![
-        (
-            "resnet18",
-            224,
-            Arc::new(ResNetConfig::resnet18().init(&device).fold_batch_norms()),
-        ),
-        (
-            "resnet50",
-            224,
-            Arc::new(ResNetConfig::resnet50().init(&device).fold_batch_norms()),
-        ),
-        (
-            "mobilenet_v2",
-            224,
-            Arc::new(
-                MobileNetV2Config::mobilenet_v2()
-                    .init(&device)
-                    .fold_batch_norms(),
-            ),
-        ),
-        (
-            "mobilenet_v3_large",
-            224,
-            Arc::new(MobileNetV3Config::large().init(&device).fold_batch_norms()),
-        ),
-        (
-            "squeezenet1_1",
-            224,
-            Arc::new(
-                SqueezeNetConfig::squeezenet1_1()
-                    .init(&device)
-                    .fold_batch_norms(),
-            ),
-        ),
-        (
-            "efficientnet_b0",
-            224,
-            Arc::new(EfficientNetConfig::b0().init(&device).fold_batch_norms()),
-        ),
-        ("efficientnet_lite0", 224, Arc::clone(&lite0.network)),
-        (
-            "inception_v3",
-            299,
-            Arc::new(
-                InceptionV3Config::inception_v3()
-                    .init(&device)
-                    .fold_batch_norms(),
-            ),
-        ),
-    ];
     let mut group = c.benchmark_group("zoo");
     group.sample_size(10);
-    group.throughput(Throughput::Elements(BATCH as u64));
-    for (name, size, net) in models {
-        let inputs = common::inputs(BATCH * 3 * size * size);
-        group.bench_function(format!("{name}_batch{BATCH}_{size}"), |b| {
-            b.iter(|| {
-                let x = Tensor::<4>::from_data(
-                    TensorData::new(inputs.clone(), [BATCH, 3, size, size]),
-                    &device,
-                );
-                net.logits(net.feature_map(x))
-                    .expect("has a head")
-                    .into_data()
-            })
-        });
+    for name in MODELS {
+        let (size, net) = network(name).expect("listed");
+        for batch in [8, 32] {
+            let inputs = common::inputs(batch * 3 * size * size);
+            group.throughput(Throughput::Elements(batch as u64));
+            group.bench_function(format!("{name}_batch{batch}_{size}"), |b| {
+                b.iter(|| forward(net.as_ref(), &inputs, batch, size))
+            });
+        }
     }
     group.finish();
 }
 
-criterion_group!(benches, bench_zoo);
-criterion_main!(benches);
+fn main() {
+    if std::env::args().any(|a| a == "--serve") {
+        return serve();
+    }
+    let mut criterion = Criterion::default().configure_from_args();
+    bench_zoo(&mut criterion);
+    criterion.final_summary();
+}

@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use burn::prelude::*;
 
+use super::cpu::inference_network;
 use super::efficientnet::EfficientNetConfig;
 use super::efficientnet_lite::EfficientNetLiteConfig;
 use super::inception_v3::InceptionV3Config;
-use super::layers::FoldBatchNorms;
 use super::mobilenet_v2::MobileNetV2Config;
 use super::mobilenet_v3::MobileNetV3Config;
 use super::resnet::ResNetConfig;
@@ -81,8 +81,9 @@ pub(super) fn bundled_manifest(folder: &str) -> Option<&'static str> {
         .map(|e| e.manifest)
 }
 
-/// Builds the full-size `architecture` (1000 ImageNet classes), loads `weights` into it and
-/// folds its BatchNorms into the convolutions (what the featurizer and predictor run).
+/// Builds the full-size `architecture` (1000 ImageNet classes), loads `weights` into it, folds
+/// its BatchNorms into the convolutions and, on the CPU, copies it into its fast
+/// [`super::cpu::Plan`] (what the featurizer and predictor run).
 pub fn load_architecture(
     architecture: &str,
     weights: &Path,
@@ -133,6 +134,6 @@ impl<A: Architecture> LoadArchitecture for A {
             sha256,
             model,
         )?;
-        Ok(Arc::new(network.fold_batch_norms()))
+        Ok(inference_network(network, device))
     }
 }

@@ -9,6 +9,7 @@ use burn::nn::conv::Conv2d;
 use burn::nn::{BatchNorm, Linear, LinearConfig};
 use burn::prelude::*;
 
+use super::cpu::{Conv, CpuPlan, Op, Plan};
 use super::layers::{
     Act, ConvSpec, FoldBatchNorms, NameMap, avg_pool, batch_norm, bn_forward, fold_into,
     global_average_pool, max_pool,
@@ -202,6 +203,129 @@ impl BasicConv2d {
 
     fn fold(&mut self) {
         fold_into(&mut self.conv, &mut self.bn);
+    }
+
+    /// The folded convolution with its ReLU, as a plan step.
+    fn op(&self) -> Option<Op> {
+        if self.bn.is_some() {
+            return None;
+        }
+        Conv::from_burn(&self.conv, Some(Act::Relu)).map(Op::Conv)
+    }
+}
+
+/// A chain of `BasicConv2d`s as plan steps.
+fn chain(convs: &[&BasicConv2d]) -> Option<Vec<Op>> {
+    convs.iter().map(|c| c.op()).collect()
+}
+
+impl InceptionA {
+    fn op(&self) -> Option<Op> {
+        Some(Op::Concat(vec![
+            chain(&[&self.branch1x1])?,
+            chain(&[&self.branch5x5_1, &self.branch5x5_2])?,
+            chain(&[
+                &self.branch3x3dbl_1,
+                &self.branch3x3dbl_2,
+                &self.branch3x3dbl_3,
+            ])?,
+            vec![Op::avg_pool(3, 1, 1), self.branch_pool.op()?],
+        ]))
+    }
+}
+
+impl InceptionB {
+    fn op(&self) -> Option<Op> {
+        Some(Op::Concat(vec![
+            chain(&[&self.branch3x3])?,
+            chain(&[
+                &self.branch3x3dbl_1,
+                &self.branch3x3dbl_2,
+                &self.branch3x3dbl_3,
+            ])?,
+            vec![Op::max_pool(3, 2, 0, false)],
+        ]))
+    }
+}
+
+impl InceptionC {
+    fn op(&self) -> Option<Op> {
+        Some(Op::Concat(vec![
+            chain(&[&self.branch1x1])?,
+            chain(&[&self.branch7x7_1, &self.branch7x7_2, &self.branch7x7_3])?,
+            chain(&[
+                &self.branch7x7dbl_1,
+                &self.branch7x7dbl_2,
+                &self.branch7x7dbl_3,
+                &self.branch7x7dbl_4,
+                &self.branch7x7dbl_5,
+            ])?,
+            vec![Op::avg_pool(3, 1, 1), self.branch_pool.op()?],
+        ]))
+    }
+}
+
+impl InceptionD {
+    fn op(&self) -> Option<Op> {
+        Some(Op::Concat(vec![
+            chain(&[&self.branch3x3_1, &self.branch3x3_2])?,
+            chain(&[
+                &self.branch7x7x3_1,
+                &self.branch7x7x3_2,
+                &self.branch7x7x3_3,
+                &self.branch7x7x3_4,
+            ])?,
+            vec![Op::max_pool(3, 2, 0, false)],
+        ]))
+    }
+}
+
+impl InceptionE {
+    fn op(&self) -> Option<Op> {
+        let split =
+            |a: &BasicConv2d, b: &BasicConv2d| Some(Op::Concat(vec![vec![a.op()?], vec![b.op()?]]));
+        Some(Op::Concat(vec![
+            chain(&[&self.branch1x1])?,
+            vec![
+                self.branch3x3_1.op()?,
+                split(&self.branch3x3_2a, &self.branch3x3_2b)?,
+            ],
+            vec![
+                self.branch3x3dbl_1.op()?,
+                self.branch3x3dbl_2.op()?,
+                split(&self.branch3x3dbl_3a, &self.branch3x3dbl_3b)?,
+            ],
+            vec![Op::avg_pool(3, 1, 1), self.branch_pool.op()?],
+        ]))
+    }
+}
+
+impl CpuPlan for InceptionV3 {
+    fn cpu_plan(&self) -> Option<Plan> {
+        let mut ops = chain(&[
+            &self.conv2d_1a_3x3,
+            &self.conv2d_2a_3x3,
+            &self.conv2d_2b_3x3,
+        ])?;
+        ops.push(Op::max_pool(3, 2, 0, false));
+        ops.extend(chain(&[&self.conv2d_3b_1x1, &self.conv2d_4a_3x3])?);
+        ops.push(Op::max_pool(3, 2, 0, false));
+        for block in [&self.mixed_5b, &self.mixed_5c, &self.mixed_5d] {
+            ops.push(block.op()?);
+        }
+        ops.push(self.mixed_6a.op()?);
+        for block in [
+            &self.mixed_6b,
+            &self.mixed_6c,
+            &self.mixed_6d,
+            &self.mixed_6e,
+        ] {
+            ops.push(block.op()?);
+        }
+        ops.push(self.mixed_7a.op()?);
+        ops.push(self.mixed_7b.op()?);
+        ops.push(self.mixed_7c.op()?);
+        Some(Plan::new(ops))
     }
 }
 

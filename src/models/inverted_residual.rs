@@ -6,6 +6,7 @@ use burn::nn::Linear;
 use burn::prelude::*;
 
 use super::ImageNetwork;
+use super::cpu::{Conv, CpuPlan, Op, Plan, SqueezeExcite};
 use super::layers::{Act, ConvBn, FoldBatchNorms, SqueezeExcitation, global_average_pool};
 
 /// The MobileNet / EfficientNet inverted-residual block: [1x1 expand + act] -> depthwise kxk +
@@ -37,6 +38,28 @@ impl InvertedResidual {
         x = self.project.forward(x);
         if self.residual { x + input } else { x }
     }
+
+    /// The block as plan steps: one residual step, or its convolutions in sequence.
+    pub fn cpu_ops(&self) -> Option<Vec<Op>> {
+        let mut body = Vec::new();
+        if let Some(expand) = &self.expand {
+            body.push(Op::Conv(Conv::from_conv_bn(expand, Some(self.act))?));
+        }
+        body.push(Op::Conv(Conv::from_conv_bn(
+            &self.depthwise,
+            Some(self.act),
+        )?));
+        if let Some(se) = &self.se {
+            let (act, gate) = self.se_acts;
+            body.push(Op::SqueezeExcite(SqueezeExcite::from_burn(se, act, gate)?));
+        }
+        body.push(Op::Conv(Conv::from_conv_bn(&self.project, None)?));
+        if self.residual {
+            Some(vec![Op::residual(Vec::new(), body)?])
+        } else {
+            Some(body)
+        }
+    }
 }
 
 /// stem -> inverted residuals -> 1x1 head, each conv + BatchNorm, as the MobileNets and
@@ -57,6 +80,15 @@ impl InvertedResidualBody {
             x = block.forward(x);
         }
         self.act.apply(self.head.forward(x))
+    }
+
+    pub fn cpu_plan(&self) -> Option<Plan> {
+        let mut ops = vec![Op::Conv(Conv::from_conv_bn(&self.stem, Some(self.act))?)];
+        for block in &self.blocks {
+            ops.extend(block.cpu_ops()?);
+        }
+        ops.push(Op::Conv(Conv::from_conv_bn(&self.head, Some(self.act))?));
+        Some(Plan::new(ops))
     }
 
     pub fn fold(&mut self) {
@@ -86,6 +118,12 @@ impl ImageNetwork for InvertedResidualNet {
 
     fn logits(&self, map: Tensor<4>) -> Option<Tensor<2>> {
         Some(self.classifier.forward(global_average_pool(map)))
+    }
+}
+
+impl CpuPlan for InvertedResidualNet {
+    fn cpu_plan(&self) -> Option<Plan> {
+        self.body.cpu_plan()
     }
 }
 

@@ -4,6 +4,7 @@
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 
+use super::cpu::{CpuPlan, Plan};
 use super::inverted_residual::{InvertedResidual, InvertedResidualBody};
 use super::layers::{
     Act, ConvSpec, FoldBatchNorms, NameMap, SqueezeExcitation, global_average_pool, make_divisible,
@@ -218,6 +219,12 @@ impl ImageNetwork for MobileNetV3 {
     fn logits(&self, map: Tensor<4>) -> Option<Tensor<2>> {
         let hidden = Act::HardSwish.apply(self.fc1.forward(global_average_pool(map)));
         Some(self.fc2.forward(hidden))
+    }
+}
+
+impl CpuPlan for MobileNetV3 {
+    fn cpu_plan(&self) -> Option<Plan> {
+        self.body.cpu_plan()
     }
 }
 

@@ -5,7 +5,8 @@
 //! cache so a model is loaded once however many partitions and batches use it.
 //!
 //! Files (each uses only those above it; everything public is re-exported here):
-//! - `layers.rs`, `inverted_residual.rs`: building blocks the architectures share.
+//! - `layers.rs`, `inverted_residual.rs`: building blocks the architectures share; `cpu/`: the
+//!   fast CPU path each architecture's folded layers are copied into ([`cpu::Plan`]).
 //! - one file per architecture family (`resnet.rs`, `vgg.rs`, ...), each config an
 //!   [`Architecture`].
 //! - `manifest.rs`: the manifest, its validation, the model directory.
@@ -14,6 +15,7 @@
 //! - `loaded.rs`: a model on a device ([`LoadedModel`]) and its class names.
 //! - `runtime.rs`: what names mean in this process: devices, the cache, users' networks.
 
+pub mod cpu;
 pub mod efficientnet;
 pub mod efficientnet_lite;
 pub mod inception_v3;
@@ -77,7 +79,7 @@ pub trait ImageNetwork: Send + Sync + std::fmt::Debug {
 /// network, ...): how to build the network and how a checkpoint's tensor names map onto it.
 /// Everything the catalog loads goes through these two methods.
 pub trait Architecture {
-    type Network: ImageNetwork + FoldBatchNorms + ModuleSnapshot + Module + 'static;
+    type Network: ImageNetwork + FoldBatchNorms + cpu::CpuPlan + ModuleSnapshot + Module + 'static;
 
     /// The network with freshly initialised weights (load real ones with [`load_weights`]).
     fn init(&self, device: &Device) -> Self::Network;

@@ -5,6 +5,7 @@ use burn::nn::conv::Conv2d;
 use burn::nn::{BatchNorm, Linear, LinearConfig};
 use burn::prelude::*;
 
+use super::cpu::{Conv, CpuPlan, Op, Plan};
 use super::layers::{
     Act, ConvBn, ConvSpec, FoldBatchNorms, NameMap, batch_norm, bn_forward, fold_into,
     global_average_pool, max_pool,
@@ -164,6 +165,26 @@ impl Block {
         Act::Relu.apply(out + identity)
     }
 
+    /// One residual step: the last convolution's ReLU comes after the shortcut is added.
+    fn cpu_op(&self) -> Option<Op> {
+        if self.bn1.is_some() || self.bn2.is_some() || self.bn3.is_some() {
+            return None;
+        }
+        let relu = Some(Act::Relu);
+        let mut body = vec![
+            Op::Conv(Conv::from_burn(&self.conv1, relu)?),
+            Op::Conv(Conv::from_burn(&self.conv2, relu)?),
+        ];
+        if let Some(conv3) = &self.conv3 {
+            body.push(Op::Conv(Conv::from_burn(conv3, relu)?));
+        }
+        let shortcut = match &self.downsample {
+            Some(d) => vec![Op::Conv(Conv::from_conv_bn(d, None)?)],
+            None => Vec::new(),
+        };
+        Op::residual(shortcut, body)
+    }
+
     fn fold(&mut self) {
         fold_into(&mut self.conv1, &mut self.bn1);
         fold_into(&mut self.conv2, &mut self.bn2);
@@ -187,17 +208,22 @@ pub struct ResNet {
     fc: Linear,
 }
 
-impl ImageNetwork for ResNet {
-    fn feature_map(&self, input: Tensor<4>) -> Tensor<4> {
-        let mut x = Act::Relu.apply(bn_forward(&self.bn1, self.conv1.forward(input)));
-        x = max_pool(x, 3, 2, 1, false);
-        for block in self
-            .layer1
+impl ResNet {
+    /// Every residual block, stage after stage.
+    fn blocks(&self) -> impl Iterator<Item = &Block> {
+        self.layer1
             .iter()
             .chain(&self.layer2)
             .chain(&self.layer3)
             .chain(&self.layer4)
-        {
+    }
+}
+
+impl ImageNetwork for ResNet {
+    fn feature_map(&self, input: Tensor<4>) -> Tensor<4> {
+        let mut x = Act::Relu.apply(bn_forward(&self.bn1, self.conv1.forward(input)));
+        x = max_pool(x, 3, 2, 1, false);
+        for block in self.blocks() {
             x = block.forward(x);
         }
         x
@@ -205,6 +231,22 @@ impl ImageNetwork for ResNet {
 
     fn logits(&self, map: Tensor<4>) -> Option<Tensor<2>> {
         Some(self.fc.forward(global_average_pool(map)))
+    }
+}
+
+impl CpuPlan for ResNet {
+    fn cpu_plan(&self) -> Option<Plan> {
+        if self.bn1.is_some() {
+            return None;
+        }
+        let mut ops = vec![
+            Op::Conv(Conv::from_burn(&self.conv1, Some(Act::Relu))?),
+            Op::max_pool(3, 2, 1, false),
+        ];
+        for block in self.blocks() {
+            ops.push(block.cpu_op()?);
+        }
+        Some(Plan::new(ops))
     }
 }
 

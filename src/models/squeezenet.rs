@@ -5,6 +5,7 @@
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 
+use super::cpu::{Conv, CpuPlan, Op, Plan};
 use super::layers::{Act, ConvSpec, FoldBatchNorms, NameMap, global_average_pool, max_pool};
 use super::{Architecture, ImageNetwork};
 
@@ -145,6 +146,24 @@ impl ImageNetwork for SqueezeNet {
         Some(global_average_pool(
             Act::Relu.apply(self.classifier.forward(map)),
         ))
+    }
+}
+
+impl CpuPlan for SqueezeNet {
+    fn cpu_plan(&self) -> Option<Plan> {
+        let relu = |conv: &Conv2d| Conv::from_burn(conv, Some(Act::Relu)).map(Op::Conv);
+        let mut ops = vec![relu(&self.stem)?];
+        for (k, fire) in self.fires.iter().enumerate() {
+            if k % 2 == 0 && k <= 4 {
+                ops.push(Op::max_pool(3, 2, 0, true));
+            }
+            ops.push(relu(&fire.squeeze)?);
+            ops.push(Op::Concat(vec![
+                vec![relu(&fire.expand1x1)?],
+                vec![relu(&fire.expand3x3)?],
+            ]));
+        }
+        Some(Plan::new(ops))
     }
 }
 

@@ -7,6 +7,7 @@ use burn::nn::{BatchNorm, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::module::adaptive_avg_pool2d;
 
+use super::cpu::{Conv, CpuPlan, Op, Plan};
 use super::layers::{
     Act, ConvSpec, FoldBatchNorms, NameMap, batch_norm, flatten, fold_into, max_pool,
 };
@@ -190,6 +191,24 @@ impl ImageNetwork for Vgg {
 
     fn logits(&self, map: Tensor<4>) -> Option<Tensor<2>> {
         Some(self.fc3.forward(self.features(map)))
+    }
+}
+
+impl CpuPlan for Vgg {
+    fn cpu_plan(&self) -> Option<Plan> {
+        if !self.bns.is_empty() {
+            return None;
+        }
+        let mut convs = self.convs.iter();
+        let mut ops = Vec::new();
+        for &is_conv in &self.layers {
+            ops.push(if is_conv {
+                Op::Conv(Conv::from_burn(convs.next()?, Some(Act::Relu))?)
+            } else {
+                Op::max_pool(2, 2, 0, false)
+            });
+        }
+        Some(Plan::new(ops))
     }
 }
 

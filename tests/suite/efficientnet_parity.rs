@@ -286,3 +286,71 @@ fn inception_v3_preprocessing_matches_torchvision_transforms() {
         INCEPTION,
     );
 }
+
+/// The golden features and logits through Lite0's CPU plan itself (the NHWC path `load_model`
+/// runs on the CPU), not only through whatever `load_model` picked.
+#[test]
+fn golden_features_and_logits_through_the_cpu_plan() {
+    use burn::prelude::*;
+    use deep_pipelines::models::cpu::CpuPlan;
+    use deep_pipelines::models::efficientnet_lite::EfficientNetLiteConfig;
+    use deep_pipelines::models::layers::FoldBatchNorms;
+    use deep_pipelines::models::{Architecture, ImageNetwork, load_weights};
+
+    let config = EfficientNetLiteConfig::lite0();
+    let weights = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/models/efficientnet_lite0/weights.safetensors"
+    );
+    let device = Device::flex();
+    let net = load_weights(
+        config.init(&device),
+        std::path::Path::new(weights),
+        &config.weight_names(),
+        None,
+        "EfficientNetLite0",
+    )
+    .unwrap()
+    .fold_batch_norms();
+    let plan = net.cpu_plan().expect("Lite0 has a CPU plan");
+    let x = Tensor::<4>::from_data(
+        TensorData::new(golden("input_chelsea"), [1, 3, 224, 224]),
+        &device,
+    );
+    let map = plan.feature_map(&x).unwrap();
+    let features = net
+        .features(map.clone())
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let logits = net
+        .logits(map)
+        .unwrap()
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let (f_diff, l_diff) = (
+        max_abs_diff(&features, &golden("features_chelsea")),
+        max_abs_diff(&logits, &golden("logits_chelsea")),
+    );
+    println!("CPU plan max |diff|: features {f_diff:e}, logits {l_diff:e}");
+    assert!(f_diff <= 1e-4, "features differ by {f_diff}");
+    assert!(l_diff <= 1e-4, "logits differ by {l_diff}");
+}
+
+/// The CPU plan reuses activation buffers across passes (and across threads): whatever an earlier
+/// pass of another size left in them must not reach a later result.
+#[test]
+fn reused_buffers_do_not_leak_into_results() {
+    let model = load_model("EfficientNetLite0", "cpu").unwrap();
+    let one = golden("input_chelsea");
+    let first = model.logits(one.clone(), 1).unwrap();
+    let three: Vec<f32> = one
+        .iter()
+        .map(|v| 0.5 - v)
+        .cycle()
+        .take(3 * one.len())
+        .collect();
+    model.features(three, 3).unwrap();
+    assert_eq!(model.logits(one, 1).unwrap(), first);
+}

@@ -18,6 +18,7 @@ use datafusion::arrow::array::{Array, AsArray, Float32Array};
 use datafusion::arrow::datatypes::{DataType, Float16Type, Int32Type};
 use datafusion::functions::core::expr_ext::FieldAccessor;
 use deep_pipelines::image::{DecodeLimits, decode_rgb8};
+use deep_pipelines::models::cpu::CpuPlan;
 use deep_pipelines::models::efficientnet::EfficientNetConfig;
 use deep_pipelines::models::inception_v3::InceptionV3Config;
 use deep_pipelines::models::layers::{FoldBatchNorms, NameMap};
@@ -47,9 +48,10 @@ fn values<const D: usize>(t: Tensor<D>) -> (Vec<usize>, Vec<f32>) {
 }
 
 /// Loads `<case>.safetensors` (or `weights`) into `net` through the users' loader and compares
-/// feature map, features and logits with torchvision's, within 1e-4: as loaded, and with the
-/// BatchNorms folded into the convolutions (as the featurizer runs it).
-fn parity<N: ImageNetwork + ModuleSnapshot + Module + FoldBatchNorms>(
+/// feature map, features and logits with torchvision's, within 1e-4: as loaded, with the
+/// BatchNorms folded into the convolutions, and through the folded network's CPU plan (the
+/// NHWC path the featurizer runs on the CPU).
+fn parity<N: ImageNetwork + ModuleSnapshot + Module + FoldBatchNorms + CpuPlan>(
     case: &str,
     net: N,
     names: &NameMap,
@@ -64,15 +66,25 @@ fn parity<N: ImageNetwork + ModuleSnapshot + Module + FoldBatchNorms>(
     )
     .unwrap_or_else(|e| panic!("{case}: {e}"));
     let io = read_tensors(&format!("{ZOO}/{case}_io.safetensors"));
-    compare(case, "as loaded", &net, &io);
-    compare(case, "folded", &net.fold_batch_norms(), &io);
+    compare(case, "as loaded", &net, &io, |x| net.feature_map(x));
+    let folded = net.fold_batch_norms();
+    compare(case, "folded", &folded, &io, |x| folded.feature_map(x));
+    let plan = folded
+        .cpu_plan()
+        .unwrap_or_else(|| panic!("{case}: no CPU plan"));
+    compare(case, "cpu plan", &folded, &io, |x| {
+        plan.feature_map(&x)
+            .unwrap_or_else(|e| panic!("{case}: plan: {e}"))
+    });
 }
 
+/// Compares the feature map `map_of` makes, and `net`'s features and logits from it.
 fn compare(
     case: &str,
     variant: &str,
     net: &impl ImageNetwork,
     io: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    map_of: impl Fn(Tensor<4>) -> Tensor<4>,
 ) {
     let (shape, input) = &io["input"];
     let device = Device::flex();
@@ -80,7 +92,7 @@ fn compare(
         TensorData::new(input.clone(), [shape[0], shape[1], shape[2], shape[3]]),
         &device,
     );
-    let map = net.feature_map(x);
+    let map = map_of(x);
     let outputs = [
         ("feature_map", values(map.clone())),
         ("features", values(net.features(map.clone()))),
@@ -579,8 +591,13 @@ async fn predictor_probabilities_without_decoding_and_survives_save_load() {
     let model = PipelineModel::new("p", vec![Arc::new(predictor.clone())]);
     model.save(dir.path().join("m")).unwrap();
     let loaded = PipelineModel::load(dir.path().join("m")).unwrap();
-    let a = common::collect(predictor.transform(images.clone()).unwrap()).await;
-    let b = common::collect(loaded.transform(images).unwrap()).await;
+    // Partitions finish in any order: compare rows by origin.
+    let by_origin = |df: DataFrame| {
+        df.sort(vec![col("image").field("origin").sort(true, false)])
+            .unwrap()
+    };
+    let a = common::collect(by_origin(predictor.transform(images.clone()).unwrap())).await;
+    let b = common::collect(by_origin(loaded.transform(images).unwrap())).await;
     let (a, b) = (
         a.column_by_name("p").unwrap(),
         b.column_by_name("p").unwrap(),

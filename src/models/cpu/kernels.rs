@@ -1,0 +1,523 @@
+//! The CPU plan's inner loops over channels-last (NHWC) `f32` rows, compiled three times (AVX-512,
+//! AVX2 + FMA, baseline x86-64 / other targets) and picked once at run time, plus the GEMM every
+//! dense convolution becomes (the `gemm` crate, which picks its own kernels at run time).
+//!
+//! Each kernel here is serial over the rows it is given: the callers split rows across rayon's
+//! threads, so a kernel never starts threads of its own.
+
+use std::sync::OnceLock;
+
+use crate::models::layers::Act;
+
+/// The widest instruction set this CPU runs, detected once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Avx512,
+    Avx2,
+    Baseline,
+}
+
+pub fn level() -> Level {
+    static LEVEL: OnceLock<Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("fma")
+            {
+                return Level::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Level::Avx2;
+            }
+        }
+        Level::Baseline
+    })
+}
+
+/// `a * b + c`: one fused instruction where the CPU has FMA, two roundings where it has not
+/// (a software `fma` call would be far slower than the separate multiply and add).
+trait MulAdd {
+    fn mul_add(a: f32, b: f32, c: f32) -> f32;
+}
+
+struct Fused;
+impl MulAdd for Fused {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+struct Separate;
+impl MulAdd for Separate {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
+/// A public safe function `$name` that runs `$body::<Fused>` compiled for AVX-512 or AVX2 + FMA
+/// when the CPU has them, `$body::<Separate>` for the baseline otherwise. The body's loops over
+/// slices are what the compiler vectorises for each instruction set.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) = $body:ident;) => {
+        $(#[$meta])*
+        #[allow(clippy::too_many_arguments)]
+        pub fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx512($($arg: $ty),*) {
+                    $body::<Fused>($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx2($($arg: $ty),*) {
+                    $body::<Fused>($($arg),*)
+                }
+                match level() {
+                    // SAFETY: `level` found these instruction sets on this CPU.
+                    Level::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above.
+                    Level::Avx2 => return unsafe { avx2($($arg),*) },
+                    Level::Baseline => {}
+                }
+            }
+            $body::<Separate>($($arg),*)
+        }
+    };
+}
+
+const LOG2_E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+
+/// `e^x` for `x` in [-87, 88] to ~2 ulp (clamped outside), without a branch or a call, so that
+/// loops over it vectorise: Cody-Waite range reduction, a degree-6 polynomial, `2^n` from bits.
+#[inline(always)]
+fn exp<M: MulAdd>(x: f32) -> f32 {
+    // Not `clamp`: max/min vectorise and map NaN to a bound; the result is then still finite.
+    #[allow(clippy::manual_clamp)]
+    let x = x.max(-87.0).min(88.0);
+    let n = M::mul_add(x, LOG2_E, 0.5).floor();
+    let r = M::mul_add(n, -LN2_HI, x);
+    let r = M::mul_add(n, -LN2_LO, r);
+    let mut p = 1.0 / 720.0;
+    p = M::mul_add(p, r, 1.0 / 120.0);
+    p = M::mul_add(p, r, 1.0 / 24.0);
+    p = M::mul_add(p, r, 1.0 / 6.0);
+    p = M::mul_add(p, r, 0.5);
+    p = M::mul_add(p, r, 1.0);
+    p = M::mul_add(p, r, 1.0);
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    p * scale
+}
+
+#[inline(always)]
+#[allow(clippy::manual_clamp)] // max/min: one instruction each, and NaN does not panic
+fn activate<M: MulAdd>(v: &mut [f32], act: Option<Act>) {
+    match act {
+        None => {}
+        Some(Act::Relu) => v.iter_mut().for_each(|x| *x = x.max(0.0)),
+        Some(Act::Relu6) => v.iter_mut().for_each(|x| *x = x.max(0.0).min(6.0)),
+        Some(Act::HardSwish) => v
+            .iter_mut()
+            .for_each(|x| *x *= (*x + 3.0).max(0.0).min(6.0) * (1.0 / 6.0)),
+        Some(Act::HardSigmoid) => v
+            .iter_mut()
+            .for_each(|x| *x = M::mul_add(*x, 1.0 / 6.0, 0.5).max(0.0).min(1.0)),
+        Some(Act::Silu) => v.iter_mut().for_each(|x| *x /= exp::<M>(-*x) + 1.0),
+        Some(Act::Sigmoid) => v.iter_mut().for_each(|x| *x = 1.0 / (exp::<M>(-*x) + 1.0)),
+    }
+}
+
+#[inline(always)]
+fn epilogue_body<M: MulAdd>(
+    out: &mut [f32],
+    cols: usize,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    act: Option<Act>,
+) {
+    for (r, row) in out.chunks_exact_mut(cols).enumerate() {
+        if let Some(bias) = bias {
+            row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+        }
+        if let Some(residual) = residual {
+            let res = &residual[r * cols..(r + 1) * cols];
+            row.iter_mut().zip(res).for_each(|(x, s)| *x += s);
+        }
+        activate::<M>(row, act);
+    }
+}
+
+multiversion! {
+    /// `out = act(out + bias + residual)` over rows of `cols` channels (`residual` shaped as
+    /// `out`): a convolution's bias, shortcut and activation in one pass over cache-hot rows.
+    pub fn epilogue(
+        out: &mut [f32],
+        cols: usize,
+        bias: Option<&[f32]>,
+        residual: Option<&[f32]>,
+        act: Option<Act>,
+    ) = epilogue_body;
+}
+
+/// Geometry of a sliding window over an NHWC image: input size, kernel, stride, padding before.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    pub height: usize,
+    pub width: usize,
+    pub channels: usize,
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub pad: [usize; 2],
+    pub out_width: usize,
+}
+
+impl Window {
+    /// The kernel rows (or columns) `[start, end)` whose input index `o * stride + k - pad` is
+    /// inside `0..size`.
+    #[inline(always)]
+    fn valid(o: usize, stride: usize, pad: usize, kernel: usize, size: usize) -> (usize, usize) {
+        let origin = (o * stride) as isize - pad as isize;
+        let start = (-origin).max(0) as usize;
+        let end = (size as isize - origin).clamp(0, kernel as isize) as usize;
+        (start.min(end), end)
+    }
+
+    /// The taps of output pixel (`oy`, `ox`) that land on the image, into `taps`: (offset of
+    /// that input pixel's channels in the image, offset of the tap's `[kh, kw, C]` weights).
+    #[inline(always)]
+    fn taps(&self, oy: usize, ox: usize, taps: &mut Vec<(usize, usize)>) {
+        let c = self.channels;
+        let [kh, kw] = self.kernel;
+        let (ky0, ky1) = Window::valid(oy, self.stride[0], self.pad[0], kh, self.height);
+        let (kx0, kx1) = Window::valid(ox, self.stride[1], self.pad[1], kw, self.width);
+        taps.clear();
+        for ky in ky0..ky1 {
+            let iy = oy * self.stride[0] + ky - self.pad[0];
+            for kx in kx0..kx1 {
+                let ix = ox * self.stride[1] + kx - self.pad[1];
+                taps.push(((iy * self.width + ix) * c, (ky * kw + kx) * c));
+            }
+        }
+    }
+}
+
+/// Channels `[start, start + B)` of one depthwise output pixel: the `B` accumulators stay in
+/// registers over every tap (`taps`: input and weight offsets), one store at the end.
+#[inline(always)]
+fn depthwise_block<M: MulAdd, const B: usize>(
+    image: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    taps: &[(usize, usize)],
+    start: usize,
+    act: Option<Act>,
+    out: &mut [f32],
+) {
+    let mut acc = [0.0f32; B];
+    acc.copy_from_slice(&bias[start..start + B]);
+    for &(xi, wi) in taps {
+        let x = &image[xi + start..][..B];
+        let w = &weight[wi + start..][..B];
+        for i in 0..B {
+            acc[i] = M::mul_add(x[i], w[i], acc[i]);
+        }
+    }
+    activate::<M>(&mut acc, act);
+    out[start..start + B].copy_from_slice(&acc);
+}
+
+#[inline(always)]
+fn depthwise_body<M: MulAdd>(
+    image: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    win: Window,
+    oy: usize,
+    act: Option<Act>,
+    out: &mut [f32],
+) {
+    let c = win.channels;
+    let mut taps = Vec::with_capacity(win.kernel[0] * win.kernel[1]);
+    for (ox, o) in out.chunks_exact_mut(c).enumerate().take(win.out_width) {
+        win.taps(oy, ox, &mut taps);
+        // 64 channels at a time (4 AVX-512 / 8 AVX2 registers), then 16, then one by one.
+        let mut start = 0;
+        while start + 64 <= c {
+            depthwise_block::<M, 64>(image, weight, bias, &taps, start, act, o);
+            start += 64;
+        }
+        while start + 16 <= c {
+            depthwise_block::<M, 16>(image, weight, bias, &taps, start, act, o);
+            start += 16;
+        }
+        while start < c {
+            depthwise_block::<M, 1>(image, weight, bias, &taps, start, act, o);
+            start += 1;
+        }
+    }
+}
+
+multiversion! {
+    /// One output row `oy` of a depthwise convolution of one NHWC `image`: `weight` is
+    /// `[kh, kw, C]`, `out` is `[out_width, C]`, `act(conv + bias)`.
+    pub fn depthwise_row(
+        image: &[f32],
+        weight: &[f32],
+        bias: &[f32],
+        win: Window,
+        oy: usize,
+        act: Option<Act>,
+        out: &mut [f32],
+    ) = depthwise_body;
+}
+
+#[inline(always)]
+fn max_pool_body<M: MulAdd>(image: &[f32], win: Window, oy: usize, out: &mut [f32]) {
+    let c = win.channels;
+    let mut taps = Vec::with_capacity(win.kernel[0] * win.kernel[1]);
+    for (ox, acc) in out.chunks_exact_mut(c).enumerate().take(win.out_width) {
+        acc.fill(f32::NEG_INFINITY);
+        win.taps(oy, ox, &mut taps);
+        for &(xi, _) in &taps {
+            // NaN propagates, as in PyTorch's max pool.
+            acc.iter_mut()
+                .zip(&image[xi..xi + c])
+                .for_each(|(a, &x)| *a = if x > *a || x.is_nan() { x } else { *a });
+        }
+    }
+}
+
+multiversion! {
+    /// One output row of a max pool (padding never wins) over one NHWC image.
+    pub fn max_pool_row(image: &[f32], win: Window, oy: usize, out: &mut [f32]) = max_pool_body;
+}
+
+#[inline(always)]
+fn avg_pool_body<M: MulAdd>(image: &[f32], win: Window, oy: usize, out: &mut [f32]) {
+    let c = win.channels;
+    let [kh, kw] = win.kernel;
+    // PyTorch's divisor with count_include_pad: the window clipped to the padded input.
+    let rows = (oy * win.stride[0] + kh).min(win.height + 2 * win.pad[0]) - oy * win.stride[0];
+    let mut taps = Vec::with_capacity(kh * kw);
+    for (ox, acc) in out.chunks_exact_mut(c).enumerate().take(win.out_width) {
+        acc.fill(0.0);
+        win.taps(oy, ox, &mut taps);
+        for &(xi, _) in &taps {
+            acc.iter_mut()
+                .zip(&image[xi..xi + c])
+                .for_each(|(a, x)| *a += x);
+        }
+        let cols = (ox * win.stride[1] + kw).min(win.width + 2 * win.pad[1]) - ox * win.stride[1];
+        let scale = 1.0 / (rows * cols) as f32;
+        acc.iter_mut().for_each(|a| *a *= scale);
+    }
+}
+
+multiversion! {
+    /// One output row of an average pool counting padded zeros (PyTorch's default).
+    pub fn avg_pool_row(image: &[f32], win: Window, oy: usize, out: &mut [f32]) = avg_pool_body;
+}
+
+#[inline(always)]
+fn channel_mean_body<M: MulAdd>(image: &[f32], channels: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    let pixels = image.len() / channels;
+    for px in image.chunks_exact(channels) {
+        out.iter_mut().zip(px).for_each(|(a, x)| *a += x);
+    }
+    let scale = 1.0 / pixels as f32;
+    out.iter_mut().for_each(|a| *a *= scale);
+}
+
+multiversion! {
+    /// Mean of each channel over the pixels of one NHWC image.
+    pub fn channel_mean(image: &[f32], channels: usize, out: &mut [f32]) = channel_mean_body;
+}
+
+#[inline(always)]
+fn dense_body<M: MulAdd>(
+    input: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    act: Option<Act>,
+    out: &mut [f32],
+) {
+    // `weight` is `[in, out]`: accumulate one input at a time over the contiguous outputs.
+    out.copy_from_slice(bias);
+    let n = out.len();
+    for (x, w) in input.iter().zip(weight.chunks_exact(n)) {
+        out.iter_mut()
+            .zip(w)
+            .for_each(|(o, w)| *o = M::mul_add(*x, *w, *o));
+    }
+    activate::<M>(out, act);
+}
+
+multiversion! {
+    /// `out = act(input · weight + bias)` for one vector, `weight` `[in, out]` (squeeze-excite).
+    pub fn dense(
+        input: &[f32],
+        weight: &[f32],
+        bias: &[f32],
+        act: Option<Act>,
+        out: &mut [f32],
+    ) = dense_body;
+}
+
+#[inline(always)]
+fn scale_channels_body<M: MulAdd>(image: &mut [f32], scale: &[f32]) {
+    for px in image.chunks_exact_mut(scale.len()) {
+        px.iter_mut().zip(scale).for_each(|(x, s)| *x *= s);
+    }
+}
+
+multiversion! {
+    /// Multiplies every pixel of one NHWC image by a per-channel `scale`.
+    pub fn scale_channels(image: &mut [f32], scale: &[f32]) = scale_channels_body;
+}
+
+/// One im2col row per output pixel of image rows: `[kh * kw * C]`, zeros where the window is
+/// off the image. `first` is the index of the first output pixel (image-major) in `rows`.
+pub fn im2col(image_batch: &[f32], win: Window, out_height: usize, first: usize, rows: &mut [f32]) {
+    let c = win.channels;
+    let [kh, kw] = win.kernel;
+    let k = kh * kw * c;
+    let per_image = out_height * win.out_width;
+    for (r, row) in rows.chunks_exact_mut(k).enumerate() {
+        let pixel = first + r;
+        let (b, rem) = (pixel / per_image, pixel % per_image);
+        let (oy, ox) = (rem / win.out_width, rem % win.out_width);
+        let image = &image_batch[b * win.height * win.width * c..][..win.height * win.width * c];
+        for ky in 0..kh {
+            let iy = (oy * win.stride[0] + ky) as isize - win.pad[0] as isize;
+            for kx in 0..kw {
+                let ix = (ox * win.stride[1] + kx) as isize - win.pad[1] as isize;
+                let dst = &mut row[(ky * kw + kx) * c..][..c];
+                if iy >= 0 && (iy as usize) < win.height && ix >= 0 && (ix as usize) < win.width {
+                    let src = (iy as usize * win.width + ix as usize) * c;
+                    dst.copy_from_slice(&image[src..src + c]);
+                } else {
+                    dst.fill(0.0);
+                }
+            }
+        }
+    }
+}
+
+/// `c[m x n] = a[m x k] · b[k x n]`, row-major: `a` rows `lda` apart, `b` contiguous, `c` rows
+/// `ldc` apart. `threads > 1` lets the `gemm` crate split the product over rayon's pool.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        k == 0 || (a.len() >= (m - 1) * lda + k && lda >= k),
+        "matmul: lhs too short"
+    );
+    assert!(b.len() >= k * n, "matmul: rhs too short");
+    assert!(
+        c.len() >= (m - 1) * ldc + n && ldc >= n,
+        "matmul: dst too short"
+    );
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above keep every index the strides reach inside the three slices,
+    // and `c` does not alias `a` or `b` (a `&mut` and two `&`).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            false,
+            a.as_ptr(),
+            1,
+            lda as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_close_to_std() {
+        let mut worst = 0.0f32;
+        for i in -8700..=8800 {
+            let x = i as f32 * 0.01;
+            let want = x.exp();
+            let got = exp::<Separate>(x);
+            worst = worst.max(((got - want) / want).abs());
+        }
+        assert!(worst < 1e-6, "relative error {worst}");
+    }
+
+    #[test]
+    fn activations_match_their_definitions() {
+        let xs: Vec<f32> = (-80..=80).map(|i| i as f32 * 0.125).collect();
+        let sigmoid = |x: f32| 1.0 / (1.0 + (-x).exp());
+        let cases: [(Act, &dyn Fn(f32) -> f32); 6] = [
+            (Act::Relu, &|x| x.max(0.0)),
+            (Act::Relu6, &|x| x.clamp(0.0, 6.0)),
+            (Act::HardSwish, &|x| x * (x + 3.0).clamp(0.0, 6.0) / 6.0),
+            (Act::HardSigmoid, &|x| (x / 6.0 + 0.5).clamp(0.0, 1.0)),
+            (Act::Silu, &|x| x * sigmoid(x)),
+            (Act::Sigmoid, &sigmoid),
+        ];
+        for (act, f) in cases {
+            let mut v = xs.clone();
+            epilogue(&mut v, xs.len(), None, None, Some(act));
+            for (x, got) in xs.iter().zip(&v) {
+                assert!((got - f(*x)).abs() < 1e-6, "{act:?}({x}) = {got}");
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_matches_naive() {
+        let (m, n, k) = (37, 19, 23);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
+        let mut c = vec![0.0; m * n];
+        matmul(m, n, k, &a, k, &b, &mut c, n, 2);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+                assert_eq!(c[i * n + j], want);
+            }
+        }
+    }
+}

@@ -1,0 +1,738 @@
+//! The fast CPU path: a network's folded layers copied once into a [`Plan`] of channels-last
+//! (NHWC) operations that the featurizer and predictor run instead of burn-flex's generic ops.
+//!
+//! Why: burn-flex convolves in NCHW, so every convolution transposes its input to NHWC, rebuilds
+//! its weight matrix, runs im2col, scatters the GEMM result back to NCHW, then adds the bias and
+//! applies the activation in separate passes over memory. A plan keeps activations in NHWC from
+//! the first layer to the last, packs each weight matrix once, runs 1x1 convolutions as a plain
+//! GEMM on the activations, depthwise convolutions with SIMD over channels, and applies bias,
+//! shortcut and activation to each block of GEMM rows while they are still in cache.
+//!
+//! Burn stays the model definition and the weight loader: [`CpuPlan::cpu_plan`] reads the
+//! folded burn modules, and anything a plan does not cover (autodiff, a GPU device, dilation,
+//! grouped non-depthwise convolutions) runs through burn as before. The golden parity tests run
+//! both paths.
+
+pub mod kernels;
+mod pool;
+
+use std::sync::Arc;
+
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::Conv2d;
+use burn::prelude::*;
+use rayon::prelude::*;
+
+use super::ImageNetwork;
+use super::layers::{Act, ConvBn, FoldBatchNorms, SqueezeExcitation};
+use kernels::Window;
+
+/// A batch of images, channels last: `data[((b * height + y) * width + x) * channels + c]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nhwc {
+    pub batch: usize,
+    pub height: usize,
+    pub width: usize,
+    pub channels: usize,
+    pub data: Vec<f32>,
+}
+
+impl Nhwc {
+    /// From an NCHW tensor (one transpose).
+    pub fn from_nchw(data: &[f32], [batch, channels, height, width]: [usize; 4]) -> Nhwc {
+        let plane = height * width;
+        let mut out = pool::take(batch * plane * channels);
+        out.par_chunks_mut(plane * channels)
+            .zip(data.par_chunks(plane * channels))
+            .for_each(|(dst, src)| {
+                for (p, px) in dst.chunks_exact_mut(channels).enumerate() {
+                    for (c, v) in px.iter_mut().enumerate() {
+                        *v = src[c * plane + p];
+                    }
+                }
+            });
+        Nhwc {
+            batch,
+            height,
+            width,
+            channels,
+            data: out,
+        }
+    }
+
+    /// Back to NCHW.
+    pub fn to_nchw(&self) -> Vec<f32> {
+        let plane = self.height * self.width;
+        let c = self.channels;
+        let mut out = vec![0.0; self.data.len()];
+        out.par_chunks_mut(plane * c)
+            .zip(self.data.par_chunks(plane * c))
+            .for_each(|(dst, src)| {
+                for (p, px) in src.chunks_exact(c).enumerate() {
+                    for (ch, v) in px.iter().enumerate() {
+                        dst[ch * plane + p] = *v;
+                    }
+                }
+            });
+        out
+    }
+
+    fn image_len(&self) -> usize {
+        self.height * self.width * self.channels
+    }
+
+    /// `data` shaped as `self` with `channels` channels and `height x width` pixels.
+    fn with(&self, height: usize, width: usize, channels: usize, data: Vec<f32>) -> Nhwc {
+        Nhwc {
+            batch: self.batch,
+            height,
+            width,
+            channels,
+            data,
+        }
+    }
+}
+
+/// The buffer goes back to the pool for the next op.
+impl Drop for Nhwc {
+    fn drop(&mut self) {
+        pool::give(std::mem::take(&mut self.data));
+    }
+}
+
+/// Why a plan could not run an input; the network then runs through burn.
+pub type PlanError = String;
+
+/// Padding as burn's `PaddingConfig2d` means it, resolved per input size.
+#[derive(Debug, Clone, Copy)]
+enum Padding {
+    /// (top, left, bottom, right)
+    Explicit([usize; 4]),
+    /// TensorFlow "SAME": total padding split with the extra pixel after.
+    Same,
+}
+
+impl Padding {
+    /// `[top, left, bottom, right]` for an input of `height x width`.
+    fn resolve(
+        &self,
+        height: usize,
+        width: usize,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+    ) -> [usize; 4] {
+        match *self {
+            Padding::Explicit(p) => p,
+            Padding::Same => {
+                let same = |size: usize, k: usize, s: usize| {
+                    let total = ((size.div_ceil(s).max(1) - 1) * s + k).saturating_sub(size);
+                    (total / 2, total - total / 2)
+                };
+                let (top, bottom) = same(height, kernel[0], stride[0]);
+                let (left, right) = same(width, kernel[1], stride[1]);
+                [top, left, bottom, right]
+            }
+        }
+    }
+}
+
+/// Output size of a window over `size` (PyTorch's formula, with its ceil-mode rule that the
+/// last window starts inside the input or its leading padding).
+fn out_size(
+    size: usize,
+    kernel: usize,
+    stride: usize,
+    pad_begin: usize,
+    pad_end: usize,
+    ceil: bool,
+) -> Option<usize> {
+    let span = (size + pad_begin + pad_end).checked_sub(kernel)?;
+    let mut out = if ceil {
+        span.div_ceil(stride)
+    } else {
+        span / stride
+    } + 1;
+    if ceil && (out - 1) * stride >= size + pad_begin {
+        out -= 1;
+    }
+    Some(out)
+}
+
+/// A convolution with its bias, an optional shortcut added, then its activation:
+/// `act(conv(x) + bias [+ shortcut])`.
+#[derive(Debug, Clone)]
+pub struct Conv {
+    input: usize,
+    output: usize,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: Padding,
+    depthwise: bool,
+    /// Dense: `[kh, kw, C_in, C_out]`, the GEMM's right-hand side. Depthwise: `[kh, kw, C]`.
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    act: Option<Act>,
+}
+
+/// A tensor's values as `f32`, `None` for another dtype (the plan then is not built).
+fn floats<const D: usize>(t: Tensor<D>) -> Option<Vec<f32>> {
+    t.into_data().try_into_vec::<f32>().ok()
+}
+
+impl Conv {
+    /// The plan's copy of a burn convolution followed by `act`; `None` for what the plan does
+    /// not run (dilation, groups other than 1 or depthwise, a non-`f32` weight).
+    pub fn from_burn(conv: &Conv2d, act: Option<Act>) -> Option<Conv> {
+        let [output, per_group, kh, kw] = conv.weight.dims();
+        let input = per_group * conv.groups;
+        let depthwise = conv.groups > 1 && per_group == 1 && output == conv.groups;
+        if conv.dilation != [1, 1] || (conv.groups != 1 && !depthwise) {
+            return None;
+        }
+        let padding = match conv.padding {
+            PaddingConfig2d::Same => Padding::Same,
+            PaddingConfig2d::Valid => Padding::Explicit([0; 4]),
+            PaddingConfig2d::Explicit(top, left, bottom, right) => {
+                Padding::Explicit([top, left, bottom, right])
+            }
+        };
+        let w = floats(conv.weight.val())?;
+        let mut weight = vec![0.0; w.len()];
+        // burn: [C_out, C_in / groups, kh, kw].
+        for o in 0..output {
+            for i in 0..per_group {
+                for y in 0..kh {
+                    for x in 0..kw {
+                        let src = ((o * per_group + i) * kh + y) * kw + x;
+                        let dst = if depthwise {
+                            (y * kw + x) * output + o
+                        } else {
+                            ((y * kw + x) * input + i) * output + o
+                        };
+                        weight[dst] = w[src];
+                    }
+                }
+            }
+        }
+        let bias = match &conv.bias {
+            Some(b) => floats(b.val())?,
+            None => vec![0.0; output],
+        };
+        Some(Conv {
+            input,
+            output,
+            kernel: [kh, kw],
+            stride: conv.stride,
+            padding,
+            depthwise,
+            weight,
+            bias,
+            act,
+        })
+    }
+
+    /// A folded conv + BatchNorm pair; `None` while the BatchNorm is still there.
+    pub fn from_conv_bn(conv: &ConvBn, act: Option<Act>) -> Option<Conv> {
+        if conv.bn.is_some() {
+            return None;
+        }
+        Conv::from_burn(&conv.conv, act)
+    }
+
+    fn window(&self, x: &Nhwc) -> Result<(Window, usize, [usize; 4]), PlanError> {
+        if x.channels != self.input {
+            return Err(format!(
+                "convolution expects {} channels, got {}",
+                self.input, x.channels
+            ));
+        }
+        let pad = self
+            .padding
+            .resolve(x.height, x.width, self.kernel, self.stride);
+        let oh = out_size(
+            x.height,
+            self.kernel[0],
+            self.stride[0],
+            pad[0],
+            pad[2],
+            false,
+        );
+        let ow = out_size(
+            x.width,
+            self.kernel[1],
+            self.stride[1],
+            pad[1],
+            pad[3],
+            false,
+        );
+        let (Some(oh), Some(ow)) = (oh, ow) else {
+            return Err(format!(
+                "a {}x{} input is smaller than a {:?} kernel",
+                x.height, x.width, self.kernel
+            ));
+        };
+        let win = Window {
+            height: x.height,
+            width: x.width,
+            channels: x.channels,
+            kernel: self.kernel,
+            stride: self.stride,
+            pad: [pad[0], pad[1]],
+            out_width: ow,
+        };
+        Ok((win, oh, pad))
+    }
+
+    fn run(&self, x: &Nhwc, shortcut: Option<&Nhwc>) -> Result<Nhwc, PlanError> {
+        let (win, oh, _) = self.window(x)?;
+        let ow = win.out_width;
+        let n = self.output;
+        let rows = x.batch * oh * ow;
+        if let Some(s) = shortcut
+            && s.data.len() != rows * n
+        {
+            return Err("shortcut and block output differ in shape".to_string());
+        }
+        let mut out = pool::take(rows * n);
+        if self.depthwise {
+            self.run_depthwise(x, win, oh, shortcut, &mut out);
+        } else {
+            self.run_dense(x, win, oh, shortcut, &mut out);
+        }
+        Ok(x.with(oh, ow, n, out))
+    }
+
+    fn run_depthwise(
+        &self,
+        x: &Nhwc,
+        win: Window,
+        oh: usize,
+        shortcut: Option<&Nhwc>,
+        out: &mut [f32],
+    ) {
+        let row_len = win.out_width * self.output;
+        out.par_chunks_mut(row_len)
+            .enumerate()
+            .for_each(|(r, row)| {
+                let (b, oy) = (r / oh, r % oh);
+                let image = &x.data[b * x.image_len()..][..x.image_len()];
+                match shortcut {
+                    None => kernels::depthwise_row(
+                        image,
+                        &self.weight,
+                        &self.bias,
+                        win,
+                        oy,
+                        self.act,
+                        row,
+                    ),
+                    Some(s) => {
+                        kernels::depthwise_row(image, &self.weight, &self.bias, win, oy, None, row);
+                        let res = &s.data[r * row_len..][..row_len];
+                        kernels::epilogue(row, self.output, None, Some(res), self.act);
+                    }
+                }
+            });
+    }
+
+    fn run_dense(
+        &self,
+        x: &Nhwc,
+        win: Window,
+        oh: usize,
+        shortcut: Option<&Nhwc>,
+        out: &mut [f32],
+    ) {
+        let n = self.output;
+        let k = self.kernel[0] * self.kernel[1] * self.input;
+        let rows = x.batch * oh * win.out_width;
+        // A 1x1, stride-1, unpadded convolution reads the activations as the GEMM's left side.
+        let direct = self.kernel == [1, 1]
+            && self.stride == [1, 1]
+            && win.out_width == x.width
+            && oh == x.height;
+        let threads = rayon::current_num_threads().max(1);
+        // Rows per block: a block's im2col rows and results stay within ~4 MiB, while the
+        // weights (packed again by each GEMM call) are amortised over >= 256 rows.
+        let block = ((1 << 20) / (k + n)).max(256);
+        let blocks = rows.div_ceil(block);
+        if blocks < threads {
+            // Too few rows to split: one GEMM over all rows, threaded inside, then the epilogue.
+            let mut cols = Vec::new();
+            let a: &[f32] = if direct {
+                &x.data
+            } else {
+                cols = pool::take(rows * k);
+                cols.par_chunks_mut(k * 64)
+                    .enumerate()
+                    .for_each(|(i, chunk)| {
+                        kernels::im2col(&x.data, win, oh, i * 64, chunk);
+                    });
+                &cols
+            };
+            kernels::matmul(rows, n, k, a, k, &self.weight, out, n, threads);
+            pool::give(cols);
+            let per = rows.div_ceil(threads * 4).max(1) * n;
+            out.par_chunks_mut(per).enumerate().for_each(|(i, chunk)| {
+                let res = shortcut.map(|s| &s.data[i * per..][..chunk.len()]);
+                kernels::epilogue(chunk, n, Some(&self.bias), res, self.act);
+            });
+            return;
+        }
+        // Balance the blocks over the threads.
+        let block = rows.div_ceil(blocks.div_ceil(threads) * threads);
+        out.par_chunks_mut(block * n)
+            .enumerate()
+            .for_each(|(i, chunk)| {
+                let first = i * block;
+                let m = chunk.len() / n;
+                let mut cols = Vec::new();
+                let a: &[f32] = if direct {
+                    &x.data[first * k..][..m * k]
+                } else {
+                    cols = pool::take(m * k);
+                    kernels::im2col(&x.data, win, oh, first, &mut cols);
+                    &cols
+                };
+                kernels::matmul(m, n, k, a, k, &self.weight, chunk, n, 1);
+                pool::give(cols);
+                let res = shortcut.map(|s| &s.data[first * n..][..m * n]);
+                kernels::epilogue(chunk, n, Some(&self.bias), res, self.act);
+            });
+    }
+}
+
+/// A max or average pool (average counts padded zeros, PyTorch's default).
+#[derive(Debug, Clone, Copy)]
+pub struct Pool {
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub ceil: bool,
+    pub average: bool,
+}
+
+impl Pool {
+    fn run(&self, x: &Nhwc) -> Result<Nhwc, PlanError> {
+        let size = |s| {
+            out_size(
+                s,
+                self.kernel,
+                self.stride,
+                self.padding,
+                self.padding,
+                self.ceil,
+            )
+        };
+        let (Some(oh), Some(ow)) = (size(x.height), size(x.width)) else {
+            return Err(format!(
+                "a {}x{} input is smaller than the pool",
+                x.height, x.width
+            ));
+        };
+        let win = Window {
+            height: x.height,
+            width: x.width,
+            channels: x.channels,
+            kernel: [self.kernel; 2],
+            stride: [self.stride; 2],
+            pad: [self.padding; 2],
+            out_width: ow,
+        };
+        let row_len = ow * x.channels;
+        let mut out = pool::take(x.batch * oh * row_len);
+        out.par_chunks_mut(row_len)
+            .enumerate()
+            .for_each(|(r, row)| {
+                let (b, oy) = (r / oh, r % oh);
+                let image = &x.data[b * x.image_len()..][..x.image_len()];
+                if self.average {
+                    kernels::avg_pool_row(image, win, oy, row);
+                } else {
+                    kernels::max_pool_row(image, win, oy, row);
+                }
+            });
+        Ok(x.with(oh, ow, x.channels, out))
+    }
+}
+
+/// Squeeze-and-excitation: `x * gate(fc2(act(fc1(mean(x)))))` per image.
+#[derive(Debug, Clone)]
+pub struct SqueezeExcite {
+    /// `[C, squeeze]` and `[squeeze, C]`, as [`kernels::dense`] takes them.
+    fc1: (Vec<f32>, Vec<f32>),
+    fc2: (Vec<f32>, Vec<f32>),
+    act: Act,
+    gate: Act,
+}
+
+impl SqueezeExcite {
+    pub fn from_burn(se: &SqueezeExcitation, act: Act, gate: Act) -> Option<SqueezeExcite> {
+        // fc1, fc2 are 1x1 convolutions with bias: their dense weights are `[C_in, C_out]`.
+        let fc = |conv: &Conv2d| {
+            let c = Conv::from_burn(conv, None)?;
+            (c.kernel == [1, 1] && !c.depthwise).then_some((c.weight, c.bias))
+        };
+        Some(SqueezeExcite {
+            fc1: fc(&se.fc1)?,
+            fc2: fc(&se.fc2)?,
+            act,
+            gate,
+        })
+    }
+
+    /// Scales `x` in place (the plan owns every activation after its input).
+    fn run(&self, mut x: Nhwc) -> Result<Nhwc, PlanError> {
+        let c = x.channels;
+        if !self.fc1.0.len().is_multiple_of(c) || self.fc2.1.len() != c {
+            return Err("squeeze-excite expects other channels".to_string());
+        }
+        let squeeze = self.fc1.1.len();
+        let image_len = x.image_len();
+        x.data.par_chunks_mut(image_len).for_each(|image| {
+            let mut mean = vec![0.0; c];
+            let mut hidden = vec![0.0; squeeze];
+            let mut gate = vec![0.0; c];
+            kernels::channel_mean(image, c, &mut mean);
+            kernels::dense(&mean, &self.fc1.0, &self.fc1.1, Some(self.act), &mut hidden);
+            kernels::dense(
+                &hidden,
+                &self.fc2.0,
+                &self.fc2.1,
+                Some(self.gate),
+                &mut gate,
+            );
+            kernels::scale_channels(image, &gate);
+        });
+        Ok(x)
+    }
+}
+
+/// One step of a plan.
+#[derive(Debug, Clone)]
+pub enum Op {
+    Conv(Conv),
+    Pool(Pool),
+    SqueezeExcite(SqueezeExcite),
+    /// `body(x)` with `shortcut(x)` (`x` itself when empty) added before the last
+    /// convolution's activation; [`Op::residual`] checks the body ends in one.
+    Residual {
+        shortcut: Vec<Op>,
+        body: Vec<Op>,
+    },
+    /// The branches' outputs concatenated along channels.
+    Concat(Vec<Vec<Op>>),
+}
+
+impl Op {
+    /// A residual block; `None` unless `body` ends in a convolution.
+    pub fn residual(shortcut: Vec<Op>, body: Vec<Op>) -> Option<Op> {
+        matches!(body.last(), Some(Op::Conv(_))).then_some(Op::Residual { shortcut, body })
+    }
+
+    pub fn max_pool(kernel: usize, stride: usize, padding: usize, ceil: bool) -> Op {
+        Op::Pool(Pool {
+            kernel,
+            stride,
+            padding,
+            ceil,
+            average: false,
+        })
+    }
+
+    pub fn avg_pool(kernel: usize, stride: usize, padding: usize) -> Op {
+        Op::Pool(Pool {
+            kernel,
+            stride,
+            padding,
+            ceil: false,
+            average: true,
+        })
+    }
+
+    fn run(&self, x: &Nhwc) -> Result<Nhwc, PlanError> {
+        match self {
+            Op::Conv(conv) => conv.run(x, None),
+            Op::Pool(pool) => pool.run(x),
+            Op::SqueezeExcite(se) => se.run(x.clone()),
+            Op::Residual { shortcut, body } => {
+                let projected;
+                let s = if shortcut.is_empty() {
+                    x
+                } else {
+                    projected = run_all(shortcut, x)?;
+                    &projected
+                };
+                let Some((Op::Conv(last), init)) = body.split_last() else {
+                    return Err("a residual body must end in a convolution".to_string());
+                };
+                let y = run_all(init, x)?;
+                last.run(&y, Some(s))
+            }
+            Op::Concat(branches) => {
+                let outs = branches
+                    .par_iter()
+                    .map(|b| run_all(b, x))
+                    .collect::<Result<Vec<_>, _>>()?;
+                concat(&outs)
+            }
+        }
+    }
+}
+
+/// Runs `ops` in order on `x` (a copy of `x` when there are none).
+fn run_all(ops: &[Op], x: &Nhwc) -> Result<Nhwc, PlanError> {
+    let mut current: Option<Nhwc> = None;
+    for op in ops {
+        current = Some(match (op, current.take()) {
+            (Op::SqueezeExcite(se), Some(owned)) => se.run(owned)?,
+            (op, borrowed) => op.run(borrowed.as_ref().unwrap_or(x))?,
+        });
+    }
+    Ok(current.unwrap_or_else(|| x.clone()))
+}
+
+fn concat(parts: &[Nhwc]) -> Result<Nhwc, PlanError> {
+    let Some(first) = parts.first() else {
+        return Err("concatenation of nothing".to_string());
+    };
+    if parts
+        .iter()
+        .any(|p| (p.batch, p.height, p.width) != (first.batch, first.height, first.width))
+    {
+        return Err("concatenated branches differ in size".to_string());
+    }
+    let channels: usize = parts.iter().map(|p| p.channels).sum();
+    let pixels = first.batch * first.height * first.width;
+    let mut data = pool::take(pixels * channels);
+    let chunk = pixels
+        .div_ceil(rayon::current_num_threads().max(1) * 4)
+        .max(1);
+    data.par_chunks_mut(chunk * channels)
+        .enumerate()
+        .for_each(|(i, out)| {
+            for (j, px) in out.chunks_exact_mut(channels).enumerate() {
+                let p = i * chunk + j;
+                let mut offset = 0;
+                for part in parts {
+                    let c = part.channels;
+                    px[offset..offset + c].copy_from_slice(&part.data[p * c..(p + 1) * c]);
+                    offset += c;
+                }
+            }
+        });
+    Ok(first.with(first.height, first.width, channels, data))
+}
+
+/// A network's feature map as NHWC operations.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    ops: Vec<Op>,
+}
+
+impl Plan {
+    pub fn new(ops: Vec<Op>) -> Plan {
+        Plan { ops }
+    }
+
+    /// Runs the plan on an NHWC batch.
+    pub fn run(&self, x: &Nhwc) -> Result<Nhwc, PlanError> {
+        run_all(&self.ops, x)
+    }
+
+    /// The feature map of an NCHW `f32` tensor, as an NCHW tensor on the input's device.
+    pub fn feature_map(&self, input: &Tensor<4>) -> Result<Tensor<4>, PlanError> {
+        let dims = input.dims();
+        let data = floats(input.clone()).ok_or("input is not f32")?;
+        let out = self.run(&Nhwc::from_nchw(&data, dims))?;
+        let shape = [out.batch, out.channels, out.height, out.width];
+        Ok(Tensor::from_data(
+            TensorData::new(out.to_nchw(), shape),
+            &input.device(),
+        ))
+    }
+}
+
+/// How a built-in network is written as a [`Plan`], once its BatchNorms are folded.
+pub trait CpuPlan {
+    /// `None` when some layer is not one a plan runs (or a BatchNorm is not folded yet).
+    fn cpu_plan(&self) -> Option<Plan>;
+}
+
+/// A network whose feature map runs through its [`Plan`] on the CPU device, and through burn
+/// elsewhere (or if the plan refuses an input); features and logits are the network's own.
+#[derive(Debug)]
+pub struct Planned<N> {
+    network: N,
+    plan: Plan,
+}
+
+impl<N: ImageNetwork> ImageNetwork for Planned<N> {
+    fn feature_map(&self, input: Tensor<4>) -> Tensor<4> {
+        let device = input.device();
+        if device == Device::flex() {
+            match self.plan.feature_map(&input) {
+                Ok(map) => return map,
+                Err(e) => warn_once(&e),
+            }
+        }
+        self.network.feature_map(input)
+    }
+
+    fn features(&self, map: Tensor<4>) -> Tensor<2> {
+        self.network.features(map)
+    }
+
+    fn logits(&self, map: Tensor<4>) -> Option<Tensor<2>> {
+        self.network.logits(map)
+    }
+}
+
+/// Says once per process that a plan refused an input (the network then runs through burn:
+/// the same values, more slowly).
+fn warn_once(reason: &str) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        eprintln!(
+            "deep-pipelines: the CPU plan refused an input ({reason}); running it through burn"
+        )
+    });
+}
+
+/// What the featurizer and predictor run: `network` with its BatchNorms folded and, on the CPU
+/// device, its [`Plan`].
+pub fn inference_network<N>(network: N, device: &Device) -> Arc<dyn ImageNetwork>
+where
+    N: ImageNetwork + FoldBatchNorms + CpuPlan + 'static,
+{
+    let network = network.fold_batch_norms();
+    if *device == Device::flex()
+        && let Some(plan) = network.cpu_plan()
+    {
+        return Arc::new(Planned { network, plan });
+    }
+    Arc::new(network)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nhwc_round_trips() {
+        let dims = [2, 3, 4, 5];
+        let data: Vec<f32> = (0..120).map(|i| i as f32).collect();
+        let x = Nhwc::from_nchw(&data, dims);
+        assert_eq!(x.data[1], 20.0); // (b 0, y 0, x 0, c 1) = NCHW index 1 * 20
+        assert_eq!(x.to_nchw(), data);
+    }
+
+    #[test]
+    fn out_size_matches_pytorch() {
+        // 112 -> 56 (3x3 s2 p1), ceil-mode SqueezeNet pools 111 -> 55, 55 -> 27.
+        assert_eq!(out_size(112, 3, 2, 1, 1, false), Some(56));
+        assert_eq!(out_size(111, 3, 2, 0, 0, true), Some(55));
+        assert_eq!(out_size(55, 3, 2, 0, 0, true), Some(27));
+        assert_eq!(out_size(2, 3, 1, 0, 0, false), None);
+    }
+}
