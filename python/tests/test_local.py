@@ -107,7 +107,9 @@ def expected_table(name):
 
 
 def test_a_pipeline_saved_by_rust_0_1_predicts_what_it_did_then():
-    """tests/fixtures/saved_v0_1: saved by the Rust API, with its outputs on 8 images."""
+    """tests/fixtures/saved_v0_1: saved by the Rust API, with its outputs on 8 images. Labels
+    exactly, probabilities within 1e-4: bit for bit until the CPU plan (issue 13) reordered the
+    network's sums, as tests/suite/saved_v0_1.rs says."""
     header, rows = expected_table("pipeline_model")
     model = dp.PipelineModel.load(FIXTURES / "saved_v0_1" / "pipeline_model")
     assert [u.split("_")[0] for u in model.stage_uids] == [
@@ -118,7 +120,7 @@ def test_a_pipeline_saved_by_rust_0_1_predicts_what_it_did_then():
     p, l = header.index("probability"), header.index("predictedLabel")
     for got_p, got_l, row in zip(out["probability"].to_pylist(), out["predictedLabel"].to_pylist(), rows):
         want = [float(x) for x in row[p].strip("[]").split(",")]
-        assert np.allclose(got_p, want, rtol=0, atol=1e-12), (got_p, want)
+        assert np.allclose(got_p, want, rtol=0, atol=1e-4), (got_p, want)
         assert got_l == row[l]
 
 
