@@ -81,6 +81,11 @@ impl Nhwc {
         self.height * self.width * self.channels
     }
 
+    /// Image `b` of the batch.
+    fn image(&self, b: usize) -> &[f32] {
+        &self.data[b * self.image_len()..][..self.image_len()]
+    }
+
     /// `data` shaped as `self` with `channels` channels and `height x width` pixels.
     fn with(&self, height: usize, width: usize, channels: usize, data: Vec<f32>) -> Nhwc {
         Nhwc {
@@ -239,7 +244,8 @@ impl Conv {
         Conv::from_burn(&conv.conv, act)
     }
 
-    fn window(&self, x: &Nhwc) -> Result<(Window, usize, [usize; 4]), PlanError> {
+    /// The sliding window over `x` and the output height.
+    fn window(&self, x: &Nhwc) -> Result<(Window, usize), PlanError> {
         if x.channels != self.input {
             return Err(format!(
                 "convolution expects {} channels, got {}",
@@ -280,11 +286,11 @@ impl Conv {
             pad: [pad[0], pad[1]],
             out_width: ow,
         };
-        Ok((win, oh, pad))
+        Ok((win, oh))
     }
 
     fn run(&self, x: &Nhwc, shortcut: Option<&Nhwc>) -> Result<Nhwc, PlanError> {
-        let (win, oh, _) = self.window(x)?;
+        let (win, oh) = self.window(x)?;
         let ow = win.out_width;
         let n = self.output;
         let rows = x.batch * oh * ow;
@@ -315,7 +321,7 @@ impl Conv {
             .enumerate()
             .for_each(|(r, row)| {
                 let (b, oy) = (r / oh, r % oh);
-                let image = &x.data[b * x.image_len()..][..x.image_len()];
+                let image = x.image(b);
                 match shortcut {
                     None => kernels::depthwise_row(
                         image,
@@ -445,7 +451,7 @@ impl Pool {
             .enumerate()
             .for_each(|(r, row)| {
                 let (b, oy) = (r / oh, r % oh);
-                let image = &x.data[b * x.image_len()..][..x.image_len()];
+                let image = x.image(b);
                 if self.average {
                     kernels::avg_pool_row(image, win, oy, row);
                 } else {
