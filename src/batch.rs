@@ -12,13 +12,15 @@ use datafusion::arrow::datatypes::{Schema, SchemaRef};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use tokio::runtime::Runtime;
 
+use crate::classification::DeepImageClassifierModel;
 use crate::error::{Error, Result};
 use crate::featurizer::DeepImageFeaturizer;
 use crate::image::{DecodeLimits, image_array};
 use crate::pipeline::{PipelineModel, Transformer};
 use crate::predictor::DeepImagePredictor;
 
-/// The column a pipeline's first network stage (featurizer or predictor) reads images from.
+/// The column a pipeline's first network stage (featurizer, predictor or fine-tuned classifier)
+/// reads images from.
 pub fn image_input_col(model: &PipelineModel) -> Option<String> {
     model.stages().iter().find_map(|stage| {
         let any = stage.as_any();
@@ -27,6 +29,10 @@ pub fn image_input_col(model: &PipelineModel) -> Option<String> {
             .or_else(|| {
                 any.downcast_ref::<DeepImagePredictor>()
                     .map(|p| p.params().input_col.clone())
+            })
+            .or_else(|| {
+                any.downcast_ref::<DeepImageClassifierModel>()
+                    .map(|c| c.params().input_col.clone())
             })
     })
 }

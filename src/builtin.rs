@@ -5,7 +5,9 @@
 
 use std::path::Path;
 
-use crate::classification::{LogisticRegression, LogisticRegressionModel};
+use crate::classification::{
+    DeepImageClassifier, DeepImageClassifierModel, LogisticRegression, LogisticRegressionModel,
+};
 use crate::error::Result;
 use crate::feature::{IndexToString, StringIndexer, StringIndexerModel};
 use crate::featurizer::DeepImageFeaturizer;
@@ -26,6 +28,8 @@ impl StageRegistry {
             .register::<LogisticRegressionModel>()
             .register::<DeepImageFeaturizer>()
             .register::<DeepImagePredictor>()
+            .register::<DeepImageClassifier>()
+            .register::<DeepImageClassifierModel>()
     }
 }
 
@@ -67,6 +71,13 @@ impl PipelineModel {
 
 impl LogisticRegressionModel {
     /// Loads a model written by [`LogisticRegressionModel::save`].
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        load_transformer_as(path)
+    }
+}
+
+impl DeepImageClassifierModel {
+    /// Loads a model written by [`DeepImageClassifierModel::save`].
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         load_transformer_as(path)
     }

@@ -34,6 +34,7 @@ pub mod error;
 pub mod evaluation;
 pub mod feature;
 pub mod featurizer;
+pub mod fine_tune;
 pub mod image;
 pub mod models;
 pub mod network_stage;
@@ -49,7 +50,9 @@ pub mod sql;
 pub mod stage;
 pub mod tuning;
 
-pub use classification::{LogisticRegression, LogisticRegressionModel};
+pub use classification::{
+    DeepImageClassifier, DeepImageClassifierModel, LogisticRegression, LogisticRegressionModel,
+};
 pub use error::{Error, Result};
 pub use evaluation::{
     BinaryClassificationEvaluator, ConfusionMatrix, Evaluator, MulticlassClassificationEvaluator,
@@ -70,12 +73,13 @@ pub use tuning::{CrossValidator, ParamGridBuilder, TrainValidationSplit};
 /// Everything the examples import.
 pub mod prelude {
     pub use crate::{
-        BinaryClassificationEvaluator, ConfusionMatrix, CrossValidator, DeepImageFeaturizer,
-        DeepImagePredictor, Estimator, Evaluator, IndexToString, LogisticRegression,
-        LogisticRegressionModel, MulticlassClassificationEvaluator, ParamGridBuilder, ParamMap,
-        Params, Pipeline, PipelineModel, ReadImagesOptions, StringIndexer, StringIndexerModel,
-        TrainValidationSplit, Transformer, confusion_matrix, decode_image_column, random_split,
-        read_images, register_featurizer, register_images_table, register_model,
+        BinaryClassificationEvaluator, ConfusionMatrix, CrossValidator, DeepImageClassifier,
+        DeepImageClassifierModel, DeepImageFeaturizer, DeepImagePredictor, Estimator, Evaluator,
+        IndexToString, LogisticRegression, LogisticRegressionModel,
+        MulticlassClassificationEvaluator, ParamGridBuilder, ParamMap, Params, Pipeline,
+        PipelineModel, ReadImagesOptions, StringIndexer, StringIndexerModel, TrainValidationSplit,
+        Transformer, confusion_matrix, decode_image_column, random_split, read_images,
+        register_featurizer, register_images_table, register_model,
     };
     pub use datafusion::prelude::{DataFrame, SessionContext, col, ident, lit};
 }

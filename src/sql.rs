@@ -49,7 +49,9 @@ use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream, collec
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::batch::{image_input_col, run_blocking};
-use crate::classification::LogisticRegressionModel;
+use crate::classification::{
+    DeepImageClassifierModel, LogisticRegressionModel, classifier_columns,
+};
 use crate::error::{Error, Result};
 use crate::feature::StringIndexerModel;
 use crate::featurizer::DeepImageFeaturizer;
@@ -234,7 +236,8 @@ pub fn register_featurizer(
 
 /// Registers a fitted pipeline as SQL function `name`.
 ///
-/// A pipeline ending in a [`LogisticRegressionModel`] returns a struct
+/// A pipeline with a classifier ([`LogisticRegressionModel`] or a fine-tuned
+/// [`DeepImageClassifierModel`]) returns a struct
 /// `{prediction: Float64, label: Utf8, probability: Float64}` (label from the pipeline's
 /// [`StringIndexerModel`] when it has one; probability of the predicted class); any other
 /// pipeline returns the column that its last stage adds.
@@ -363,6 +366,13 @@ fn describe(stage: &Arc<dyn Transformer>) -> String {
     if let Some(lr) = stage.as_any().downcast_ref::<LogisticRegressionModel>() {
         return format!("LogisticRegressionModel({} classes)", lr.num_classes());
     }
+    if let Some(c) = stage.as_any().downcast_ref::<DeepImageClassifierModel>() {
+        return format!(
+            "DeepImageClassifierModel({}, {} classes)",
+            c.params().model_name,
+            c.num_classes()
+        );
+    }
     let uid = stage.uid();
     uid.rsplit_once('_')
         .map_or(uid, |(class, _)| class)
@@ -393,16 +403,16 @@ impl ModelFunction {
         };
         let input = StreamingTable::try_new(Arc::clone(&schema), vec![Arc::new(slot)])?;
         let planned = model.transform(ctx.read_table(Arc::new(input))?)?;
-        let output = match model.stage::<LogisticRegressionModel>() {
-            Some(lr) => Output::Prediction {
-                prediction_col: lr.params().prediction_col.clone(),
-                probability_col: lr.params().probability_col.clone(),
+        let output = match classifier_columns(model) {
+            Some(classifier) => Output::Prediction {
                 labels: model
                     .stages()
                     .iter()
                     .filter_map(|s| s.as_any().downcast_ref::<StringIndexerModel>())
-                    .find(|si| si.params().output_col == lr.params().label_col)
+                    .find(|si| si.params().output_col == classifier.label_col)
                     .map(|si| si.labels().to_vec()),
+                prediction_col: classifier.prediction_col,
+                probability_col: classifier.probability_col,
             },
             None => {
                 let field = planned

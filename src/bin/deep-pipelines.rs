@@ -23,6 +23,7 @@ use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::logical_expr::cast;
 use datafusion::prelude::ParquetReadOptions;
 use deep_pipelines::NetworkStats;
+use deep_pipelines::classification::classifier_columns;
 use deep_pipelines::evaluation::confusion_matrix;
 use deep_pipelines::image::{ScanMetrics, image_folder_table, image_type};
 use deep_pipelines::models::{available_models, manifest, model_dir};
@@ -82,7 +83,8 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         top_k: usize,
     },
-    /// Transfer learning: a labelled folder (one sub-folder per class) -> a saved model.
+    /// Transfer learning: a labelled folder (one sub-folder per class) -> a saved model
+    /// (a logistic regression on frozen features, or with --fine-tune the network's last blocks).
     Fit {
         /// Training images, one sub-folder per class.
         train_dir: PathBuf,
@@ -100,6 +102,19 @@ enum Command {
         /// Iterations of the optimiser at most.
         #[arg(long, default_value_t = 200)]
         max_iter: usize,
+        /// Fine-tune the network's last N blocks with a new head (DeepImageClassifier) instead
+        /// of fitting a logistic regression on frozen features; 0 trains the new head only.
+        #[arg(long, value_name = "N")]
+        fine_tune: Option<usize>,
+        /// Fine-tuning: passes over the training images.
+        #[arg(long, default_value_t = 20)]
+        epochs: usize,
+        /// Fine-tuning: peak learning rate (default: DeepImageClassifier's).
+        #[arg(long)]
+        learning_rate: Option<f64>,
+        /// Fine-tuning: seed of the new head's weights, shuffles and flips.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
         /// Test images laid out like the training folder: prints accuracy and the confusion matrix.
         #[arg(long)]
         test: Option<PathBuf>,
@@ -252,6 +267,10 @@ async fn run(cli: Cli) -> Result<()> {
             reg_param,
             elastic_net,
             max_iter,
+            fine_tune,
+            epochs,
+            learning_rate,
+            seed,
             test,
             overwrite,
         } => {
@@ -264,6 +283,12 @@ async fn run(cli: Cli) -> Result<()> {
                     reg_param,
                     elastic_net,
                     max_iter,
+                    fine_tune: fine_tune.map(|blocks| FineTune {
+                        blocks,
+                        epochs,
+                        learning_rate,
+                        seed,
+                    }),
                     test,
                     overwrite,
                     progress,
@@ -319,12 +344,12 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             let model = PipelineModel::load(&model_dir)?;
             let mut stages = model.stages().to_vec();
-            if let (Some(lr), Some(indexer)) = (
-                model.stage::<LogisticRegressionModel>(),
+            if let (Some(classifier), Some(indexer)) = (
+                classifier_columns(&model),
                 model.stage::<StringIndexerModel>(),
             ) {
                 let names = IndexToString::new()
-                    .with_input_col(&lr.params().prediction_col)
+                    .with_input_col(&classifier.prediction_col)
                     .with_output_col("predictedLabel")
                     .with_labels(indexer.labels());
                 stages.push(Arc::new(names));
@@ -410,6 +435,10 @@ fn network_stats(model: &PipelineModel) -> Option<NetworkStats> {
                 any.downcast_ref::<DeepImagePredictor>()
                     .map(DeepImagePredictor::metrics)
             })
+            .or_else(|| {
+                any.downcast_ref::<DeepImageClassifierModel>()
+                    .map(DeepImageClassifierModel::metrics)
+            })
     })
 }
 
@@ -422,6 +451,9 @@ fn reset_metrics(model: &PipelineModel) {
         }
         if let Some(p) = any.downcast_ref::<DeepImagePredictor>() {
             p.reset_metrics();
+        }
+        if let Some(c) = any.downcast_ref::<DeepImageClassifierModel>() {
+            c.reset_metrics();
         }
     }
 }
@@ -603,9 +635,40 @@ struct FitJob {
     reg_param: f64,
     elastic_net: f64,
     max_iter: usize,
+    fine_tune: Option<FineTune>,
     test: Option<PathBuf>,
     overwrite: bool,
     progress: bool,
+}
+
+/// `fit --fine-tune N`'s settings.
+struct FineTune {
+    blocks: usize,
+    epochs: usize,
+    learning_rate: Option<f64>,
+    seed: u64,
+}
+
+impl FineTune {
+    fn classifier(&self, network: &NetworkArgs, progress: bool) -> DeepImageClassifier {
+        let mut classifier = DeepImageClassifier::new()
+            .with_model_name(&network.model)
+            .with_batch_size(network.batch_size)
+            .with_device(&network.device)
+            .with_resize_mode(network.resize_mode.as_str())
+            .with_alpha_background(&network.alpha_background)
+            .with_label_col("labelIndex")
+            .with_trainable_blocks(self.blocks)
+            .with_epochs(self.epochs)
+            .with_seed(self.seed);
+        if let Some(rate) = self.learning_rate {
+            classifier = classifier.with_learning_rate(rate);
+        }
+        if progress {
+            classifier = classifier.with_progress(|epoch| eprintln!("fit: {epoch}"));
+        }
+        classifier
+    }
 }
 
 async fn fit(ctx: &SessionContext, job: FitJob) -> Result<()> {
@@ -616,49 +679,81 @@ async fn fit(ctx: &SessionContext, job: FitJob) -> Result<()> {
         )));
     }
     let (train, total, scan) = read_input(ctx, &job.train_dir, true, true).await?;
-    let featurizer = job.network.featurizer();
-    let counter = featurizer.clone();
-    let pipeline = Pipeline::new()
-        .with_estimator(
-            StringIndexer::new()
-                .with_input_col("label")
-                .with_output_col("labelIndex")
-                .with_string_order_type("alphabetAsc"),
-        )
-        .with_transformer(featurizer)
-        .with_estimator(
-            LogisticRegression::new()
-                .with_label_col("labelIndex")
-                .with_reg_param(job.reg_param)
-                .with_elastic_net_param(job.elastic_net)
-                .with_standardization(false)
-                .with_max_iter(job.max_iter),
-        );
+    let pipeline = Pipeline::new().with_estimator(
+        StringIndexer::new()
+            .with_input_col("label")
+            .with_output_col("labelIndex")
+            .with_string_order_type("alphabetAsc"),
+    );
     let started = Instant::now();
-    let meter = Meter::start("fit: featurize", total, job.progress, move || {
-        counter.images_processed()
-    });
-    let model = pipeline.fit(&train).await?;
-    meter.finish();
+    let model = match &job.fine_tune {
+        None => {
+            let featurizer = job.network.featurizer();
+            let counter = featurizer.clone();
+            let pipeline = pipeline.with_transformer(featurizer).with_estimator(
+                LogisticRegression::new()
+                    .with_label_col("labelIndex")
+                    .with_reg_param(job.reg_param)
+                    .with_elastic_net_param(job.elastic_net)
+                    .with_standardization(false)
+                    .with_max_iter(job.max_iter),
+            );
+            let meter = Meter::start("fit: featurize", total, job.progress, move || {
+                counter.images_processed()
+            });
+            let model = pipeline.fit(&train).await?;
+            meter.finish();
+            model
+        }
+        Some(fine_tune) => {
+            let classifier = fine_tune.classifier(&job.network, job.progress);
+            let counter = classifier.clone();
+            let views = if classifier.params().horizontal_flip {
+                2
+            } else {
+                1
+            };
+            // The trunk's pass comes first; the epochs then report one line each.
+            let meter = Meter::start("fit: frozen trunk", total, job.progress, move || {
+                counter.trunk_images() / views
+            });
+            let model = pipeline.with_estimator(classifier).fit(&train).await;
+            meter.finish();
+            model?
+        }
+    };
     report("fit", &model, scan.as_ref(), job.progress);
-    let lr = model
-        .stage::<LogisticRegressionModel>()
-        .ok_or_else(|| Error::Fit("the fitted pipeline has no logistic regression".into()))?;
     let labels = model
         .stage::<StringIndexerModel>()
         .map(|s| s.labels().to_vec())
         .unwrap_or_default();
+    let how = if let Some(lr) = model.stage::<LogisticRegressionModel>() {
+        format!(
+            "logistic regression: {} iterations, {}",
+            lr.fitted().iterations,
+            if lr.fitted().converged {
+                "converged"
+            } else {
+                "stopped at --max-iter"
+            }
+        )
+    } else if let Some(c) = model.stage::<DeepImageClassifierModel>() {
+        let facts = c.fit_facts();
+        format!(
+            "fine-tuned {} blocks of {}: {} epochs, kept epoch {}",
+            facts.trainable_blocks,
+            c.params().model_name,
+            facts.history.len(),
+            facts.best_epoch
+        )
+    } else {
+        return Err(Error::Fit("the fitted pipeline has no classifier".into()));
+    };
     say!(
-        "fitted on {total} images, {} classes ({}) in {:.1} s; logistic regression: {} iterations, {}",
+        "fitted on {total} images, {} classes ({}) in {:.1} s; {how}",
         labels.len(),
         labels.join(", "),
         started.elapsed().as_secs_f64(),
-        lr.fitted().iterations,
-        if lr.fitted().converged {
-            "converged"
-        } else {
-            "stopped at --max-iter"
-        },
     );
     if job.overwrite {
         model.save_overwrite(&job.output)?;

@@ -107,10 +107,7 @@ impl FittedLogistic {
             let p1 = sigmoid(raw[1]);
             return vec![1.0 - p1, p1];
         }
-        let max = raw.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let exp: Vec<f64> = raw.iter().map(|m| (m - max).exp()).collect();
-        let sum: f64 = exp.iter().sum();
-        exp.into_iter().map(|e| e / sum).collect()
+        softmax(raw)
     }
 
     /// Predicted class index (argmax of the margins, first on ties).
@@ -532,6 +529,25 @@ pub fn fit(
         iterations: result.iterations,
         converged: result.converged,
     })
+}
+
+/// Softmax of margins (stable: the largest is subtracted first).
+pub(crate) fn softmax(raw: &[f64]) -> Vec<f64> {
+    let max = raw.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let exp: Vec<f64> = raw.iter().map(|m| (m - max).exp()).collect();
+    let sum: f64 = exp.iter().sum();
+    exp.into_iter().map(|e| e / sum).collect()
+}
+
+/// Index of the largest value (first on ties), as Spark's `argmax` of rawPrediction.
+pub(crate) fn argmax(values: &[f64]) -> usize {
+    values
+        .iter()
+        .enumerate()
+        .fold((0, f64::NEG_INFINITY), |best, (i, &v)| {
+            if v > best.1 { (i, v) } else { best }
+        })
+        .0
 }
 
 #[cfg(test)]

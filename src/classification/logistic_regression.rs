@@ -24,7 +24,7 @@ use datafusion::prelude::{DataFrame, ident};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::logistic_math::{Dataset, Family, FitSettings, FittedLogistic, fit};
+use super::logistic_math::{Dataset, Family, FitSettings, FittedLogistic, argmax, fit};
 use crate::error::{Error, Result};
 use crate::feature::require_column;
 use crate::params::{ParamMap, Params, check, new_uid, setters, string_setters};
@@ -684,15 +684,4 @@ impl ScalarUDFImpl for PredictUdf {
             Ok(ColumnarValue::Array(array))
         })
     }
-}
-
-/// Index of the largest value (first on ties), as Spark's `argmax` of rawPrediction.
-fn argmax(values: &[f64]) -> usize {
-    values
-        .iter()
-        .enumerate()
-        .fold((0, f64::NEG_INFINITY), |best, (i, &v)| {
-            if v > best.1 { (i, v) } else { best }
-        })
-        .0
 }

@@ -1,6 +1,7 @@
 //! The named models: one table of the name used in `modelName`, the folder under the model
 //! directory (also the `architecture` its manifest names) and the architecture to build.
 
+use std::any::{Any, TypeId};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -10,6 +11,8 @@ use super::cpu::inference_network;
 use super::efficientnet::EfficientNetConfig;
 use super::efficientnet_lite::EfficientNetLiteConfig;
 use super::inception_v3::InceptionV3Config;
+use super::inverted_residual::InvertedResidualNet;
+use super::layers::FoldBatchNorms;
 use super::mobilenet_v2::MobileNetV2Config;
 use super::mobilenet_v3::MobileNetV3Config;
 use super::resnet::ResNetConfig;
@@ -108,6 +111,30 @@ pub fn load_architecture(
     config().load(weights, sha256, device, model)
 }
 
+/// The named models `DeepImageClassifier` can fine-tune: those whose network is an
+/// [`InvertedResidualNet`] (EfficientNet-Lite, EfficientNet-B0, MobileNetV2).
+pub(super) fn trainable_names() -> Vec<&'static str> {
+    CATALOG
+        .iter()
+        .filter(|e| (e.config)().fine_tunes())
+        .map(|e| e.name)
+        .collect()
+}
+
+/// Builds `architecture` with `weights` on the CPU, BatchNorms folded, as the network
+/// `DeepImageClassifier` fine-tunes; `None` when the architecture is not one it can.
+pub(super) fn load_trainable(
+    architecture: &str,
+    weights: &Path,
+    sha256: Option<&str>,
+    model: &str,
+) -> Result<Option<InvertedResidualNet>> {
+    match CATALOG.iter().find(|e| e.folder == architecture) {
+        Some(entry) => (entry.config)().load_trainable(weights, sha256, model),
+        None => Ok(None),
+    }
+}
+
 /// An [`Architecture`] with its network type erased, so one table holds every config.
 trait LoadArchitecture {
     fn load(
@@ -117,6 +144,17 @@ trait LoadArchitecture {
         device: &Device,
         model: &str,
     ) -> Result<Arc<dyn ImageNetwork>>;
+
+    /// Whether the network is an [`InvertedResidualNet`], the family fine-tuning supports.
+    fn fine_tunes(&self) -> bool;
+
+    /// The folded network on the CPU, if it [`fine_tunes`](Self::fine_tunes).
+    fn load_trainable(
+        &self,
+        weights: &Path,
+        sha256: Option<&str>,
+        model: &str,
+    ) -> Result<Option<InvertedResidualNet>>;
 }
 
 impl<A: Architecture> LoadArchitecture for A {
@@ -135,5 +173,26 @@ impl<A: Architecture> LoadArchitecture for A {
             model,
         )?;
         Ok(inference_network(network, device))
+    }
+
+    fn fine_tunes(&self) -> bool {
+        TypeId::of::<A::Network>() == TypeId::of::<InvertedResidualNet>()
+    }
+
+    fn load_trainable(
+        &self,
+        weights: &Path,
+        sha256: Option<&str>,
+        model: &str,
+    ) -> Result<Option<InvertedResidualNet>> {
+        if !self.fine_tunes() {
+            return Ok(None);
+        }
+        let network: Box<dyn Any> = Box::new(self.init(&Device::flex()));
+        let Ok(network) = network.downcast::<InvertedResidualNet>() else {
+            return Ok(None);
+        };
+        let network = load_weights(*network, weights, &self.weight_names(), sha256, model)?;
+        Ok(Some(network.fold_batch_norms()))
     }
 }

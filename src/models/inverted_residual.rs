@@ -133,3 +133,88 @@ impl FoldBatchNorms for InvertedResidualNet {
         self
     }
 }
+
+/// The part of an [`InvertedResidualNet`] that `DeepImageClassifier` trains: its last blocks
+/// (the 1x1 head conv counting as the last one) and a new classifier, over the activations of
+/// the frozen trunk below them. BatchNorms are folded (frozen statistics, as in fine-tuning
+/// with the network in eval mode): each trained conv has a weight and a bias.
+#[derive(Module, Debug)]
+pub struct InvertedResidualTop {
+    pub blocks: Vec<InvertedResidual>,
+    pub head: Option<ConvBn>,
+    pub classifier: Linear,
+    #[module(skip)]
+    pub act: Act,
+}
+
+impl InvertedResidualTop {
+    /// Class logits from the trunk's activations at the cut (`[N, C, h, w]`; with no trained
+    /// block, the pooled features as `[N, C, 1, 1]`).
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        self.classifier.forward(self.features(x))
+    }
+
+    /// The pooled features the classifier reads.
+    pub fn features(&self, x: Tensor<4>) -> Tensor<2> {
+        let mut x = x;
+        for block in &self.blocks {
+            x = block.forward(x);
+        }
+        if let Some(head) = &self.head {
+            x = self.act.apply(head.forward(x));
+        }
+        global_average_pool(x)
+    }
+}
+
+impl InvertedResidualNet {
+    /// How many blocks can train: every inverted residual, then the head conv.
+    pub fn trainable_blocks(&self) -> usize {
+        self.body.blocks.len() + 1
+    }
+
+    /// The frozen trunk below the last `k` trainable blocks, as a CPU plan of the folded
+    /// network: the whole body when `k = 0` (its map is then pooled), else the stem and the
+    /// inverted residuals before the cut. `None` if `k` is too large or a layer has no plan.
+    pub fn trunk_plan(&self, k: usize) -> Option<Plan> {
+        if k == 0 {
+            return self.body.cpu_plan();
+        }
+        let keep = self.trainable_blocks().checked_sub(k)?;
+        let body = &self.body;
+        let mut ops = vec![Op::Conv(Conv::from_conv_bn(&body.stem, Some(body.act))?)];
+        for block in &body.blocks[..keep] {
+            ops.extend(block.cpu_ops()?);
+        }
+        Some(Plan::new(ops))
+    }
+
+    /// The last `k` trainable blocks (copies) with `classifier` on top.
+    pub fn top(&self, k: usize, classifier: Linear) -> Option<InvertedResidualTop> {
+        let keep = self.trainable_blocks().checked_sub(k)?;
+        let blocks = if k == 0 {
+            Vec::new()
+        } else {
+            self.body.blocks[keep..].to_vec()
+        };
+        Some(InvertedResidualTop {
+            blocks,
+            head: (k > 0).then(|| self.body.head.clone()),
+            classifier,
+            act: self.body.act,
+        })
+    }
+
+    /// This network with its last blocks, head and classifier replaced by `top`'s: the
+    /// fine-tuned network, which runs (and plans) like any other.
+    pub fn with_top(mut self, top: InvertedResidualTop) -> InvertedResidualNet {
+        let keep = self.body.blocks.len().saturating_sub(top.blocks.len());
+        self.body.blocks.truncate(keep);
+        self.body.blocks.extend(top.blocks);
+        if let Some(head) = top.head {
+            self.body.head = head;
+        }
+        self.classifier = top.classifier;
+        self
+    }
+}

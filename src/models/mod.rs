@@ -47,8 +47,8 @@ pub use manifest::{
     FeatureMode, MODEL_DIR_ENV, Manifest, PreprocessSpec, ResizeFilter, WeightsSpec, model_dir,
 };
 pub use runtime::{
-    available_devices, available_models, device, device_label, load_model, load_model_in, manifest,
-    manifest_in, register_network, replace_network,
+    available_devices, available_models, device, device_label, load_model, load_model_in,
+    load_trainable, manifest, manifest_in, register_network, replace_network, trainable_models,
 };
 pub use weights::{
     check_safetensors_header, load_pytorch, load_safetensors, load_safetensors_bytes, load_weights,

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use burn::prelude::*;
 
 use super::catalog;
+use super::inverted_residual::InvertedResidualNet;
 use super::loaded::LoadedModel;
 use super::manifest::{MODEL_DIR_ENV, Manifest, read_manifest, resolve_dir};
 use super::{ImageNetwork, model_error};
@@ -101,25 +102,66 @@ impl LoadedModel {
     /// Loads a named model from `dir` (or the default directory).
     pub fn load_from(name: &str, dir: Option<&Path>, device: &Device) -> Result<Self> {
         let (manifest, folder) = manifest_in(name, dir)?;
-        let weights = folder.join(&manifest.weights.file);
-        if !weights.is_file() {
-            return Err(model_error(
-                name,
-                format!(
-                    "weight file {} not found. Get it from {} (licence: {}) and put it at that path, \
-                     or point {MODEL_DIR_ENV} / the modelDir param at a folder holding `{}/{}`",
-                    weights.display(),
-                    manifest.weights.source,
-                    manifest.weights.license,
-                    folder
-                        .file_name()
-                        .map_or_else(String::new, |f| f.to_string_lossy().into_owned()),
-                    manifest.weights.file,
-                ),
-            ));
-        }
+        let weights = weight_path(name, &manifest, &folder)?;
         Self::from_weights(manifest, &weights, &folder, device)
     }
+}
+
+/// The weight file of a model's manifest in `folder`; an error saying where to get it when it
+/// is not there.
+fn weight_path(name: &str, manifest: &Manifest, folder: &Path) -> Result<PathBuf> {
+    let weights = folder.join(&manifest.weights.file);
+    if !weights.is_file() {
+        return Err(model_error(
+            name,
+            format!(
+                "weight file {} not found. Get it from {} (licence: {}) and put it at that path, \
+                     or point {MODEL_DIR_ENV} / the modelDir param at a folder holding `{}/{}`",
+                weights.display(),
+                manifest.weights.source,
+                manifest.weights.license,
+                folder
+                    .file_name()
+                    .map_or_else(String::new, |f| f.to_string_lossy().into_owned()),
+                manifest.weights.file,
+            ),
+        ));
+    }
+    Ok(weights)
+}
+
+/// A named model as the network `DeepImageClassifier` fine-tunes: weights loaded on the CPU,
+/// BatchNorms folded. Only the inverted-residual family can be ([`trainable_models`]); the
+/// error for any other model names them.
+pub fn load_trainable(name: &str, dir: Option<&Path>) -> Result<(Manifest, InvertedResidualNet)> {
+    let unsupported = || {
+        model_error(
+            name,
+            format!(
+                "fine-tuning supports {}; for another model fit a LogisticRegression on \
+                 DeepImageFeaturizer's features",
+                trainable_models().join(", ")
+            ),
+        )
+    };
+    if user_model(name).is_some() || !trainable_models().contains(&name) {
+        return Err(unsupported());
+    }
+    let (manifest, folder) = manifest_in(name, dir)?;
+    let weights = weight_path(name, &manifest, &folder)?;
+    let network = catalog::load_trainable(
+        &manifest.architecture,
+        &weights,
+        manifest.weights.expected_sha256(),
+        &manifest.name,
+    )?
+    .ok_or_else(unsupported)?;
+    Ok((manifest, network))
+}
+
+/// The named models `DeepImageClassifier` can fine-tune.
+pub fn trainable_models() -> Vec<&'static str> {
+    catalog::trainable_names()
 }
 
 /// What a cached model was loaded from: its weight file's size and modification time. A

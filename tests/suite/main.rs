@@ -11,6 +11,7 @@ mod bounded_input;
 mod cli;
 mod decode_once;
 mod efficientnet_parity;
+mod fine_tune;
 #[cfg(feature = "wgpu")]
 mod gpu;
 mod hostile_input;

@@ -11,6 +11,10 @@ mod transfer_learning;
 #[path = "../../examples/sql_udf.rs"]
 mod sql_udf;
 
+#[allow(dead_code)]
+#[path = "../../examples/fine_tuning.rs"]
+mod fine_tuning;
+
 use datafusion::arrow::datatypes::DataType;
 use deep_pipelines::prelude::*;
 
@@ -104,6 +108,17 @@ mod blocks {
         let tuned = cv.fit(&train).await?;          // tuned.best_model() is a PipelineModel
         Ok(())
     }
+
+    pub async fn fine_tuning(indexer: StringIndexer, train: DataFrame) -> Result<()> {
+        let classifier = DeepImageClassifier::new()
+            .with_model_name("EfficientNetLite0")       // EfficientNetLite0/1/2, EfficientNetB0, MobileNetV2
+            .with_label_col("labelIndex")
+            .with_trainable_blocks(2)                   // the head conv and the last inverted residual
+            .with_progress(|epoch| eprintln!("{epoch}"));
+        let pipeline = Pipeline::new().with_estimator(indexer).with_estimator(classifier);
+        let model = pipeline.fit(&train).await?;        // prediction, probability, rawPrediction
+        Ok(())
+    }
 }
 
 /// Lines of text without indentation or blank lines, so a block indented into a function body
@@ -135,7 +150,7 @@ fn readme_code_blocks_are_compiled_here() {
         blocks += 1;
         rest = &body[end + 3..];
     }
-    assert_eq!(blocks, 5, "README's ```rust blocks");
+    assert_eq!(blocks, 6, "README's ```rust blocks");
 }
 
 /// The README block for users' own networks registers a network that featurizes real photos.
@@ -169,6 +184,25 @@ async fn transfer_learning_example_reaches_readme_accuracy() {
     assert!(
         report.test_accuracy >= 0.84,
         "transfer_learning test accuracy {}",
+        report.test_accuracy
+    );
+}
+
+/// README: fine-tuning's test accuracy (0.892 on the 2-core machine; the issue's bar is 0.88).
+/// The floor here leaves room for another CPU's float kernels, as the test above does.
+#[tokio::test]
+async fn fine_tuning_example_beats_the_frozen_features() {
+    let report = fine_tuning::run(fine_tuning::DEFAULT_BLOCKS, fine_tuning::DEFAULT_SEED)
+        .await
+        .unwrap();
+    assert_eq!(report.test_images, 500);
+    assert_eq!(
+        report.trunk_images, 2000,
+        "each training image and its mirror, once"
+    );
+    assert!(
+        report.test_accuracy >= 0.87,
+        "fine_tuning test accuracy {}",
         report.test_accuracy
     );
 }

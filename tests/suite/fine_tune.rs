@@ -1,0 +1,343 @@
+//! Fine-tuning: the optimiser step against PyTorch's, and `DeepImageClassifier` end to end
+//! (save/load, SQL, cross-validation sharing the trunk cache).
+
+use burn::nn::LinearConfig;
+use burn::prelude::*;
+use deep_pipelines::fine_tune::{OptimizerKind, Trainer, load_top, save_top};
+use deep_pipelines::models::inverted_residual::{InvertedResidual, InvertedResidualTop};
+use deep_pipelines::models::layers::{Act, ConvBn, ConvSpec};
+
+use crate::common::{max_abs_diff, read_tensors};
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fine_tune");
+
+/// A conv with a bias and no BatchNorm (a folded `ConvBn`).
+fn folded(spec: ConvSpec, device: &Device) -> ConvBn {
+    ConvBn {
+        conv: spec.bias().init(device),
+        bn: None,
+    }
+}
+
+/// The top `make_step_fixtures.py` builds: one inverted residual 8 -> 16 -> 8, head 8 -> 12,
+/// classifier 12 -> 3.
+fn fixture_top() -> InvertedResidualTop {
+    let device = Device::flex();
+    let block = InvertedResidual {
+        expand: Some(folded(ConvSpec::new(8, 16, 1), &device)),
+        depthwise: folded(ConvSpec::new(16, 16, 3).depthwise(), &device),
+        se: None,
+        project: folded(ConvSpec::new(16, 8, 1), &device),
+        residual: true,
+        act: Act::Relu6,
+        se_acts: (Act::Relu, Act::Sigmoid),
+    };
+    InvertedResidualTop {
+        blocks: vec![block],
+        head: Some(folded(ConvSpec::new(8, 12, 1), &device)),
+        classifier: LinearConfig::new(12, 3).init(&device),
+        act: Act::Relu6,
+    }
+}
+
+fn batch(
+    tensors: &std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    step: usize,
+) -> (Tensor<4>, Vec<usize>) {
+    let (shape, x) = &tensors[&format!("x{step}")];
+    let x = Tensor::from_data(
+        TensorData::new(x.clone(), [shape[0], shape[1], shape[2], shape[3]]),
+        &Device::flex(),
+    );
+    let y = tensors[&format!("y{step}")]
+        .1
+        .iter()
+        .map(|&v| v as usize)
+        .collect();
+    (x, y)
+}
+
+#[test]
+fn optimiser_steps_match_pytorch() {
+    let batches = read_tensors(&format!("{FIXTURES}/batches.safetensors"));
+    for (name, optimizer, learning_rate) in [
+        ("sgd", OptimizerKind::Sgd, 0.05),
+        ("adamw", OptimizerKind::AdamW, 1e-2),
+    ] {
+        let mut top = fixture_top();
+        let init = std::fs::read(format!("{FIXTURES}/init.safetensors")).unwrap();
+        load_top(&mut top, init, "init.safetensors", "fixture").unwrap();
+        let mut trainer = Trainer::new(top, optimizer, 0.05);
+        for step in 1..=2 {
+            let (x, y) = batch(&batches, step);
+            let (loss, _) = trainer.step(x, &y, learning_rate).unwrap();
+            let expected = batches[&format!("{name}_loss{step}")].1[0] as f64;
+            assert!(
+                (loss - expected).abs() < 1e-5,
+                "{name} step {step}: loss {loss}, PyTorch {expected}"
+            );
+            let path = std::env::temp_dir().join(format!(
+                "dp-fine-tune-{name}-{step}-{}.safetensors",
+                std::process::id()
+            ));
+            std::fs::write(&path, save_top(&trainer.top()).unwrap()).unwrap();
+            let ours = read_tensors(path.to_str().unwrap());
+            std::fs::remove_file(&path).ok();
+            let reference = read_tensors(&format!("{FIXTURES}/{name}_step{step}.safetensors"));
+            assert_eq!(
+                ours.keys().collect::<Vec<_>>(),
+                reference.keys().collect::<Vec<_>>(),
+                "tensor names"
+            );
+            for (tensor, (shape, values)) in &reference {
+                let (our_shape, ours) = &ours[tensor];
+                assert_eq!(our_shape, shape, "{tensor}");
+                let diff = max_abs_diff(ours, values);
+                assert!(
+                    diff < 1e-5,
+                    "{name} step {step}: {tensor} differs by {diff}"
+                );
+            }
+        }
+    }
+}
+
+use std::path::Path;
+use std::process::Command;
+
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::datatypes::Float64Type;
+use deep_pipelines::prelude::*;
+
+use crate::common::{DATA, collect, images};
+
+/// `[StringIndexer(label -> labelIndex), DeepImageClassifier(Lite0, trainableBlocks 1)]`,
+/// a short fit for tests.
+fn quick_pipeline(classifier: &DeepImageClassifier) -> Pipeline {
+    Pipeline::new()
+        .with_estimator(
+            StringIndexer::new()
+                .with_input_col("label")
+                .with_output_col("labelIndex")
+                .with_string_order_type("alphabetAsc"),
+        )
+        .with_estimator(classifier.clone())
+}
+
+fn quick_classifier() -> DeepImageClassifier {
+    DeepImageClassifier::new()
+        .with_label_col("labelIndex")
+        .with_trainable_blocks(1)
+        .with_epochs(2)
+        .with_seed(3)
+}
+
+/// `n` images of each test class copied into one folder (no labels: new images).
+fn few_images(dir: &Path, n: usize) -> std::path::PathBuf {
+    let few = dir.join("few");
+    std::fs::create_dir_all(&few).unwrap();
+    for class in std::fs::read_dir(format!("{DATA}/test")).unwrap() {
+        let class = class.unwrap().path();
+        let mut files: Vec<_> = std::fs::read_dir(&class)
+            .unwrap()
+            .map(|f| f.unwrap().path())
+            .collect();
+        files.sort();
+        for file in files.iter().take(n) {
+            let name = format!(
+                "{}-{}",
+                class.file_name().unwrap().to_str().unwrap(),
+                file.file_name().unwrap().to_str().unwrap()
+            );
+            std::fs::copy(file, few.join(name)).unwrap();
+        }
+    }
+    few
+}
+
+/// `column`'s vectors (f64 lists) by row.
+fn vectors(batch: &RecordBatch, column: &str) -> Vec<Vec<u64>> {
+    let lists = batch
+        .column_by_name(column)
+        .unwrap_or_else(|| panic!("no column {column}"))
+        .as_fixed_size_list();
+    (0..lists.len())
+        .map(|row| {
+            lists
+                .value(row)
+                .as_primitive::<Float64Type>()
+                .values()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        })
+        .collect()
+}
+
+async fn predictions_by_origin(model: &PipelineModel, folder: &Path) -> RecordBatch {
+    let ctx = SessionContext::new();
+    let images = read_images(&ctx, folder.to_str().unwrap(), ReadImagesOptions::default()).unwrap();
+    let out = model
+        .transform(images)
+        .unwrap()
+        .sort(vec![col("origin").sort(true, false)])
+        .unwrap()
+        .select_columns(&["origin", "rawPrediction", "probability", "prediction"])
+        .unwrap();
+    collect(out).await
+}
+
+#[tokio::test]
+async fn fitted_classifier_saves_loads_in_a_fresh_process_and_predicts_the_same() {
+    let ctx = SessionContext::new();
+    let classifier = quick_classifier();
+    let model = quick_pipeline(&classifier)
+        .fit(&images(&ctx, "train", 0.1))
+        .await
+        .unwrap();
+    let fitted = model.stage::<DeepImageClassifierModel>().unwrap();
+    assert_eq!(fitted.num_classes(), 10);
+    assert_eq!(fitted.history().len(), 2);
+
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir.path().join("model");
+    model.save(&saved).unwrap();
+    assert!(saved.join("stages").exists() || saved.join("metadata.json").exists());
+    let few = few_images(dir.path(), 2);
+    let here = predictions_by_origin(&model, &few).await;
+    assert_eq!(here.num_rows(), 20);
+
+    // Loaded in this process.
+    let loaded = PipelineModel::load(&saved).unwrap();
+    let again = predictions_by_origin(&loaded, &few).await;
+    assert_eq!(
+        vectors(&again, "rawPrediction"),
+        vectors(&here, "rawPrediction")
+    );
+
+    // Loaded in a fresh process: the CLI applies the saved model.
+    let out_file = dir.path().join("applied.parquet");
+    let out = Command::new(env!("CARGO_BIN_EXE_deep-pipelines"))
+        .args([
+            "apply",
+            saved.to_str().unwrap(),
+            few.to_str().unwrap(),
+            "-o",
+        ])
+        .arg(&out_file)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let applied = ctx
+        .read_parquet(out_file.to_str().unwrap(), Default::default())
+        .await
+        .unwrap()
+        .sort(vec![col("origin").sort(true, false)])
+        .unwrap();
+    let applied = collect(applied).await;
+    for column in ["rawPrediction", "probability"] {
+        assert_eq!(
+            vectors(&applied, column),
+            vectors(&here, column),
+            "{column} differs between this process and a fresh one"
+        );
+    }
+    let predicted = |b: &RecordBatch| -> Vec<f64> {
+        b.column_by_name("prediction")
+            .unwrap()
+            .as_primitive::<Float64Type>()
+            .values()
+            .to_vec()
+    };
+    assert_eq!(predicted(&applied), predicted(&here));
+
+    // As a SQL function: the prediction field of `classify(image)` is the model's prediction.
+    let sql = SessionContext::new();
+    register_images_table(
+        &sql,
+        "few",
+        few.to_str().unwrap(),
+        ReadImagesOptions::default(),
+    )
+    .unwrap();
+    register_model(&sql, "classify", &loaded).unwrap();
+    let rows = collect(
+        sql.sql("SELECT origin, classify(image)['prediction'] AS p FROM few ORDER BY origin")
+            .await
+            .unwrap(),
+    )
+    .await;
+    let via_sql: Vec<f64> = rows
+        .column(1)
+        .as_primitive::<Float64Type>()
+        .values()
+        .to_vec();
+    assert_eq!(via_sql, predicted(&here));
+}
+
+#[tokio::test]
+async fn cross_validation_runs_the_frozen_trunk_once_per_image() {
+    let ctx = SessionContext::new();
+    let train = images(&ctx, "train", 0.08).cache().await.unwrap();
+    let rows = train.clone().count().await.unwrap() as u64;
+    let classifier = quick_classifier().with_epochs(1);
+    let grid = ParamGridBuilder::new()
+        .add_grid(Estimator::uid(&classifier), "learningRate", [1e-3, 3e-3])
+        .build();
+    let evaluator = MulticlassClassificationEvaluator::new()
+        .with_label_col("labelIndex")
+        .with_metric_name("accuracy");
+    let cv = CrossValidator::new(quick_pipeline(&classifier), grid, evaluator).with_num_folds(2);
+    let model = cv.fit(&train).await.unwrap();
+    // 2 folds x 2 param maps + the final fit = 5 fits; each image went through the trunk
+    // once, with its mirror image (horizontalFlip).
+    assert_eq!(model.avg_metrics().len(), 2);
+    assert_eq!(classifier.trunk_images(), 2 * rows);
+    assert!(classifier.trunk_cache_bytes() > 0);
+    // Another cut is another trunk.
+    let other = classifier.clone().with_trainable_blocks(2);
+    quick_pipeline(&other).fit(&train).await.unwrap();
+    assert_eq!(classifier.trunk_images(), 4 * rows);
+}
+
+#[tokio::test]
+async fn bad_settings_are_errors_naming_the_param_or_model() {
+    let ctx = SessionContext::new();
+    let train = images(&ctx, "train", 0.02);
+    let fit = |classifier: DeepImageClassifier| {
+        let train = train.clone();
+        async move {
+            quick_pipeline(&classifier)
+                .fit(&train)
+                .await
+                .unwrap_err()
+                .to_string()
+        }
+    };
+    let message = fit(quick_classifier().with_model_name("ResNet18")).await;
+    assert!(
+        message.contains("fine-tuning supports") && message.contains("EfficientNetLite0"),
+        "{message}"
+    );
+    let message = fit(quick_classifier().with_trainable_blocks(18)).await;
+    assert!(
+        message.contains("trainableBlocks") && message.contains("17 trainable blocks"),
+        "{message}"
+    );
+    let message = fit(quick_classifier().with_optimizer("adam")).await;
+    assert!(message.contains("optimizer"), "{message}");
+    let message = fit(quick_classifier().with_learning_rate(0.0)).await;
+    assert!(message.contains("learningRate"), "{message}");
+    // A label column of strings: index it first.
+    let message = DeepImageClassifier::new()
+        .fit(&train)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("StringIndexer"), "{message}");
+}
