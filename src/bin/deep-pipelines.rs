@@ -400,7 +400,8 @@ fn report(job: &str, model: &PipelineModel, scan: Option<&ScanMetrics>, enabled:
     if !enabled {
         return;
     }
-    if let Some(stats) = network_stats(model) {
+    // A fine-tuned model's stage has not run yet after its fit (the trunk pass is the fit's).
+    if let Some(stats) = network_stats(model).filter(|s| s.rows > 0) {
         eprintln!("{job}: {stats}");
     }
     if let Some(scan) = scan.map(ScanMetrics::snapshot) {
@@ -713,7 +714,7 @@ async fn fit(ctx: &SessionContext, job: FitJob) -> Result<()> {
             } else {
                 1
             };
-            // The trunk's pass comes first; the epochs then report one line each.
+            // The trunk's pass comes first (its meter ends with it); then a line per epoch.
             let meter = Meter::start("fit: frozen trunk", total, job.progress, move || {
                 counter.trunk_images() / views
             });
@@ -791,7 +792,8 @@ async fn fit(ctx: &SessionContext, job: FitJob) -> Result<()> {
 
 /// Progress of a long job on stderr: images done (`done` counts from its value at the start),
 /// images/s and ETA. On a terminal an indicatif bar redrawn in place; otherwise a plain line
-/// every 5 s (logs, CI). Both end with one summary line. Prints nothing when `enabled` is false.
+/// every 5 s (logs, CI). Both end with one summary line, when all `total` images are done or at
+/// `finish` (a fit's trunk pass ends before its epochs). Prints nothing when `enabled` is false.
 struct Meter {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -829,7 +831,7 @@ impl Meter {
                     ) {
                         bar.set_style(style);
                     }
-                    while !stop.load(Ordering::Relaxed) {
+                    while !stop.load(Ordering::Relaxed) && (done() as usize) < total {
                         let n = done();
                         let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-9);
                         let left = total.saturating_sub(n as usize) as f64;
@@ -846,7 +848,7 @@ impl Meter {
                     return;
                 }
                 let mut last = Instant::now();
-                while !stop.load(Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) && (done() as usize) < total {
                     std::thread::sleep(Duration::from_millis(100));
                     if last.elapsed() >= Duration::from_secs(5) {
                         last = Instant::now();

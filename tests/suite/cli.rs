@@ -1,6 +1,7 @@
 //! The `deep-pipelines` command line, driven as a user would: `fit` on the bundled images with
-//! `--test` (accuracy, confusion matrix, a saved model), `apply` of that model, `featurize` of a
-//! folder with a broken file, `models`, and errors that name the file and exit non-zero.
+//! `--test` (accuracy, confusion matrix, a saved model), `apply` of that model, `fit
+//! --fine-tune`, `featurize` of a folder with a broken file, `models`, and errors that name the
+//! file and exit non-zero.
 
 use crate::common;
 
@@ -131,6 +132,75 @@ async fn fit_with_test_then_apply_the_saved_model() {
     let sql_labels = strings(&read_parquet(&via_sql).await, "label");
     let expected: Vec<Option<String>> = labels.iter().take(12).cloned().collect();
     assert_eq!(sql_labels, expected);
+}
+
+/// `n` images of each class of the bundled `split`, copied into `dir/split` (same layout).
+fn few_per_class(dir: &Path, split: &str, n: usize) -> std::path::PathBuf {
+    let out = dir.join(split);
+    for class in std::fs::read_dir(format!("{}/{split}", common::DATA)).unwrap() {
+        let class = class.unwrap().path();
+        let target = out.join(class.file_name().unwrap());
+        std::fs::create_dir_all(&target).unwrap();
+        let mut files: Vec<_> = std::fs::read_dir(&class)
+            .unwrap()
+            .map(|f| f.unwrap().path())
+            .collect();
+        files.sort();
+        for file in files.iter().take(n) {
+            std::fs::copy(file, target.join(file.file_name().unwrap())).unwrap();
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn fit_fine_tune_reports_epochs_and_the_model_applies() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = few_per_class(dir.path(), "train", 5);
+    let test = few_per_class(dir.path(), "test", 2);
+    let model = dir.path().join("tuned");
+    let out = cli(&[
+        "fit",
+        train.to_str().unwrap(),
+        "-o",
+        model.to_str().unwrap(),
+        "--fine-tune",
+        "1",
+        "--epochs",
+        "2",
+        "--test",
+        test.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("fine-tuned 1 blocks of EfficientNetLite0: 2 epochs"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("test: 20 images, accuracy"), "{stdout}");
+    assert!(
+        stderr.contains("fit: frozen trunk: 50/50 images"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("fit: epoch 2: loss"), "{stderr}");
+
+    let predictions = dir.path().join("predictions.parquet");
+    let out = cli(&[
+        "apply",
+        model.to_str().unwrap(),
+        test.to_str().unwrap(),
+        "-o",
+        predictions.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let batch = read_parquet(&predictions).await;
+    assert_eq!(batch.num_rows(), 20);
+    assert!(
+        strings(&batch, "predictedLabel")
+            .iter()
+            .all(Option::is_some)
+    );
 }
 
 #[tokio::test]
