@@ -341,3 +341,54 @@ async fn bad_settings_are_errors_naming_the_param_or_model() {
         .to_string();
     assert!(message.contains("StringIndexer"), "{message}");
 }
+
+#[tokio::test]
+async fn validation_split_keeps_the_best_epoch_and_stops_after_patience() {
+    let ctx = SessionContext::new();
+    let train = images(&ctx, "train", 0.1).cache().await.unwrap();
+    let rows = train.clone().count().await.unwrap();
+    let classifier = quick_classifier()
+        .with_epochs(8)
+        .with_validation_fraction(0.3)
+        .with_patience(2);
+    let model = quick_pipeline(&classifier).fit(&train).await.unwrap();
+    let facts = model
+        .stage::<DeepImageClassifierModel>()
+        .unwrap()
+        .fit_facts()
+        .clone();
+    assert_eq!(facts.training_rows + facts.validation_rows, rows);
+    assert_eq!(
+        facts.validation_rows,
+        (rows as f64 * 0.3).round() as usize,
+        "the held-out share"
+    );
+    let losses: Vec<f64> = facts
+        .history
+        .iter()
+        .map(|e| e.validation_loss.expect("a validation loss every epoch"))
+        .collect();
+    assert!(
+        facts
+            .history
+            .iter()
+            .all(|e| e.validation_accuracy.is_some())
+    );
+    // The kept epoch has the lowest validation loss (the first of equals).
+    let best = losses
+        .iter()
+        .enumerate()
+        .fold(
+            (0, f64::INFINITY),
+            |b, (i, &l)| if l < b.1 { (i, l) } else { b },
+        )
+        .0
+        + 1;
+    assert_eq!(facts.best_epoch, best, "validation losses {losses:?}");
+    // It ran all epochs, or stopped `patience` epochs after the best one.
+    assert!(
+        losses.len() == 8 || losses.len() == best + 2,
+        "stopped after {} epochs, best {best}: {losses:?}",
+        losses.len()
+    );
+}
