@@ -134,30 +134,11 @@ async fn fit_with_test_then_apply_the_saved_model() {
     assert_eq!(sql_labels, expected);
 }
 
-/// `n` images of each class of the bundled `split`, copied into `dir/split` (same layout).
-fn few_per_class(dir: &Path, split: &str, n: usize) -> std::path::PathBuf {
-    let out = dir.join(split);
-    for class in std::fs::read_dir(format!("{}/{split}", common::DATA)).unwrap() {
-        let class = class.unwrap().path();
-        let target = out.join(class.file_name().unwrap());
-        std::fs::create_dir_all(&target).unwrap();
-        let mut files: Vec<_> = std::fs::read_dir(&class)
-            .unwrap()
-            .map(|f| f.unwrap().path())
-            .collect();
-        files.sort();
-        for file in files.iter().take(n) {
-            std::fs::copy(file, target.join(file.file_name().unwrap())).unwrap();
-        }
-    }
-    out
-}
-
 #[tokio::test]
 async fn fit_fine_tune_reports_epochs_and_the_model_applies() {
     let dir = tempfile::tempdir().unwrap();
-    let train = few_per_class(dir.path(), "train", 5);
-    let test = few_per_class(dir.path(), "test", 2);
+    let train = common::few_per_class(dir.path(), "train", 5);
+    let test = common::few_per_class(dir.path(), "test", 2);
     let model = dir.path().join("tuned");
     let out = cli(&[
         "fit",

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use datafusion::arrow::array::RecordBatch;
 use deep_pipelines::prelude::*;
@@ -77,4 +78,23 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
+}
+
+/// `n` images of each class of the bundled `split`, copied into `dir/split` (same layout).
+pub fn few_per_class(dir: &Path, split: &str, n: usize) -> PathBuf {
+    let out = dir.join(split);
+    for class in std::fs::read_dir(format!("{}/{split}", DATA)).unwrap() {
+        let class = class.unwrap().path();
+        let target = out.join(class.file_name().unwrap());
+        std::fs::create_dir_all(&target).unwrap();
+        let mut files: Vec<_> = std::fs::read_dir(&class)
+            .unwrap()
+            .map(|f| f.unwrap().path())
+            .collect();
+        files.sort();
+        for file in files.iter().take(n) {
+            std::fs::copy(file, target.join(file.file_name().unwrap())).unwrap();
+        }
+    }
+    out
 }

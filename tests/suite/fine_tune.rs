@@ -109,7 +109,7 @@ use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::datatypes::Float64Type;
 use deep_pipelines::prelude::*;
 
-use crate::common::{DATA, collect, images};
+use crate::common::{collect, few_per_class, images};
 
 /// `[StringIndexer(label -> labelIndex), DeepImageClassifier(Lite0, trainableBlocks 1)]`,
 /// a short fit for tests.
@@ -130,29 +130,6 @@ fn quick_classifier() -> DeepImageClassifier {
         .with_trainable_blocks(1)
         .with_epochs(2)
         .with_seed(3)
-}
-
-/// `n` images of each test class copied into one folder (no labels: new images).
-fn few_images(dir: &Path, n: usize) -> std::path::PathBuf {
-    let few = dir.join("few");
-    std::fs::create_dir_all(&few).unwrap();
-    for class in std::fs::read_dir(format!("{DATA}/test")).unwrap() {
-        let class = class.unwrap().path();
-        let mut files: Vec<_> = std::fs::read_dir(&class)
-            .unwrap()
-            .map(|f| f.unwrap().path())
-            .collect();
-        files.sort();
-        for file in files.iter().take(n) {
-            let name = format!(
-                "{}-{}",
-                class.file_name().unwrap().to_str().unwrap(),
-                file.file_name().unwrap().to_str().unwrap()
-            );
-            std::fs::copy(file, few.join(name)).unwrap();
-        }
-    }
-    few
 }
 
 /// `column`'s vectors (f64 lists) by row.
@@ -203,7 +180,7 @@ async fn fitted_classifier_saves_loads_in_a_fresh_process_and_predicts_the_same(
     let saved = dir.path().join("model");
     model.save(&saved).unwrap();
     assert!(saved.join("stages").exists() || saved.join("metadata.json").exists());
-    let few = few_images(dir.path(), 2);
+    let few = few_per_class(dir.path(), "test", 2);
     let here = predictions_by_origin(&model, &few).await;
     assert_eq!(here.num_rows(), 20);
 
