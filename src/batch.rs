@@ -12,29 +12,15 @@ use datafusion::arrow::datatypes::{Schema, SchemaRef};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use tokio::runtime::Runtime;
 
-use crate::classification::DeepImageClassifierModel;
 use crate::error::{Error, Result};
-use crate::featurizer::DeepImageFeaturizer;
 use crate::image::{DecodeLimits, image_array};
 use crate::pipeline::{PipelineModel, Transformer};
-use crate::predictor::DeepImagePredictor;
 
-/// The column a pipeline's first network stage (featurizer, predictor or fine-tuned classifier)
-/// reads images from.
+/// The column a pipeline's first network stage reads images from.
 pub fn image_input_col(model: &PipelineModel) -> Option<String> {
-    model.stages().iter().find_map(|stage| {
-        let any = stage.as_any();
-        any.downcast_ref::<DeepImageFeaturizer>()
-            .map(|f| f.params().input_col.clone())
-            .or_else(|| {
-                any.downcast_ref::<DeepImagePredictor>()
-                    .map(|p| p.params().input_col.clone())
-            })
-            .or_else(|| {
-                any.downcast_ref::<DeepImageClassifierModel>()
-                    .map(|c| c.params().input_col.clone())
-            })
-    })
+    model
+        .network()
+        .map(|n| n.network_params().input_col.clone())
 }
 
 /// A fitted pipeline (or one stage) applied to record batches as they come.
@@ -67,12 +53,9 @@ impl BatchTransformer {
         }
     }
 
-    /// One stage as a one-stage pipeline.
+    /// One stage (or a fitted pipeline) applied to batches.
     pub fn from_stage(stage: Arc<dyn Transformer>) -> Self {
-        Self::new(PipelineModel::new(
-            format!("{}_batch", stage.uid()),
-            vec![stage],
-        ))
+        Self::new(PipelineModel::of(stage))
     }
 
     pub fn model(&self) -> &PipelineModel {

@@ -16,8 +16,8 @@ use datafusion::prelude::{DataFrame, ident};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
+use crate::columns::require_column;
 use crate::error::{Error, Result};
-use crate::feature::require_column;
 use crate::params::{Choice, Params, Rejected, check, choice, choice_setters, string_setters};
 
 /// A metric over a DataFrame of predictions, as Spark's `Evaluator`.

@@ -21,6 +21,7 @@ use datafusion::prelude::{DataFrame, ident};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
+use crate::columns::require_column;
 use crate::error::{Error, Result};
 use crate::params::{
     ParamMap, Params, Rejected, check, choice, choice_setters, new_uid, string_setters,
@@ -140,25 +141,6 @@ impl StringIndexer {
         with_handle_invalid: handle_invalid: HandleInvalid = "handleInvalid",
         with_string_order_type: string_order_type: StringOrderType = "stringOrderType",
     }
-}
-
-/// The type of column `name` of `df`; the error lists the columns there are.
-pub(crate) fn require_column(df: &DataFrame, name: &str) -> Result<DataType> {
-    df.schema()
-        .field_with_unqualified_name(name)
-        .map(|f| f.data_type().clone())
-        .map_err(|_| {
-            let names: Vec<&str> = df
-                .schema()
-                .fields()
-                .iter()
-                .map(|f| f.name().as_str())
-                .collect();
-            Error::column(
-                name,
-                format!("not found in the DataFrame (columns: {})", names.join(", ")),
-            )
-        })
 }
 
 /// Checks that column `name` can be read as labels (cast to strings).
@@ -307,6 +289,10 @@ impl Transformer for StringIndexerModel {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+
+    fn labels_of(&self, column: &str) -> Option<&[String]> {
+        (column == self.params.output_col).then_some(self.labels.as_slice())
     }
 
     fn save_stage(&self) -> Result<SavedStage> {

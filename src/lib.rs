@@ -30,6 +30,7 @@
 pub mod batch;
 pub mod builtin;
 pub mod classification;
+mod columns;
 pub mod error;
 pub mod evaluation;
 pub mod feature;
@@ -38,6 +39,7 @@ pub mod fine_tune;
 pub mod image;
 pub mod models;
 pub mod network_stage;
+pub mod network_transformer;
 pub mod optim;
 pub mod params;
 pub mod persistence;
@@ -61,7 +63,7 @@ pub use evaluation::{
 pub use feature::{IndexToString, StringIndexer, StringIndexerModel};
 pub use featurizer::DeepImageFeaturizer;
 pub use image::{ReadImagesOptions, decode_image_column, read_images};
-pub use network_stage::NetworkStats;
+pub use network_stage::{NetworkParams, NetworkStage, NetworkStats};
 pub use params::{ParamMap, Params};
 pub use pipeline::{Estimator, Pipeline, PipelineModel, Transformer};
 pub use predictor::DeepImagePredictor;
@@ -76,10 +78,10 @@ pub mod prelude {
         BinaryClassificationEvaluator, ConfusionMatrix, CrossValidator, DeepImageClassifier,
         DeepImageClassifierModel, DeepImageFeaturizer, DeepImagePredictor, Estimator, Evaluator,
         IndexToString, LogisticRegression, LogisticRegressionModel,
-        MulticlassClassificationEvaluator, ParamGridBuilder, ParamMap, Params, Pipeline,
-        PipelineModel, ReadImagesOptions, StringIndexer, StringIndexerModel, TrainValidationSplit,
-        Transformer, confusion_matrix, decode_image_column, random_split, read_images,
-        register_featurizer, register_images_table, register_model,
+        MulticlassClassificationEvaluator, NetworkStage, ParamGridBuilder, ParamMap, Params,
+        Pipeline, PipelineModel, ReadImagesOptions, StringIndexer, StringIndexerModel,
+        TrainValidationSplit, Transformer, confusion_matrix, decode_image_column, random_split,
+        read_images, register_featurizer, register_images_table, register_model,
     };
     pub use datafusion::prelude::{DataFrame, SessionContext, col, ident, lit};
 }

@@ -72,6 +72,25 @@ pub trait Params: Serialize + DeserializeOwned + Default + Clone {
     }
 }
 
+/// Object-safe view of a stage's [`Params`], for code that holds stages as trait objects (see
+/// [`crate::network_stage::NetworkStage::params`]).
+pub trait AnyParams {
+    /// [`Params::to_json`]: every param (Spark names), defaults filled in.
+    fn json(&self) -> serde_json::Value;
+    /// [`Params::explain_params`]: name, doc, value and default of every param.
+    fn explain(&self) -> Vec<ParamInfo>;
+}
+
+impl<P: Params> AnyParams for P {
+    fn json(&self) -> serde_json::Value {
+        self.to_json()
+    }
+
+    fn explain(&self) -> Vec<ParamInfo> {
+        self.explain_params()
+    }
+}
+
 /// A closed set of values (Spark's `ParamValidators.inArray`) as an enum whose serde names
 /// and `as_str` are Spark's strings, so saved JSON and [`ParamMap`] values stay those strings.
 /// Defined with `choice!`.

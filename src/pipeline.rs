@@ -15,10 +15,11 @@ use async_trait::async_trait;
 use datafusion::prelude::DataFrame;
 
 use crate::error::{Error, Result};
+use crate::network_stage::NetworkStage;
 use crate::params::{ParamMap, new_uid};
 use crate::persistence::SavedStage;
 use crate::registry::{LoadedStage, PersistedStage, StageRegistry};
-pub use crate::stage::{AnyEstimator, Estimator, PipelineStage, Transformer};
+pub use crate::stage::{AnyEstimator, ClassifierColumns, Estimator, PipelineStage, Transformer};
 
 /// An ordered list of stages, itself an [`Estimator`].
 #[derive(Debug, Clone)]
@@ -176,9 +177,22 @@ impl PipelineModel {
         }
     }
 
+    /// `stage` as a pipeline: itself if it is a fitted pipeline, else a one-stage pipeline.
+    pub fn of(stage: Arc<dyn Transformer>) -> Self {
+        match stage.as_any().downcast_ref::<PipelineModel>() {
+            Some(model) => model.clone(),
+            None => PipelineModel::new(format!("{}_pipeline", stage.uid()), vec![stage]),
+        }
+    }
+
     /// The fitted stages, in order.
     pub fn stages(&self) -> &[Arc<dyn Transformer>] {
         &self.stages
+    }
+
+    /// The stages that run a network, in order.
+    pub fn network_stages(&self) -> impl Iterator<Item = &dyn NetworkStage> {
+        self.stages.iter().filter_map(|s| s.network())
     }
 
     /// The first stage of concrete type `T`, e.g. the fitted `LogisticRegressionModel`.
@@ -220,6 +234,25 @@ impl Transformer for PipelineModel {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+
+    /// The first network stage's.
+    fn network(&self) -> Option<&dyn NetworkStage> {
+        self.stages.iter().find_map(|s| s.network())
+    }
+
+    /// The first classifier's.
+    fn classifier(&self) -> Option<ClassifierColumns> {
+        self.stages.iter().find_map(|s| s.classifier())
+    }
+
+    fn labels_of(&self, column: &str) -> Option<&[String]> {
+        self.stages.iter().find_map(|s| s.labels_of(column))
+    }
+
+    fn describe(&self) -> String {
+        let stages: Vec<String> = self.stages.iter().map(|s| s.describe()).collect();
+        stages.join(" -> ")
     }
 
     fn save_stage(&self) -> Result<SavedStage> {

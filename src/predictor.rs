@@ -1,72 +1,56 @@
-//! [`DeepImagePredictor`]: a pretrained classifier as a [`Transformer`] that adds the top-K
-//! classes of each image (sparkdl's `DeepImagePredictor` with `decodePredictions`).
+//! [`DeepImagePredictor`]: a pretrained classifier as a [`Transformer`](crate::Transformer)
+//! that adds the top-K classes of each image (sparkdl's `DeepImagePredictor` with
+//! `decodePredictions`): its params and its per-image output (the stage itself is a
+//! [`NetworkTransformer`]).
 
-use std::any::Any;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use datafusion::arrow::array::{
     ArrayRef, FixedSizeListArray, Float32Array, Int32Array, ListArray, StringArray, StructArray,
 };
 use datafusion::arrow::buffer::{NullBuffer, OffsetBuffer};
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Fields};
-use datafusion::prelude::DataFrame;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::models::LoadedModel;
-use crate::network_stage::{
-    NetworkMetrics, NetworkOutput, NetworkParams, NetworkStats, check_model_params,
-    check_model_reference, preprocess_options, saved_network_params,
-};
-use crate::params::{
-    ParamMap, Params, Rejected, check, choice_setters, new_uid, setters, string_setters,
-};
-use crate::persistence::SavedStage;
-use crate::pipeline::Transformer;
-use crate::preprocess::ResizeMode;
+use crate::network_stage::{NetworkOutput, NetworkParams};
+use crate::network_transformer::{NetworkStageParams, NetworkTransformer};
+use crate::params::{Params, check, setters, string_setters};
 
 /// Params of [`DeepImagePredictor`] (sparkdl names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct DeepImagePredictorParams {
-    pub input_col: String,
+    /// `inputCol`, `modelName`, `batchSize`, `device`, ... (saved flat, as Spark names).
+    #[serde(flatten)]
+    pub network: NetworkParams,
     pub output_col: String,
-    pub model_name: String,
     /// `true`: top-K `(class, label, probability)`; `false`: all class probabilities.
     pub decode_predictions: bool,
     pub top_k: usize,
-    pub batch_size: usize,
-    pub device: String,
-    pub model_dir: String,
-    /// `crop` (the manifest's resize + centre crop) or `pad` (letterbox, nothing cut off).
-    pub resize_mode: ResizeMode,
-    /// Colour transparent pixels are composited over (and letterbox padding): `white`,
-    /// `black`, `#rrggbb`, or `none` (drop alpha, keep the stored colour).
-    pub alpha_background: String,
-    /// Column to add with the reason for each null output; empty = none.
-    pub error_col: String,
-    /// Strings the setters could not parse, reported by `validate`.
-    #[serde(skip)]
-    #[doc(hidden)]
-    pub rejected: Rejected,
 }
 
 impl Default for DeepImagePredictorParams {
     fn default() -> Self {
         DeepImagePredictorParams {
-            input_col: "image".into(),
+            network: NetworkParams::default(),
             output_col: "predicted_labels".into(),
-            model_name: "EfficientNetLite0".into(),
             decode_predictions: true,
             top_k: 5,
-            batch_size: 32,
-            device: "cpu".into(),
-            model_dir: String::new(),
-            resize_mode: ResizeMode::Crop,
-            alpha_background: "white".into(),
-            error_col: String::new(),
-            rejected: Rejected::default(),
         }
+    }
+}
+
+impl AsRef<NetworkParams> for DeepImagePredictorParams {
+    fn as_ref(&self) -> &NetworkParams {
+        &self.network
+    }
+}
+
+impl AsMut<NetworkParams> for DeepImagePredictorParams {
+    fn as_mut(&mut self) -> &mut NetworkParams {
+        &mut self.network
     }
 }
 
@@ -74,54 +58,51 @@ impl Params for DeepImagePredictorParams {
     const STAGE: &'static str = "DeepImagePredictor";
 
     fn docs() -> &'static [(&'static str, &'static str)] {
-        &[
-            ("inputCol", "image column (ImageSchema struct)"),
-            ("outputCol", "prediction column to add"),
-            (
-                "modelName",
-                "named pretrained classifier, e.g. EfficientNetLite0",
-            ),
-            (
-                "decodePredictions",
-                "true: array<struct<class, label, probability>> of the topK classes; false: all class probabilities",
-            ),
-            ("topK", "classes kept per image when decoding"),
-            ("batchSize", "images per forward pass"),
-            (
-                "device",
-                "cpu, or (built with the wgpu feature) wgpu (a GPU) or wgpu-cpu (software Vulkan)",
-            ),
-            (
-                "modelDir",
-                "folder with <model>/manifest.json + weights; empty = default",
-            ),
-            (
-                "resizeMode",
-                "crop (the model's resize + centre crop, default) or pad (letterbox, nothing cut off)",
-            ),
-            (
-                "alphaBackground",
-                "colour transparent pixels are composited over, and letterbox padding: white (default), black, #rrggbb, none (drop alpha)",
-            ),
-            (
-                "errorCol",
-                "column to add with the reason of each null output (null image, inconsistent or oversized struct); empty = none",
-            ),
-        ]
+        static DOCS: LazyLock<Vec<(&str, &str)>> = LazyLock::new(|| {
+            NetworkParams::docs_with(&[
+                (
+                    "modelName",
+                    "named pretrained classifier, e.g. EfficientNetLite0",
+                ),
+                ("outputCol", "prediction column to add"),
+                (
+                    "decodePredictions",
+                    "true: array<struct<class, label, probability>> of the topK classes; false: all class probabilities",
+                ),
+                ("topK", "classes kept per image when decoding"),
+            ])
+        });
+        &DOCS
     }
 
     fn validate(&self) -> Result<()> {
         let s = Self::STAGE;
-        check::non_empty(s, "inputCol", &self.input_col)?;
+        self.network.validate(s)?;
         check::non_empty(s, "outputCol", &self.output_col)?;
-        check_model_params(s, &self.model_name, self.batch_size, &self.device)?;
-        preprocess_options(s, self.resize_mode, &self.alpha_background)?;
-        check::in_range(s, "topK", self.top_k as f64, 1.0, 1e6)?;
-        self.rejected.check(s)
+        check::in_range(s, "topK", self.top_k as f64, 1.0, 1e6)
+    }
+}
+
+impl NetworkStageParams for DeepImagePredictorParams {
+    type Output = Predictions;
+
+    fn output_col(&self) -> &str {
+        &self.output_col
     }
 
-    fn rejected(&self) -> &Rejected {
-        &self.rejected
+    fn output(&self, model: &LoadedModel) -> Result<Predictions> {
+        let classes = model.manifest.num_classes;
+        if classes == 0 {
+            return Err(Error::param(
+                Self::STAGE,
+                "modelName",
+                format!("model `{}` has no classifier head", self.network.model_name),
+            ));
+        }
+        Ok(Predictions {
+            top_k: self.top_k.min(classes),
+            decode: self.decode_predictions,
+        })
     }
 }
 
@@ -137,142 +118,19 @@ impl Params for DeepImagePredictorParams {
 /// let predictions = predictor.transform(images)?;
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone)]
-pub struct DeepImagePredictor {
-    uid: String,
-    params: DeepImagePredictorParams,
-    metrics: NetworkMetrics,
-}
-
-impl Default for DeepImagePredictor {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+pub type DeepImagePredictor = NetworkTransformer<DeepImagePredictorParams>;
 
 impl DeepImagePredictor {
-    pub fn new() -> Self {
-        Self::from_params(DeepImagePredictorParams::default())
-    }
-
-    pub fn from_params(params: DeepImagePredictorParams) -> Self {
-        Self::with_uid(new_uid("DeepImagePredictor"), params)
-    }
-
-    fn with_uid(uid: String, params: DeepImagePredictorParams) -> Self {
-        DeepImagePredictor {
-            uid,
-            params,
-            metrics: NetworkMetrics::default(),
-        }
-    }
-
-    pub fn params(&self) -> &DeepImagePredictorParams {
-        &self.params
-    }
-
-    /// Images this stage (with its clones and tuning copies) has run through the network.
-    pub fn images_processed(&self) -> u64 {
-        self.metrics.images()
-    }
-
-    /// What this stage (with its clones and tuning copies) has done since it was made, loaded
-    /// or reset: rows, images, null rows and why, seconds in preprocessing and in the network,
-    /// images/s and the device.
-    pub fn metrics(&self) -> NetworkStats {
-        self.metrics.snapshot()
-    }
-
-    /// Sets [`Self::metrics`] back to zero (e.g. between two runs of one fitted stage).
-    pub fn reset_metrics(&self) {
-        self.metrics.reset();
-    }
-
-    string_setters! {
-        with_input_col: input_col,
-        with_output_col: output_col,
-        with_model_name: model_name,
-        with_device: device,
-        with_model_dir: model_dir,
-        with_alpha_background: alpha_background,
-        with_error_col: error_col,
-    }
+    string_setters! { with_output_col: output_col }
     setters! {
         with_top_k: top_k: usize,
-        with_batch_size: batch_size: usize,
         with_decode_predictions: decode_predictions: bool,
-    }
-    choice_setters! { with_resize_mode: resize_mode: ResizeMode = "resizeMode" }
-
-    fn network(&self) -> NetworkParams<'_> {
-        let p = &self.params;
-        NetworkParams {
-            uid: &self.uid,
-            input_col: &p.input_col,
-            output_col: &p.output_col,
-            model_name: &p.model_name,
-            device: &p.device,
-            model_dir: &p.model_dir,
-            batch_size: p.batch_size,
-            resize_mode: p.resize_mode,
-            alpha_background: &p.alpha_background,
-            error_col: &p.error_col,
-        }
-    }
-
-    pub(crate) fn from_saved(saved: &SavedStage) -> Result<Self> {
-        let params: DeepImagePredictorParams = saved_network_params(saved)?;
-        check_model_reference(saved, &params.model_name, &params.model_dir)?;
-        Ok(Self::with_uid(saved.uid.clone(), params))
-    }
-}
-
-impl Transformer for DeepImagePredictor {
-    fn uid(&self) -> &str {
-        &self.uid
-    }
-
-    fn transform(&self, df: DataFrame) -> Result<DataFrame> {
-        self.params.validate()?;
-        let p = &self.params;
-        self.network().add_column(df, &self.metrics, |model| {
-            let classes = model.manifest.num_classes;
-            if classes == 0 {
-                return Err(Error::param(
-                    <Self as crate::registry::PersistedStage>::CLASS,
-                    "modelName",
-                    format!("model `{}` has no classifier head", p.model_name),
-                ));
-            }
-            Ok(Predictions {
-                top_k: p.top_k.min(classes),
-                decode: p.decode_predictions,
-            })
-        })
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
-    fn save_stage(&self) -> Result<SavedStage> {
-        self.network().save(
-            <Self as crate::registry::PersistedStage>::CLASS,
-            &self.params,
-        )
-    }
-
-    fn copy_with(&self, overrides: &ParamMap) -> Result<Arc<dyn Transformer>> {
-        Ok(Arc::new(DeepImagePredictor {
-            params: overrides.apply(&self.uid, &self.params)?,
-            ..self.clone()
-        }))
     }
 }
 
 /// The predictor's output: softmax probabilities of every class, or the top K decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct Predictions {
+pub struct Predictions {
     top_k: usize,
     decode: bool,
 }
@@ -391,19 +249,3 @@ fn top_k_indices(values: &[f32], k: usize) -> Vec<usize> {
 
 #[cfg(test)]
 mod tests;
-
-// --- persistence registry (helper B) ---
-impl crate::registry::PersistedStage for DeepImagePredictor {
-    const CLASS: &'static str = "DeepImagePredictor";
-
-    fn restore(
-        saved: &crate::persistence::SavedStage,
-        _: &crate::registry::StageRegistry,
-    ) -> crate::Result<Self> {
-        Self::from_saved(saved)
-    }
-
-    fn into_stage(self) -> crate::registry::LoadedStage {
-        crate::registry::LoadedStage::Transformer(std::sync::Arc::new(self))
-    }
-}

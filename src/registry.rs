@@ -71,15 +71,35 @@ pub trait PersistedStage: Sized + 'static {
     /// Rebuilds the stage; `registry` loads child stages (for containers such as pipelines).
     fn restore(saved: &SavedStage, registry: &StageRegistry) -> Result<Self>;
 
+    /// A new stage from its params as JSON (Spark names; missing ones take their defaults),
+    /// validated: how bindings (Python) build a stage by class name. The default: this stage
+    /// cannot be made that way.
+    fn from_params_json(_params: serde_json::Value) -> Result<Self> {
+        Err(Error::Persistence(format!(
+            "stage class `{}` cannot be made from params alone",
+            Self::CLASS
+        )))
+    }
+
     /// The stage as a pipeline holds it: `LoadedStage::Transformer(Arc::new(self))` for a
     /// transformer, `LoadedStage::Estimator(...)` for an estimator.
     fn into_stage(self) -> LoadedStage;
 }
 
-type Loader = fn(&SavedStage, &StageRegistry) -> Result<LoadedStage>;
+/// How the registry builds one class: from what it saved, or from params.
+#[derive(Clone, Copy)]
+struct Loader {
+    restore: fn(&SavedStage, &StageRegistry) -> Result<LoadedStage>,
+    from_params: fn(serde_json::Value) -> Result<LoadedStage>,
+}
 
-fn loader<T: PersistedStage>(saved: &SavedStage, registry: &StageRegistry) -> Result<LoadedStage> {
-    Ok(T::restore(saved, registry)?.into_stage())
+impl Loader {
+    fn of<T: PersistedStage>() -> Self {
+        Loader {
+            restore: |saved, registry| Ok(T::restore(saved, registry)?.into_stage()),
+            from_params: |params| Ok(T::from_params_json(params)?.into_stage()),
+        }
+    }
 }
 
 /// Which stage type loads each saved class.
@@ -105,19 +125,34 @@ impl StageRegistry {
     /// This registry plus stage type `T` (replacing an earlier type of the same class).
     #[must_use]
     pub fn register<T: PersistedStage>(mut self) -> Self {
-        self.loaders.insert(T::CLASS, loader::<T>);
+        self.loaders.insert(T::CLASS, Loader::of::<T>());
         self
+    }
+
+    /// The registered classes, sorted.
+    pub fn classes(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.loaders.keys().copied()
+    }
+
+    fn loader(&self, class: &str, what: &str) -> Result<Loader> {
+        self.loaders.get(class).copied().ok_or_else(|| {
+            Error::Persistence(format!(
+                "{what}unknown class `{class}`; register its type with StageRegistry::register (known: {})",
+                self.classes().collect::<Vec<_>>().join(", ")
+            ))
+        })
     }
 
     /// Rebuilds a stage from what [`crate::persistence::read`] returned, by class.
     pub fn build(&self, saved: &SavedStage) -> Result<LoadedStage> {
-        let load = self.loaders.get(saved.class.as_str()).ok_or_else(|| {
-            Error::Persistence(format!(
-                "stage `{}`: unknown class `{}`; register its type with StageRegistry::register",
-                saved.uid, saved.class
-            ))
-        })?;
-        load(saved, self)
+        let what = format!("stage `{}`: ", saved.uid);
+        (self.loader(&saved.class, &what)?.restore)(saved, self)
+    }
+
+    /// A new stage of `class` from its params as JSON (Spark names; missing ones take their
+    /// defaults), e.g. `make("DeepImageFeaturizer", json!({"modelName": "ResNet50"}))`.
+    pub fn make(&self, class: &str, params: serde_json::Value) -> Result<LoadedStage> {
+        (self.loader(class, "")?.from_params)(params)
     }
 
     /// Loads any saved stage.

@@ -67,7 +67,7 @@ pub fn random_split_by(
         return Err(Error::param(STAGE, "weights", "must not all be zero"));
     }
     for c in key_cols {
-        crate::feature::require_column(&df, c)?;
+        crate::columns::require_column(&df, c)?;
     }
     if key_cols.is_empty() {
         return Err(Error::param(

@@ -49,15 +49,10 @@ use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream, collec
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::batch::{image_input_col, run_blocking};
-use crate::classification::{
-    DeepImageClassifierModel, LogisticRegressionModel, classifier_columns,
-};
 use crate::error::{Error, Result};
-use crate::feature::StringIndexerModel;
 use crate::featurizer::DeepImageFeaturizer;
 use crate::image::{DecodeLimits, ReadImagesOptions, image_array, image_folder_table, image_type};
 use crate::pipeline::{PipelineModel, Transformer};
-use crate::predictor::DeepImagePredictor;
 
 /// DataFusion's option that, when on (its default), moves each `get_field` of a struct-valued
 /// function down to a copy of the call of its own: `SELECT f(image)['label'],
@@ -225,10 +220,7 @@ pub fn register_featurizer(
     name: &str,
     featurizer: &DeepImageFeaturizer,
 ) -> Result<()> {
-    let model = PipelineModel::new(
-        featurizer.uid().to_string(),
-        vec![Arc::new(featurizer.clone())],
-    );
+    let model = PipelineModel::of(Arc::new(featurizer.clone()));
     ctx.register_udf(model_function(name, &model)?);
     one_call_per_row(ctx);
     Ok(())
@@ -236,10 +228,11 @@ pub fn register_featurizer(
 
 /// Registers a fitted pipeline as SQL function `name`.
 ///
-/// A pipeline with a classifier ([`LogisticRegressionModel`] or a fine-tuned
-/// [`DeepImageClassifierModel`]) returns a struct
-/// `{prediction: Float64, label: Utf8, probability: Float64}` (label from the pipeline's
-/// [`StringIndexerModel`] when it has one; probability of the predicted class); any other
+/// A pipeline with a classifier (a stage with [`Transformer::classifier`]: a logistic
+/// regression or a fine-tuned network) returns a struct
+/// `{prediction: Float64, label: Utf8, probability: Float64}` (label from the stage that
+/// indexed the label column, [`Transformer::labels_of`], when it has one; probability of the
+/// predicted class); any other
 /// pipeline returns the column that its last stage adds.
 ///
 /// Also turns [`LEAF_EXPRESSION_PUSHDOWN`] off on `ctx` ([`one_call_per_row`]), so the pipeline
@@ -355,30 +348,6 @@ impl PartitionStream for InputSlot {
     }
 }
 
-/// One line per stage for EXPLAIN: the network's name for network stages, the class otherwise.
-fn describe(stage: &Arc<dyn Transformer>) -> String {
-    if let Some(f) = stage.as_any().downcast_ref::<DeepImageFeaturizer>() {
-        return format!("DeepImageFeaturizer({})", f.params().model_name);
-    }
-    if let Some(p) = stage.as_any().downcast_ref::<DeepImagePredictor>() {
-        return format!("DeepImagePredictor({})", p.params().model_name);
-    }
-    if let Some(lr) = stage.as_any().downcast_ref::<LogisticRegressionModel>() {
-        return format!("LogisticRegressionModel({} classes)", lr.num_classes());
-    }
-    if let Some(c) = stage.as_any().downcast_ref::<DeepImageClassifierModel>() {
-        return format!(
-            "DeepImageClassifierModel({}, {} classes)",
-            c.params().model_name,
-            c.num_classes()
-        );
-    }
-    let uid = stage.uid();
-    uid.rsplit_once('_')
-        .map_or(uid, |(class, _)| class)
-        .to_string()
-}
-
 impl ModelFunction {
     fn new(name: &str, model: &PipelineModel) -> Result<Self> {
         if name.is_empty() || name != name.to_lowercase() {
@@ -392,7 +361,7 @@ impl ModelFunction {
             Error::param(
                 "register_model",
                 "model",
-                "the pipeline has no DeepImageFeaturizer or DeepImagePredictor stage to feed images to",
+                "the pipeline has no network stage (DeepImageFeaturizer, DeepImagePredictor, ...) to feed images to",
             )
         })?;
         // One partition: a run is one batch, already on a worker of the calling query.
@@ -403,14 +372,11 @@ impl ModelFunction {
         };
         let input = StreamingTable::try_new(Arc::clone(&schema), vec![Arc::new(slot)])?;
         let planned = model.transform(ctx.read_table(Arc::new(input))?)?;
-        let output = match classifier_columns(model) {
+        let output = match model.classifier() {
             Some(classifier) => Output::Prediction {
                 labels: model
-                    .stages()
-                    .iter()
-                    .filter_map(|s| s.as_any().downcast_ref::<StringIndexerModel>())
-                    .find(|si| si.params().output_col == classifier.label_col)
-                    .map(|si| si.labels().to_vec()),
+                    .labels_of(&classifier.label_col)
+                    .map(<[String]>::to_vec),
                 prediction_col: classifier.prediction_col,
                 probability_col: classifier.probability_col,
             },
@@ -433,7 +399,7 @@ impl ModelFunction {
             async move { Ok(planned.create_physical_plan().await?) },
         )?;
         let state = ctx.state();
-        let stages: Vec<String> = model.stages().iter().map(describe).collect();
+        let stages: Vec<String> = model.stages().iter().map(|s| s.describe()).collect();
         Ok(ModelFunction {
             sql_name: vec![name.to_string()],
             display_name: format!("{name}[{}]", stages.join(" -> ")),

@@ -2,6 +2,10 @@
 //! DataFrame (lazily), an [`Estimator`] learns from one and returns a fitted `Transformer`;
 //! [`PipelineStage`] holds either. Apart from the `pipeline` module, so that stage modules and
 //! the registry depend on these traits, not on pipelines.
+//!
+//! Code that holds stages as `dyn Transformer` asks them for capabilities
+//! ([`Transformer::network`], [`Transformer::classifier`], [`Transformer::labels_of`]) instead
+//! of downcasting to a list of concrete types, so a new stage needs no edit there.
 
 use std::any::Any;
 use std::fmt::Debug;
@@ -11,6 +15,7 @@ use async_trait::async_trait;
 use datafusion::prelude::DataFrame;
 
 use crate::error::{Error, Result};
+use crate::network_stage::NetworkStage;
 use crate::params::ParamMap;
 use crate::persistence::SavedStage;
 
@@ -22,8 +27,37 @@ pub trait Transformer: Send + Sync + Debug + Any {
     /// Returns `df` with this stage's output column(s) added.
     fn transform(&self, df: DataFrame) -> Result<DataFrame>;
 
-    /// For downcasting a stage of a fitted [`PipelineModel`] back to its concrete type.
+    /// For downcasting a stage of a fitted [`PipelineModel`] back to its concrete type (in the
+    /// stage's own module and the registry; elsewhere, ask a capability below).
     fn as_any(&self) -> &dyn Any;
+
+    /// Capability: the stage runs a network over an image column (featurizer, predictor,
+    /// fine-tuned classifier, yours): its shared params, every param and its counters.
+    fn network(&self) -> Option<&dyn NetworkStage> {
+        None
+    }
+
+    /// Capability: the stage is a classifier; where it writes its outputs.
+    fn classifier(&self) -> Option<ClassifierColumns> {
+        None
+    }
+
+    /// Capability: the string labels of the indices this stage writes to `column` (a fitted
+    /// `StringIndexer`).
+    fn labels_of(&self, _column: &str) -> Option<&[String]> {
+        None
+    }
+
+    /// One line for EXPLAIN and logs, e.g. `DeepImageFeaturizer(EfficientNetLite0)`; by
+    /// default the class part of the uid.
+    fn describe(&self) -> String {
+        let uid = self.uid();
+        let class = uid.rsplit_once('_').map_or(uid, |(class, _)| class);
+        match self.network() {
+            Some(network) => format!("{class}({})", network.network_params().model_name),
+            None => class.to_string(),
+        }
+    }
 
     /// Params and model data for [`crate::persistence`]. The default: this stage cannot be saved.
     fn save_stage(&self) -> Result<SavedStage> {
@@ -35,6 +69,15 @@ pub trait Transformer: Send + Sync + Debug + Any {
     fn copy_with(&self, overrides: &ParamMap) -> Result<Arc<dyn Transformer>> {
         Err(no_params(self.uid(), overrides))
     }
+}
+
+/// Where a classifier (a logistic regression, a fine-tuned network) writes its outputs, and
+/// the label column it was fitted on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassifierColumns {
+    pub prediction_col: String,
+    pub probability_col: String,
+    pub label_col: String,
 }
 
 fn not_saveable(uid: &str) -> Error {

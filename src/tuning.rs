@@ -466,7 +466,7 @@ impl CrossValidator {
         let k = self.params.num_folds;
         let fold_col = self.params.fold_col.as_str();
         if !fold_col.is_empty() {
-            let t = crate::feature::require_column(data, fold_col)?;
+            let t = crate::columns::require_column(data, fold_col)?;
             if !t.is_integer() {
                 return Err(Error::column(
                     fold_col,

@@ -23,8 +23,6 @@ from . import _native
 
 __version__ = _native.__version__
 __all__ = [
-    "DeepImageFeaturizer",
-    "DeepImagePredictor",
     "PipelineModel",
     "available_models",
     "model_dir",
@@ -96,6 +94,13 @@ class _Native:
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         return pa.schema(self._native.output_schema(schema))
 
+    def metrics(self) -> Optional[Dict[str, Any]]:
+        """What the (first) network stage has done in this process: ``rows``, ``images``,
+        ``forwardPasses``, ``nullRows`` (by reason), ``preprocessSeconds``, ``networkSeconds``,
+        ``wallSeconds``, ``imagesPerSecond``, ``device``; None without a network stage."""
+        metrics = self._native.metrics_json
+        return None if metrics is None else json.loads(metrics)
+
     def transform(self, data: Data) -> pa.Table:
         """``data`` (a table, a record batch, or an iterable / stream of batches) with the
         stages' output columns added. Null or undecodable images give null rows."""
@@ -149,19 +154,22 @@ class _NetworkStage(_Native):
         return f"{self._class}({args})"
 
 
-class DeepImageFeaturizer(_NetworkStage):
-    """Adds ``outputCol``: the pretrained network's feature vector per image
-    (``fixed_size_list<float32>``; null for null or undecodable images). ``inputCol`` holds
-    images (Spark's ImageSchema struct, e.g. from :func:`read_images`) or encoded bytes."""
+def _local_stage(class_name: str) -> type:
+    """The local class of a native network stage, its docstring listing the native params."""
+    params = json.loads(_native.Transformer.stage(class_name, "{}").explain_params)
+    lines = [f"    {p['name']} (default {p['default']!r}): {p['doc']}" for p in params]
+    doc = (
+        f"The native ``{class_name}`` on pyarrow tables: ``transform(table)`` adds its output "
+        "column(s); null or undecodable images give null rows.\n\n  Params:\n" + "\n".join(lines)
+    )
+    return type(class_name, (_NetworkStage,), {"_class": class_name, "__doc__": doc})
 
-    _class = "DeepImageFeaturizer"
 
-
-class DeepImagePredictor(_NetworkStage):
-    """Adds ``outputCol``: the network's ImageNet predictions per image — the ``topK``
-    ``(class, description, probability)`` when ``decodePredictions``, else all probabilities."""
-
-    _class = "DeepImagePredictor"
+# One local class per native network stage (DeepImageFeaturizer, DeepImagePredictor, ...).
+for _name in _native.network_stage_classes():
+    globals()[_name] = _local_stage(_name)
+    __all__.append(_name)
+del _name
 
 
 class PipelineModel(_Native):

@@ -27,7 +27,6 @@ import pyarrow as pa
 from pyspark import keyword_only
 from pyspark.ml import Transformer
 from pyspark.ml.param import Param, Params, TypeConverters
-from pyspark.ml.param.shared import HasInputCol, HasOutputCol
 from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import StructField, StructType
@@ -179,154 +178,112 @@ def _apply(df: DataFrame, kind: str, spec: str, native, num_threads: int) -> Dat
 # ---------------------------------------------------------------- stages
 
 
-class _NetworkParams(HasInputCol, HasOutputCol):
-    modelName = Param(
-        Params._dummy(),
-        "modelName",
-        "named pretrained model, e.g. EfficientNetLite0 (see deep_pipelines.available_models())",
-        typeConverter=TypeConverters.toString,
-    )
-    batchSize = Param(
-        Params._dummy(), "batchSize", "images per forward pass", typeConverter=TypeConverters.toInt
-    )
-    modelDir = Param(
-        Params._dummy(),
-        "modelDir",
-        "folder holding <model>/ weights; empty: $DEEP_PIPELINES_MODEL_DIR, then the package's own",
-        typeConverter=TypeConverters.toString,
-    )
+_CONVERTERS = (
+    (bool, TypeConverters.toBoolean),
+    (int, TypeConverters.toInt),
+    (float, TypeConverters.toFloat),
+    (str, TypeConverters.toString),
+)
+
+
+def _native_params(cls):
+    """Class decorator: declares the native stage's params (``cls._native_class``) as Spark
+    ``Param``s with ``getX`` / ``setX``, their names, docs and defaults read from the Rust params
+    type (one place for them: adding a param there adds it here). Params the class declares
+    itself (Spark-only ones such as ``numThreads``) are kept."""
+    specs = json.loads(_native.Transformer.stage(cls._native_class, "{}").explain_params)
+    for spec in specs:
+        name, default = spec["name"], spec["default"]
+        if not isinstance(getattr(cls, name, None), Param):
+            convert = next(c for t, c in _CONVERTERS if isinstance(default, t))
+            setattr(cls, name, Param(Params._dummy(), name, spec["doc"], typeConverter=convert))
+    for name in [n for n in dir(cls) if isinstance(getattr(cls, n), Param)]:
+        accessor = name[0].upper() + name[1:]
+        if not hasattr(cls, "get" + accessor):
+            setattr(cls, "get" + accessor, lambda self, _n=name: self.getOrDefault(_n))
+        if not hasattr(cls, "set" + accessor):
+            setattr(cls, "set" + accessor, lambda self, value, _n=name: self._set(**{_n: value}))
+    cls._native_defaults = {spec["name"]: spec["default"] for spec in specs}
+    return cls
+
+
+class _NetworkTransformer(Transformer, DefaultParamsReadable, DefaultParamsWritable):
+    """A native network stage as a ``pyspark.ml`` Transformer: the params of the Rust stage
+    (see :func:`_native_params`) plus ``numThreads``; ``__init__`` and ``setParams`` take any of
+    them by keyword."""
+
+    _native_class = ""
+    _native_defaults: Dict[str, Any] = {}
+    _spark_defaults: Dict[str, Any] = {}
+
     numThreads = Param(
         Params._dummy(),
         "numThreads",
         "native threads per Python worker; 0: the task's CPUs (spark.task.cpus)",
         typeConverter=TypeConverters.toInt,
     )
-    resizeMode = Param(
-        Params._dummy(),
-        "resizeMode",
-        "crop (the model's resize + centre crop, default) or pad (letterbox, nothing cut off)",
-        typeConverter=TypeConverters.toString,
-    )
-    alphaBackground = Param(
-        Params._dummy(),
-        "alphaBackground",
-        "colour transparent pixels are composited over, and letterbox padding: "
-        "white (default), black, #rrggbb, none (drop alpha)",
-        typeConverter=TypeConverters.toString,
-    )
-    errorCol = Param(
-        Params._dummy(),
-        "errorCol",
-        "column to add with the reason of each null output; empty: none",
-        typeConverter=TypeConverters.toString,
-    )
 
-    def getModelName(self) -> str:
-        return self.getOrDefault(self.modelName)
+    @keyword_only
+    def __init__(self, **params: Any):
+        super().__init__()
+        self._setDefault(**self._native_defaults, numThreads=0, **self._spark_defaults)
+        self.setParams(**self._input_kwargs)
 
-    def getBatchSize(self) -> int:
-        return self.getOrDefault(self.batchSize)
-
-    def getModelDir(self) -> str:
-        return self.getOrDefault(self.modelDir)
-
-    def getNumThreads(self) -> int:
-        return self.getOrDefault(self.numThreads)
-
-    def getResizeMode(self) -> str:
-        return self.getOrDefault(self.resizeMode)
-
-    def getAlphaBackground(self) -> str:
-        return self.getOrDefault(self.alphaBackground)
-
-    def getErrorCol(self) -> str:
-        return self.getOrDefault(self.errorCol)
-
-    def setResizeMode(self, value: str):
-        return self._set(resizeMode=value)
-
-    def setAlphaBackground(self, value: str):
-        return self._set(alphaBackground=value)
-
-    def setErrorCol(self, value: str):
-        return self._set(errorCol=value)
-
-    def setModelName(self, value: str):
-        return self._set(modelName=value)
-
-    def setBatchSize(self, value: int):
-        return self._set(batchSize=value)
-
-    def setModelDir(self, value: str):
-        return self._set(modelDir=value)
-
-    def setNumThreads(self, value: int):
-        return self._set(numThreads=value)
-
-    def setInputCol(self, value: str):
-        return self._set(inputCol=value)
-
-    def setOutputCol(self, value: str):
-        return self._set(outputCol=value)
-
-    def _network_defaults(self, output_col: str) -> None:
-        self._setDefault(
-            inputCol="image",
-            outputCol=output_col,
-            modelName="EfficientNetLite0",
-            batchSize=32,
-            modelDir="",
-            numThreads=0,
-            resizeMode="crop",
-            alphaBackground="white",
-            errorCol="",
-        )
+    @keyword_only
+    def setParams(self, **params: Any):
+        """Sets params by name (``None`` leaves one as it is); an unknown name is an error that
+        lists the known ones."""
+        known = {p.name for p in self.params}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(
+                f"{self._native_class}: unknown param(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        return self._set(**{k: v for k, v in params.items() if v is not None})
 
     def _native_params(self) -> Dict[str, Any]:
-        return {
-            "inputCol": self.getInputCol(),
-            "outputCol": self.getOutputCol(),
-            "modelName": self.getModelName(),
-            "batchSize": self.getBatchSize(),
-            "modelDir": _dp.model_dir(self.getModelDir() or None),
-            "resizeMode": self.getResizeMode(),
-            "alphaBackground": self.getAlphaBackground(),
-            "errorCol": self.getErrorCol(),
-        }
-
-
-class _NetworkTransformer(Transformer, _NetworkParams, DefaultParamsReadable, DefaultParamsWritable):
-    _native_class = ""
+        """The native stage's params as set here, ``modelDir`` resolved (see
+        :func:`deep_pipelines.model_dir`)."""
+        params = {name: self.getOrDefault(name) for name in self._native_defaults}
+        params["modelDir"] = _dp.model_dir(params.get("modelDir") or None)
+        return params
 
     def _spec(self) -> str:
         return json.dumps([self._native_class, json.dumps(self._native_params(), sort_keys=True)])
 
     def _check_input(self, df: DataFrame) -> None:
-        col = self.getInputCol()
+        col = self.getOrDefault("inputCol")
         if col not in df.columns:
             raise ValueError(
                 f"{self._native_class}: input column `{col}` not found; columns: {', '.join(df.columns)}"
             )
-        if self.getOutputCol() in df.columns:
+        if self.getOrDefault("outputCol") in df.columns:
             raise ValueError(
-                f"{self._native_class}: output column `{self.getOutputCol()}` already exists"
+                f"{self._native_class}: output column `{self.getOrDefault('outputCol')}` already exists"
             )
 
     def _run(self, df: DataFrame) -> DataFrame:
         self._check_input(df)
         spec = self._spec()
-        native = _cached("stage", spec, self.getNumThreads())
-        return _apply(df, "stage", spec, native, self.getNumThreads())
+        threads = self.getOrDefault("numThreads")
+        native = _cached("stage", spec, threads)
+        return _apply(df, "stage", spec, native, threads)
+
+    def _transform(self, dataset: DataFrame) -> DataFrame:
+        return self._run(dataset)
 
 
+@_native_params
 class DeepImageFeaturizer(_NetworkTransformer):
     """Adds ``outputCol``: the pretrained network's feature vector per image, a Spark ML
     ``Vector`` (``outputFormat="vector"``, what Spark's estimators take) or ``array<float>``
     (``outputFormat="array"``). ``inputCol``: Spark's ``image`` source struct (BGR; 1, 3 or 4
     channels) or encoded bytes (``binaryFile``'s ``content``). Null or undecodable images give
-    null features, never a failed job."""
+    null features, never a failed job. Params: ``explainParams()``."""
 
     _native_class = "DeepImageFeaturizer"
+    _spark_defaults = {"outputFormat": "vector"}
 
     outputFormat = Param(
         Params._dummy(),
@@ -334,66 +291,6 @@ class DeepImageFeaturizer(_NetworkTransformer):
         "vector (Spark ML DenseVector, default) or array (array<float>)",
         typeConverter=TypeConverters.toString,
     )
-    featureMode = Param(
-        Params._dummy(),
-        "featureMode",
-        "pooled (the feature vector, default) or flattened (the last feature map)",
-        typeConverter=TypeConverters.toString,
-    )
-
-    @keyword_only
-    def __init__(
-        self,
-        *,
-        inputCol: Optional[str] = None,
-        outputCol: Optional[str] = None,
-        modelName: Optional[str] = None,
-        batchSize: Optional[int] = None,
-        outputFormat: Optional[str] = None,
-        featureMode: Optional[str] = None,
-        modelDir: Optional[str] = None,
-        numThreads: Optional[int] = None,
-        resizeMode: Optional[str] = None,
-        alphaBackground: Optional[str] = None,
-        errorCol: Optional[str] = None,
-    ):
-        super().__init__()
-        self._network_defaults("features")
-        self._setDefault(outputFormat="vector", featureMode="pooled")
-        self.setParams(**self._input_kwargs)
-
-    @keyword_only
-    def setParams(
-        self,
-        *,
-        inputCol: Optional[str] = None,
-        outputCol: Optional[str] = None,
-        modelName: Optional[str] = None,
-        batchSize: Optional[int] = None,
-        outputFormat: Optional[str] = None,
-        featureMode: Optional[str] = None,
-        modelDir: Optional[str] = None,
-        numThreads: Optional[int] = None,
-        resizeMode: Optional[str] = None,
-        alphaBackground: Optional[str] = None,
-        errorCol: Optional[str] = None,
-    ):
-        return self._set(**self._input_kwargs)
-
-    def getOutputFormat(self) -> str:
-        return self.getOrDefault(self.outputFormat)
-
-    def setOutputFormat(self, value: str):
-        return self._set(outputFormat=value)
-
-    def getFeatureMode(self) -> str:
-        return self.getOrDefault(self.featureMode)
-
-    def setFeatureMode(self, value: str):
-        return self._set(featureMode=value)
-
-    def _native_params(self) -> Dict[str, Any]:
-        return {**super()._native_params(), "featureMode": self.getFeatureMode()}
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
         fmt = self.getOutputFormat()
@@ -411,78 +308,14 @@ class DeepImageFeaturizer(_NetworkTransformer):
         return out
 
 
+@_native_params
 class DeepImagePredictor(_NetworkTransformer):
     """Adds ``outputCol``: the network's ImageNet predictions per image. With
-    ``decodePredictions`` (default) an ``array<struct<class, description, probability>>`` of the
+    ``decodePredictions`` (default) an ``array<struct<class, label, probability>>`` of the
     ``topK`` classes, else ``array<float>`` of all class probabilities. Null or undecodable
-    images give null."""
+    images give null. Params: ``explainParams()``."""
 
     _native_class = "DeepImagePredictor"
-
-    decodePredictions = Param(
-        Params._dummy(),
-        "decodePredictions",
-        "top-K (class, description, probability) structs instead of all probabilities",
-        typeConverter=TypeConverters.toBoolean,
-    )
-    topK = Param(
-        Params._dummy(), "topK", "classes kept when decoding", typeConverter=TypeConverters.toInt
-    )
-
-    @keyword_only
-    def __init__(
-        self,
-        *,
-        inputCol: Optional[str] = None,
-        outputCol: Optional[str] = None,
-        modelName: Optional[str] = None,
-        decodePredictions: Optional[bool] = None,
-        topK: Optional[int] = None,
-        batchSize: Optional[int] = None,
-        modelDir: Optional[str] = None,
-        numThreads: Optional[int] = None,
-        resizeMode: Optional[str] = None,
-        alphaBackground: Optional[str] = None,
-        errorCol: Optional[str] = None,
-    ):
-        super().__init__()
-        self._network_defaults("predicted_labels")
-        self._setDefault(decodePredictions=True, topK=5)
-        self.setParams(**self._input_kwargs)
-
-    @keyword_only
-    def setParams(
-        self,
-        *,
-        inputCol: Optional[str] = None,
-        outputCol: Optional[str] = None,
-        modelName: Optional[str] = None,
-        decodePredictions: Optional[bool] = None,
-        topK: Optional[int] = None,
-        batchSize: Optional[int] = None,
-        modelDir: Optional[str] = None,
-        numThreads: Optional[int] = None,
-        resizeMode: Optional[str] = None,
-        alphaBackground: Optional[str] = None,
-        errorCol: Optional[str] = None,
-    ):
-        return self._set(**self._input_kwargs)
-
-    def getDecodePredictions(self) -> bool:
-        return self.getOrDefault(self.decodePredictions)
-
-    def getTopK(self) -> int:
-        return self.getOrDefault(self.topK)
-
-    def _native_params(self) -> Dict[str, Any]:
-        return {
-            **super()._native_params(),
-            "decodePredictions": self.getDecodePredictions(),
-            "topK": self.getTopK(),
-        }
-
-    def _transform(self, dataset: DataFrame) -> DataFrame:
-        return self._run(dataset)
 
 
 # ---------------------------------------------------------------- Rust-saved pipelines, SQL
@@ -517,7 +350,7 @@ def register_image_udf(
 ):
     """Registers ``name`` as a Spark SQL function of an image column (Spark's ``image`` struct
     or encoded bytes): ``SELECT name(image) FROM t``. With ``modelName``, the network's ImageNet
-    predictions (``array<struct<class, description, probability>>``, the ``topK`` best; all
+    predictions (``array<struct<class, label, probability>>``, the ``topK`` best; all
     probabilities without ``decodePredictions``); with ``model_path``, a pipeline saved by the
     Rust API: ``struct<prediction, label, probability>`` for a classifier, else its last column.
     Runs per Arrow batch (``arrow_udf``); null for null or undecodable images. Returns the UDF."""

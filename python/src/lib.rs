@@ -12,10 +12,9 @@ use arrow::error::ArrowError;
 use arrow::ffi::{FFI_ArrowArray, FFI_ArrowSchema, from_ffi, to_ffi};
 use arrow::ffi_stream::FFI_ArrowArrayStream;
 use deep_pipelines::batch::BatchTransformer;
-use deep_pipelines::featurizer::DeepImageFeaturizerParams;
-use deep_pipelines::predictor::DeepImagePredictorParams;
+use deep_pipelines::params::AnyParams;
 use deep_pipelines::stage::PipelineStage;
-use deep_pipelines::{DeepImageFeaturizer, DeepImagePredictor, PipelineModel, ReadImagesOptions};
+use deep_pipelines::{PipelineModel, ReadImagesOptions, StageRegistry, Transformer as _};
 use pyo3::exceptions::{PyIOError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyCapsule, PyTuple};
@@ -168,38 +167,49 @@ impl ArrowStream {
     }
 }
 
-/// A network stage built from its params (Spark names, as JSON).
+/// A network stage of class `class` (as the registry names it: `DeepImageFeaturizer`, ...)
+/// built from its params (Spark names, as JSON; missing ones take their defaults).
 fn network_stage(class: &str, params_json: &str) -> PyResult<Arc<dyn deep_pipelines::Transformer>> {
-    let bad_json = |e: serde_json::Error| PyValueError::new_err(format!("{class} params: {e}"));
-    Ok(match class {
-        "DeepImageFeaturizer" => {
-            let params: DeepImageFeaturizerParams =
-                serde_json::from_str(params_json).map_err(bad_json)?;
-            Arc::new(DeepImageFeaturizer::from_params(params))
+    let params: serde_json::Value = serde_json::from_str(params_json)
+        .map_err(|e| PyValueError::new_err(format!("{class} params: {e}")))?;
+    let not_network = || {
+        PyValueError::new_err(format!(
+            "`{class}` is not a network stage; network stages: {}",
+            network_stage_classes().join(", ")
+        ))
+    };
+    match StageRegistry::builtin().make(class, params).map_err(|e| {
+        if network_stage_classes().iter().any(|c| c == class) {
+            py_err(e)
+        } else {
+            not_network()
         }
-        "DeepImagePredictor" => {
-            let params: DeepImagePredictorParams =
-                serde_json::from_str(params_json).map_err(bad_json)?;
-            Arc::new(DeepImagePredictor::from_params(params))
-        }
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "unknown network stage `{other}`; available: DeepImageFeaturizer, DeepImagePredictor"
-            )));
-        }
-    })
+    })? {
+        PipelineStage::Transformer(stage) if stage.network().is_some() => Ok(stage),
+        _ => Err(not_network()),
+    }
+}
+
+/// The registered classes that are network stages (made with their default params).
+#[pyfunction]
+fn network_stage_classes() -> Vec<String> {
+    let registry = StageRegistry::builtin();
+    registry
+        .classes()
+        .filter(|class| {
+            matches!(
+                registry.make(class, serde_json::json!({})),
+                Ok(PipelineStage::Transformer(stage)) if stage.network().is_some()
+            )
+        })
+        .map(str::to_string)
+        .collect()
 }
 
 /// A saved transformer (a fitted `PipelineModel` or one stage), as a one-or-more-stage pipeline.
 fn load_pipeline(path: &str) -> PyResult<PipelineModel> {
     match deep_pipelines::builtin::load(path).map_err(py_err)? {
-        PipelineStage::Transformer(stage) => match stage.as_any().downcast_ref::<PipelineModel>() {
-            Some(model) => Ok(model.clone()),
-            None => Ok(PipelineModel::new(
-                format!("{}_pipeline", stage.uid()),
-                vec![stage],
-            )),
-        },
+        PipelineStage::Transformer(stage) => Ok(PipelineModel::of(stage)),
         PipelineStage::Estimator(stage) => Err(PyValueError::new_err(format!(
             "{path}: `{}` is an unfitted estimator; save a fitted model (PipelineModel) to apply it",
             stage.uid()
@@ -213,6 +223,16 @@ struct Transformer {
     inner: BatchTransformer,
 }
 
+impl Transformer {
+    /// `f` of a one-stage network pipeline's params, as a JSON string.
+    fn network_params(&self, f: impl Fn(&dyn AnyParams) -> serde_json::Value) -> Option<String> {
+        let [stage] = self.inner.model().stages() else {
+            return None;
+        };
+        Some(f(stage.network()?.params()).to_string())
+    }
+}
+
 #[pymethods]
 impl Transformer {
     /// A pipeline (or stage) saved by the Rust API or by `deep_pipelines`.
@@ -224,7 +244,8 @@ impl Transformer {
         })
     }
 
-    /// `DeepImageFeaturizer` or `DeepImagePredictor` with params given as JSON (Spark names).
+    /// A network stage by class (see `network_stage_classes`) with params given as JSON
+    /// (Spark names).
     #[staticmethod]
     fn stage(class_name: &str, params_json: &str) -> PyResult<Self> {
         Ok(Transformer {
@@ -235,20 +256,36 @@ impl Transformer {
     /// A one-stage network pipeline's params, defaults filled in, as JSON (Spark names); None
     /// for other pipelines.
     #[getter]
-    fn params_json(&self) -> PyResult<Option<String>> {
-        let [stage] = self.inner.model().stages() else {
-            return Ok(None);
-        };
-        let any = stage.as_any();
-        let json = if let Some(f) = any.downcast_ref::<DeepImageFeaturizer>() {
-            serde_json::to_string(f.params())
-        } else if let Some(p) = any.downcast_ref::<DeepImagePredictor>() {
-            serde_json::to_string(p.params())
-        } else {
-            return Ok(None);
-        };
-        json.map(Some)
-            .map_err(|e| PyRuntimeError::new_err(format!("params as JSON: {e}")))
+    fn params_json(&self) -> Option<String> {
+        self.network_params(|p| p.json())
+    }
+
+    /// A one-stage network pipeline's params as JSON `[{name, doc, value, default}]`, in the
+    /// stage's order; None for other pipelines.
+    #[getter]
+    fn explain_params(&self) -> Option<String> {
+        self.network_params(|p| {
+            let params: Vec<serde_json::Value> = p
+                .explain()
+                .into_iter()
+                .map(|i| {
+                    serde_json::json!({
+                        "name": i.name, "doc": i.doc, "value": i.value, "default": i.default
+                    })
+                })
+                .collect();
+            params.into()
+        })
+    }
+
+    /// The metrics of the pipeline's first network stage, as JSON (None: no network stage):
+    /// rows, images, forward passes, null rows by reason, seconds, images/s, device.
+    #[getter]
+    fn metrics_json(&self) -> Option<String> {
+        let stats = self.inner.model().network()?.metrics();
+        let mut json = serde_json::to_value(&stats).ok()?;
+        json["imagesPerSecond"] = stats.images_per_second().into();
+        Some(json.to_string())
     }
 
     /// The input column the pipeline reads images from (None: no network stage).
@@ -389,5 +426,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(init_threads, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(available_models, m)?)?;
+    m.add_function(wrap_pyfunction!(network_stage_classes, m)?)?;
     Ok(())
 }

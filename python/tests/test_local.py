@@ -128,3 +128,23 @@ def test_local_transform_of_an_empty_table_has_the_output_schema(few_images):
     empty = dp.read_images(few_images).slice(0, 0)
     out = dp.DeepImageFeaturizer().transform(empty)
     assert out.num_rows == 0 and "features" in out.schema.names
+
+
+def test_every_native_network_stage_has_a_local_class_with_its_params():
+    for name in ("DeepImageFeaturizer", "DeepImagePredictor"):
+        assert name in dp.__all__
+        stage = getattr(dp, name)(batchSize=4)
+        params = stage.getParams()
+        assert params["batchSize"] == 4 and params["modelName"] == "EfficientNetLite0"
+        assert "inputCol" in type(stage).__doc__ and "errorCol" in type(stage).__doc__
+
+
+def test_metrics_count_rows_images_and_null_reasons(few_images):
+    stage = dp.DeepImageFeaturizer(batchSize=16)
+    assert stage.metrics()["rows"] == 0
+    stage.transform(dp.read_images(few_images))
+    metrics = stage.metrics()
+    assert metrics["rows"] == 65 and metrics["images"] == 64, metrics
+    assert metrics["nullRows"] == {"null image": 1}, metrics
+    assert metrics["forwardPasses"] == 4 and metrics["device"] == "cpu"
+    assert metrics["imagesPerSecond"] > 0

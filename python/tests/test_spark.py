@@ -214,3 +214,27 @@ def test_a_missing_input_column_names_it(spark, few_images):
     df = spark_images(spark, few_images)
     with pytest.raises(ValueError, match="pictures"):
         DeepImageFeaturizer(inputCol="pictures").transform(df)
+
+
+def test_spark_params_are_the_native_stages_names_docs_and_defaults():
+    from deep_pipelines import _native
+    import json
+
+    for cls in (DeepImageFeaturizer, DeepImagePredictor):
+        native = json.loads(_native.Transformer.stage(cls._native_class, "{}").explain_params)
+        stage = cls()
+        for spec in native:
+            param = stage.getParam(spec["name"])
+            assert param.doc == spec["doc"]
+            assert stage.getOrDefault(param) == spec["default"], spec["name"]
+        spark_only = {p.name for p in stage.params} - {s["name"] for s in native}
+        assert spark_only <= {"numThreads", "outputFormat"}, spark_only
+    featurizer = DeepImageFeaturizer(batchSize=8).setModelName("ResNet50").setErrorCol("why")
+    assert isinstance(featurizer, DeepImageFeaturizer)
+    assert (featurizer.getBatchSize(), featurizer.getModelName(), featurizer.getErrorCol()) == (
+        8,
+        "ResNet50",
+        "why",
+    )
+    with pytest.raises(ValueError, match="unknown param.*known: .*alphaBackground"):
+        DeepImagePredictor(topk=3)

@@ -13,7 +13,7 @@
 use std::any::Any;
 use std::hash::{Hash, Hasher};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
 use burn::prelude::*;
@@ -29,9 +29,9 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::logistic_math::{argmax, softmax};
-use super::trunk_cache::{TrunkCache, TrunkOutput};
+use super::trunk_cache::{TrunkCache, TrunkKey, TrunkOutput, too_many_blocks};
+use crate::columns::require_column;
 use crate::error::{Error, Result};
-use crate::feature::require_column;
 use crate::fine_tune::{
     EpochStats, Examples, OptimizerKind, SplitMix64, TrainSettings, Trained, load_top,
     new_classifier, save_top, train,
@@ -40,35 +40,34 @@ use crate::models::cpu::inference_network;
 use crate::models::inverted_residual::{InvertedResidualNet, InvertedResidualTop};
 use crate::models::{ImageNetwork, LoadedModel, device, load_trainable, model_error};
 use crate::network_stage::{
-    NetworkMetrics, NetworkOutput, NetworkParams, NetworkStats, check_model_params,
-    check_model_reference, preprocess_options, saved_network_params,
+    NetworkMetrics, NetworkOutput, NetworkParams, NetworkStage, network_setters,
 };
 use crate::params::{
-    ParamMap, Params, Rejected, check, choice_setters, new_uid, setters, string_setters,
+    AnyParams, ParamMap, Params, Rejected, check, choice_setters, new_uid, setters, string_setters,
 };
 use crate::persistence::SavedStage;
-use crate::preprocess::ResizeMode;
 use crate::registry::{LoadedStage, PersistedStage, StageRegistry};
-use crate::stage::{Estimator, Transformer};
+use crate::stage::{ClassifierColumns, Estimator, Transformer};
 
 /// Params of [`DeepImageClassifier`] and its model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct DeepImageClassifierParams {
-    pub input_col: String,
+    /// `inputCol`, `modelName`, `batchSize`, `device`, ... (saved flat, as Spark names).
+    /// `batchSize` is also the images per optimiser step; `device` is where the fitted model
+    /// runs (fitting runs on the CPU).
+    #[serde(flatten)]
+    pub network: NetworkParams,
     pub label_col: String,
     pub prediction_col: String,
     pub probability_col: String,
     pub raw_prediction_col: String,
-    pub model_name: String,
     pub optimizer: OptimizerKind,
     /// How many of the network's last blocks train (the 1x1 head conv is the last block);
     /// 0 = the new classifier only.
     pub trainable_blocks: usize,
     pub epochs: usize,
     pub learning_rate: f64,
-    /// Images per optimiser step (and per forward pass of the trunk or the fitted network).
-    pub batch_size: usize,
     pub weight_decay: f64,
     pub seed: u64,
     /// Share of the training rows held out to pick the best epoch and stop early; 0 = none.
@@ -81,11 +80,6 @@ pub struct DeepImageClassifierParams {
     pub label_smoothing: f64,
     /// Dropout probability on the pooled features before the classifier, while training.
     pub dropout: f64,
-    /// Where the fitted model runs; fitting runs on the CPU.
-    pub device: String,
-    pub model_dir: String,
-    pub resize_mode: ResizeMode,
-    pub alpha_background: String,
     #[serde(skip)]
     #[doc(hidden)]
     pub rejected: Rejected,
@@ -94,17 +88,15 @@ pub struct DeepImageClassifierParams {
 impl Default for DeepImageClassifierParams {
     fn default() -> Self {
         DeepImageClassifierParams {
-            input_col: "image".into(),
+            network: NetworkParams::default(),
             label_col: "label".into(),
             prediction_col: "prediction".into(),
             probability_col: "probability".into(),
             raw_prediction_col: "rawPrediction".into(),
-            model_name: "EfficientNetLite0".into(),
             optimizer: OptimizerKind::Sgd,
             trainable_blocks: 2,
             epochs: 20,
             learning_rate: 0.02,
-            batch_size: 32,
             weight_decay: 1e-4,
             seed: 0,
             validation_fraction: 0.0,
@@ -112,12 +104,20 @@ impl Default for DeepImageClassifierParams {
             horizontal_flip: true,
             label_smoothing: 0.0,
             dropout: 0.0,
-            device: "cpu".into(),
-            model_dir: String::new(),
-            resize_mode: ResizeMode::Crop,
-            alpha_background: "white".into(),
             rejected: Rejected::default(),
         }
+    }
+}
+
+impl AsRef<NetworkParams> for DeepImageClassifierParams {
+    fn as_ref(&self) -> &NetworkParams {
+        &self.network
+    }
+}
+
+impl AsMut<NetworkParams> for DeepImageClassifierParams {
+    fn as_mut(&mut self) -> &mut NetworkParams {
+        &mut self.network
     }
 }
 
@@ -125,81 +125,71 @@ impl Params for DeepImageClassifierParams {
     const STAGE: &'static str = "DeepImageClassifier";
 
     fn docs() -> &'static [(&'static str, &'static str)] {
-        &[
-            ("inputCol", "image column (ImageSchema struct)"),
-            ("labelCol", "label column: class indices 0..k-1"),
-            ("predictionCol", "predicted class index column"),
-            ("probabilityCol", "class probability vector column"),
-            ("rawPredictionCol", "logit vector column"),
-            (
-                "modelName",
-                "pretrained network to fine-tune: EfficientNetLite0/1/2, EfficientNetB0, MobileNetV2",
-            ),
-            (
-                "optimizer",
-                "sgd (momentum 0.9, L2 weight decay) or adamw (decoupled weight decay), as PyTorch's",
-            ),
-            (
-                "trainableBlocks",
-                "how many of the network's last blocks train (the head conv is the last); 0 = new classifier only",
-            ),
-            ("epochs", "passes over the training images at most"),
-            (
-                "learningRate",
-                "peak step size: reached by a linear warm-up over the first epoch, then annealed to 0 by a cosine",
-            ),
-            (
-                "batchSize",
-                "images per optimiser step and per forward pass",
-            ),
-            ("weightDecay", "weight decay of every parameter (>= 0)"),
-            (
-                "seed",
-                "seed of the classifier's initial weights, shuffles and flips",
-            ),
-            (
-                "validationFraction",
-                "share of training rows held out for early stopping (0 = none, train on all)",
-            ),
-            (
-                "patience",
-                "epochs without a lower validation loss before stopping",
-            ),
-            (
-                "horizontalFlip",
-                "also train on mirror images (a second cached view of each image)",
-            ),
-            (
-                "labelSmoothing",
-                "share of the training target spread over all classes, in [0, 1)",
-            ),
-            (
-                "dropout",
-                "dropout probability on the pooled features before the classifier, while training",
-            ),
-            (
-                "device",
-                "where the fitted model runs: cpu, or (built with the wgpu feature) wgpu / wgpu-cpu; fitting runs on the CPU",
-            ),
-            (
-                "modelDir",
-                "folder with <model>/manifest.json + weights; empty = default",
-            ),
-            (
-                "resizeMode",
-                "crop (the model's resize + centre crop, default) or pad (letterbox)",
-            ),
-            (
-                "alphaBackground",
-                "colour transparent pixels are composited over: white (default), black, #rrggbb, none",
-            ),
-        ]
+        static DOCS: LazyLock<Vec<(&str, &str)>> = LazyLock::new(|| {
+            NetworkParams::docs_with(&[
+                (
+                    "modelName",
+                    "pretrained network to fine-tune: EfficientNetLite0/1/2, EfficientNetB0, MobileNetV2",
+                ),
+                (
+                    "batchSize",
+                    "images per optimiser step and per forward pass",
+                ),
+                (
+                    "device",
+                    "where the fitted model runs: cpu, or (built with the wgpu feature) wgpu / wgpu-cpu; fitting runs on the CPU",
+                ),
+                ("labelCol", "label column: class indices 0..k-1"),
+                ("predictionCol", "predicted class index column"),
+                ("probabilityCol", "class probability vector column"),
+                ("rawPredictionCol", "logit vector column"),
+                (
+                    "optimizer",
+                    "sgd (momentum 0.9, L2 weight decay) or adamw (decoupled weight decay), as PyTorch's",
+                ),
+                (
+                    "trainableBlocks",
+                    "how many of the network's last blocks train (the head conv is the last); 0 = new classifier only",
+                ),
+                ("epochs", "passes over the training images at most"),
+                (
+                    "learningRate",
+                    "peak step size: reached by a linear warm-up over the first epoch, then annealed to 0 by a cosine",
+                ),
+                ("weightDecay", "weight decay of every parameter (>= 0)"),
+                (
+                    "seed",
+                    "seed of the classifier's initial weights, shuffles and flips",
+                ),
+                (
+                    "validationFraction",
+                    "share of training rows held out for early stopping (0 = none, train on all)",
+                ),
+                (
+                    "patience",
+                    "epochs without a lower validation loss before stopping",
+                ),
+                (
+                    "horizontalFlip",
+                    "also train on mirror images (a second cached view of each image)",
+                ),
+                (
+                    "labelSmoothing",
+                    "share of the training target spread over all classes, in [0, 1)",
+                ),
+                (
+                    "dropout",
+                    "dropout probability on the pooled features before the classifier, while training",
+                ),
+            ])
+        });
+        &DOCS
     }
 
     fn validate(&self) -> Result<()> {
         let s = Self::STAGE;
+        self.network.validate(s)?;
         for (name, value) in [
-            ("inputCol", &self.input_col),
             ("labelCol", &self.label_col),
             ("predictionCol", &self.prediction_col),
             ("probabilityCol", &self.probability_col),
@@ -207,8 +197,6 @@ impl Params for DeepImageClassifierParams {
         ] {
             check::non_empty(s, name, value)?;
         }
-        check_model_params(s, &self.model_name, self.batch_size, &self.device)?;
-        preprocess_options(s, self.resize_mode, &self.alpha_background)?;
         check::in_range(s, "trainableBlocks", self.trainable_blocks as f64, 0.0, 1e4)?;
         check::in_range(s, "epochs", self.epochs as f64, 1.0, 1e6)?;
         check::in_range(s, "learningRate", self.learning_rate, 1e-12, 10.0)?;
@@ -226,24 +214,13 @@ impl Params for DeepImageClassifierParams {
 }
 
 impl DeepImageClassifierParams {
-    /// The network-stage params of a pass over `input_col` into `output_col` on `device`.
-    fn network<'a>(
-        &'a self,
-        uid: &'a str,
-        output_col: &'a str,
-        device: &'a str,
-    ) -> NetworkParams<'a> {
-        NetworkParams {
-            uid,
-            input_col: &self.input_col,
-            output_col,
-            model_name: &self.model_name,
-            device,
-            model_dir: &self.model_dir,
-            batch_size: self.batch_size,
-            resize_mode: self.resize_mode,
-            alpha_background: &self.alpha_background,
-            error_col: "",
+    /// The trunk this fit cuts from the network.
+    fn trunk_key(&self) -> TrunkKey {
+        TrunkKey {
+            model_name: self.network.model_name.clone(),
+            model_dir: self.network.model_dir.clone(),
+            trainable_blocks: self.trainable_blocks,
+            views: if self.horizontal_flip { 2 } else { 1 },
         }
     }
 
@@ -252,7 +229,7 @@ impl DeepImageClassifierParams {
             optimizer: self.optimizer,
             epochs: self.epochs,
             learning_rate: self.learning_rate,
-            batch_size: self.batch_size,
+            batch_size: self.network.batch_size,
             weight_decay: self.weight_decay,
             seed: self.seed,
             patience: self.patience,
@@ -344,22 +321,17 @@ impl DeepImageClassifier {
         self.trunks.clear();
     }
 
+    network_setters!();
     string_setters! {
-        with_input_col: input_col,
         with_label_col: label_col,
         with_prediction_col: prediction_col,
         with_probability_col: probability_col,
         with_raw_prediction_col: raw_prediction_col,
-        with_model_name: model_name,
-        with_device: device,
-        with_model_dir: model_dir,
-        with_alpha_background: alpha_background,
     }
     setters! {
         with_trainable_blocks: trainable_blocks: usize,
         with_epochs: epochs: usize,
         with_learning_rate: learning_rate: f64,
-        with_batch_size: batch_size: usize,
         with_weight_decay: weight_decay: f64,
         with_seed: seed: u64,
         with_validation_fraction: validation_fraction: f64,
@@ -368,10 +340,7 @@ impl DeepImageClassifier {
         with_label_smoothing: label_smoothing: f64,
         with_dropout: dropout: f64,
     }
-    choice_setters! {
-        with_resize_mode: resize_mode: ResizeMode = "resizeMode",
-        with_optimizer: optimizer: OptimizerKind = "optimizer",
-    }
+    choice_setters! { with_optimizer: optimizer: OptimizerKind = "optimizer" }
 
     async fn fit_images(&self, df: &DataFrame) -> Result<DeepImageClassifierModel> {
         let p = &self.params;
@@ -385,13 +354,23 @@ impl DeepImageClassifier {
                 ),
             ));
         }
-        let trunk = self.trunks.get(p)?;
+        let trunk = self.trunks.get(p.trunk_key())?;
         let keys = "__trunk_key";
-        let cached = p
-            .network(&self.uid, keys, "cpu")
-            .add_column(df.clone(), &NetworkMetrics::default(), |_| {
-                Ok(TrunkOutput(Arc::clone(&trunk)))
-            })?
+        // The trunk runs on the CPU (its plan), and rows it cannot take are skipped, not
+        // explained.
+        let pass = NetworkParams {
+            device: "cpu".into(),
+            error_col: String::new(),
+            ..p.network.clone()
+        };
+        let cached = pass
+            .add_column(
+                &self.uid,
+                keys,
+                df.clone(),
+                &NetworkMetrics::default(),
+                |_| Ok(TrunkOutput(Arc::clone(&trunk))),
+            )?
             .select(vec![ident(keys), ident(p.label_col.as_str())])?;
         // Partitions concatenated in partition order: the same rows in the same order on
         // every run, so the fit is reproducible.
@@ -406,7 +385,10 @@ impl DeepImageClassifier {
             skipped += part.skipped;
             for (key, label) in part.rows {
                 let activations = trunk.activations(key).ok_or_else(|| {
-                    model_error(&p.model_name, "a trunk activation left the cache mid-fit")
+                    model_error(
+                        &p.network.model_name,
+                        "a trunk activation left the cache mid-fit",
+                    )
                 })?;
                 classes = classes.max(label + 1);
                 examples.push(activations, label);
@@ -415,7 +397,7 @@ impl DeepImageClassifier {
         if examples.is_empty() {
             return Err(Error::Fit(format!(
                 "DeepImageClassifier: no rows with an image in `{}` and a label in `{}` to fit on",
-                p.input_col, p.label_col
+                p.network.input_col, p.label_col
             )));
         }
         let classes = classes.max(2);
@@ -430,7 +412,9 @@ impl DeepImageClassifier {
         let top = trunk
             .network
             .top(p.trainable_blocks, classifier)
-            .ok_or_else(|| too_many_blocks(p, &trunk.network))?;
+            .ok_or_else(|| {
+                too_many_blocks(&p.network.model_name, &trunk.network, p.trainable_blocks)
+            })?;
         let progress = self.progress.clone();
         let mut report = |stats: &EpochStats| {
             if let Some(progress) = &progress {
@@ -465,23 +449,6 @@ impl DeepImageClassifier {
             facts,
         )
     }
-}
-
-pub(crate) fn too_many_blocks(
-    p: &DeepImageClassifierParams,
-    network: &InvertedResidualNet,
-) -> Error {
-    Error::param(
-        DeepImageClassifierParams::STAGE,
-        "trainableBlocks",
-        format!(
-            "{} has {} trainable blocks ({} inverted residuals and the head conv); got {}",
-            p.model_name,
-            network.trainable_blocks(),
-            network.trainable_blocks() - 1,
-            p.trainable_blocks
-        ),
-    )
 }
 
 /// Seeded hold-out of `fraction` of the rows: (training row indices, validation examples).
@@ -652,16 +619,6 @@ impl DeepImageClassifierModel {
         &self.facts.history
     }
 
-    /// What the model's network stage has done (rows, images, null rows, seconds, device).
-    pub fn metrics(&self) -> NetworkStats {
-        self.metrics.snapshot()
-    }
-
-    /// Sets [`Self::metrics`] back to zero.
-    pub fn reset_metrics(&self) {
-        self.metrics.reset();
-    }
-
     // `DeepImageClassifierModel::load` is in the `builtin` module, above every stage.
 
     /// Saves the model: params and fit facts in `metadata.json`, the trained blocks and head in
@@ -679,7 +636,7 @@ impl Transformer for DeepImageClassifierModel {
     fn transform(&self, df: DataFrame) -> Result<DataFrame> {
         let p = &self.params;
         p.validate()?;
-        let device = device(&p.device)?;
+        let device = device(&p.network.device)?;
         let network = inference_network((*self.network).clone().to_device(&device), &device);
         let output = Logits {
             network,
@@ -688,8 +645,8 @@ impl Transformer for DeepImageClassifierModel {
         };
         let raw = p.raw_prediction_col.as_str();
         let df = p
-            .network(&self.uid, raw, &p.device)
-            .add_column(df, &self.metrics, |_| Ok(output))?;
+            .network
+            .add_column(&self.uid, raw, df, &self.metrics, |_| Ok(output))?;
         let classes = self.facts.num_classes;
         let mut df = df;
         for (name, output) in [
@@ -710,11 +667,32 @@ impl Transformer for DeepImageClassifierModel {
         self
     }
 
+    fn network(&self) -> Option<&dyn NetworkStage> {
+        Some(self)
+    }
+
+    fn classifier(&self) -> Option<ClassifierColumns> {
+        let p = &self.params;
+        Some(ClassifierColumns {
+            prediction_col: p.prediction_col.clone(),
+            probability_col: p.probability_col.clone(),
+            label_col: p.label_col.clone(),
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "DeepImageClassifierModel({}, {} classes)",
+            self.params.network.model_name,
+            self.num_classes()
+        )
+    }
+
     fn save_stage(&self) -> Result<SavedStage> {
-        let mut saved = self
-            .params
-            .network(&self.uid, "", &self.params.device)
-            .save(<Self as PersistedStage>::CLASS, &self.params)?;
+        let p = &self.params;
+        let mut saved = p
+            .network
+            .save(<Self as PersistedStage>::CLASS, &self.uid, p)?;
         if let serde_json::Value::Object(extra) = &mut saved.extra {
             extra.insert(
                 "fit".into(),
@@ -728,7 +706,7 @@ impl Transformer for DeepImageClassifierModel {
     fn copy_with(&self, overrides: &ParamMap) -> Result<Arc<dyn Transformer>> {
         let params: DeepImageClassifierParams = overrides.apply(&self.uid, &self.params)?;
         if params.trainable_blocks != self.params.trainable_blocks
-            || params.model_name != self.params.model_name
+            || params.network.model_name != self.params.network.model_name
         {
             return Err(Error::param(
                 &self.uid,
@@ -743,15 +721,29 @@ impl Transformer for DeepImageClassifierModel {
     }
 }
 
+impl NetworkStage for DeepImageClassifierModel {
+    fn network_params(&self) -> &NetworkParams {
+        &self.params.network
+    }
+
+    fn params(&self) -> &dyn AnyParams {
+        &self.params
+    }
+
+    fn meter(&self) -> &NetworkMetrics {
+        &self.metrics
+    }
+}
+
 impl PersistedStage for DeepImageClassifierModel {
     const CLASS: &'static str = "DeepImageClassifierModel";
 
     fn restore(saved: &SavedStage, _: &StageRegistry) -> Result<Self> {
-        let params: DeepImageClassifierParams = saved_network_params(saved)?;
-        check_model_reference(saved, &params.model_name, &params.model_dir)?;
+        let params: DeepImageClassifierParams = NetworkParams::restore(saved)?;
         let facts: FitFacts = saved.extra_field("fit")?;
-        let dir = (!params.model_dir.is_empty()).then(|| Path::new(&params.model_dir));
-        let (_, base) = load_trainable(&params.model_name, dir)?;
+        let model_name = &params.network.model_name;
+        let dir = params.network.model_folder();
+        let (_, base) = load_trainable(model_name, dir)?;
         let head_channels = base.body.head.conv.weight.dims()[0];
         let classifier = new_classifier(head_channels, facts.num_classes, &mut SplitMix64::new(0));
         let mut top = base
@@ -759,12 +751,12 @@ impl PersistedStage for DeepImageClassifierModel {
             .ok_or_else(|| {
                 Error::Persistence(format!(
                     "{} `{}`: {} has fewer than {} trainable blocks",
-                    saved.class, saved.uid, params.model_name, facts.trainable_blocks
+                    saved.class, saved.uid, model_name, facts.trainable_blocks
                 ))
             })?;
         let bytes = saved.data_file(TOP_DATA)?.to_vec();
         let what = format!("{} `{}`: data/{TOP_DATA}", saved.class, saved.uid);
-        load_top(&mut top, bytes, &what, &params.model_name)?;
+        load_top(&mut top, bytes, &what, model_name)?;
         Self::new(saved.uid.clone(), params, base, top, facts)
     }
 

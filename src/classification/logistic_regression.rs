@@ -25,14 +25,14 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::logistic_math::{Dataset, Family, FitSettings, FittedLogistic, argmax, fit};
+use crate::columns::require_column;
 use crate::error::{Error, Result};
-use crate::feature::require_column;
 use crate::params::{ParamMap, Params, check, new_uid, setters, string_setters};
 use crate::persistence::SavedStage;
 use crate::registry::{
     LoadedStage, PersistedStage, StageRegistry, params_stage_methods, params_stage_persisted,
 };
-use crate::stage::{Estimator, Transformer};
+use crate::stage::{ClassifierColumns, Estimator, Transformer};
 use safetensors::{Dtype, tensor::TensorView};
 
 /// Params of [`LogisticRegression`], with Spark's names and defaults.
@@ -523,6 +523,19 @@ impl Transformer for LogisticRegressionModel {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+
+    fn classifier(&self) -> Option<ClassifierColumns> {
+        let p = &self.params;
+        Some(ClassifierColumns {
+            prediction_col: p.prediction_col.clone(),
+            probability_col: p.probability_col.clone(),
+            label_col: p.label_col.clone(),
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("LogisticRegressionModel({} classes)", self.num_classes())
     }
 
     fn save_stage(&self) -> Result<SavedStage> {

@@ -16,21 +16,22 @@ use datafusion::arrow::array::{ArrayRef, UInt64Array};
 use datafusion::arrow::buffer::NullBuffer;
 use datafusion::arrow::datatypes::DataType;
 
-use super::deep_image_classifier::{DeepImageClassifierParams, too_many_blocks};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::models::cpu::{Nhwc, Plan};
 use crate::models::inverted_residual::InvertedResidualNet;
 use crate::models::{LoadedModel, load_trainable, model_error};
 use crate::network_stage::NetworkOutput;
 
-/// Which trunk: model, model folder, cut, views and preprocessing (the key of an image within a
-/// trunk is its network input, so preprocessing is in the key twice over).
+/// Which trunk: model, model folder, cut and views (preprocessing needs no place here: the key
+/// of an image within a trunk is its network input).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct TrunkKey {
-    model_name: String,
-    model_dir: String,
-    trainable_blocks: usize,
-    views: usize,
+pub(crate) struct TrunkKey {
+    pub model_name: String,
+    pub model_dir: String,
+    /// The cut: how many of the network's last blocks train above the trunk.
+    pub trainable_blocks: usize,
+    /// 2 with mirror images, else 1.
+    pub views: usize,
 }
 
 /// The frozen trunks an estimator (and its copies) has run, each with its cached activations.
@@ -44,21 +45,16 @@ impl TrunkCache {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The trunk for `p`'s model and cut, loaded on first use.
-    pub(crate) fn get(&self, p: &DeepImageClassifierParams) -> Result<Arc<Trunk>> {
-        let key = TrunkKey {
-            model_name: p.model_name.clone(),
-            model_dir: p.model_dir.clone(),
-            trainable_blocks: p.trainable_blocks,
-            views: if p.horizontal_flip { 2 } else { 1 },
-        };
+    /// The trunk for `key`, loaded on first use.
+    pub(crate) fn get(&self, key: TrunkKey) -> Result<Arc<Trunk>> {
         if let Some(trunk) = self.lock().get(&key) {
             return Ok(Arc::clone(trunk));
         }
+        let p = &key;
         let dir = (!p.model_dir.is_empty()).then(|| Path::new(&p.model_dir));
         let (manifest, network) = load_trainable(&p.model_name, dir)?;
         if p.trainable_blocks > network.trainable_blocks() {
-            return Err(too_many_blocks(p, &network));
+            return Err(too_many_blocks(&p.model_name, &network, p.trainable_blocks));
         }
         let plan = network.trunk_plan(p.trainable_blocks).ok_or_else(|| {
             model_error(
@@ -105,6 +101,19 @@ impl TrunkCache {
     pub(crate) fn clear(&self) {
         self.lock().clear();
     }
+}
+
+/// The error for a cut above the network's top: says how many blocks it has.
+pub(crate) fn too_many_blocks(model: &str, network: &InvertedResidualNet, blocks: usize) -> Error {
+    Error::param(
+        "DeepImageClassifier",
+        "trainableBlocks",
+        format!(
+            "{model} has {} trainable blocks ({} inverted residuals and the head conv); got {blocks}",
+            network.trainable_blocks(),
+            network.trainable_blocks() - 1,
+        ),
+    )
 }
 
 /// One frozen trunk: its plan, and the activations at its cut of every image it has run,

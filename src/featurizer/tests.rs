@@ -1,7 +1,9 @@
-//! Unit tests of the featurizer's params and counter (a file of their own: the persistence
-//! registry block stays the last item of `featurizer.rs`).
+//! Unit tests of the featurizer's params and counter.
 
 use super::*;
+use crate::network_stage::NetworkStage;
+use crate::params::ParamMap;
+use crate::stage::Transformer;
 
 /// Setters parse the names serde writes, so saved JSON and `ParamMap`s keep today's strings.
 #[test]

@@ -1,5 +1,4 @@
-//! Unit tests of the predictor's decoding (a file of their own: the persistence registry block
-//! stays the last item of `predictor.rs`).
+//! Unit tests of the predictor's decoding.
 
 use super::*;
 

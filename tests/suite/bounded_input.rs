@@ -726,7 +726,7 @@ fn resize_mode_and_alpha_background_are_validated_params() {
         .with_resize_mode("pad")
         .with_alpha_background("#102030");
     assert!(p.params().validate().is_ok());
-    assert_eq!(p.params().resize_mode, ResizeMode::Pad);
+    assert_eq!(p.params().network.resize_mode, ResizeMode::Pad);
 }
 
 // ---------------------------------------------------------------------------------------------

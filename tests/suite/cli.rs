@@ -14,7 +14,7 @@ use datafusion::arrow::datatypes::DataType;
 use deep_pipelines::prelude::*;
 
 fn cli(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_deep-pipelines"))
+    Command::new(common::cli_binary())
         .args(args)
         .output()
         .unwrap()

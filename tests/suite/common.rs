@@ -13,6 +13,21 @@ pub const DATA: &str = concat!(
     "/examples/data/fashion-mnist-small"
 );
 
+/// The `deep-pipelines` binary of this build (the `cli/` member, built by the same `cargo test`
+/// into the folder above this test binary's `deps/`).
+pub fn cli_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = dir.join(format!("deep-pipelines{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "{} not found: run the tests with `cargo test --release` at the workspace root (it builds \
+         the command line too), or `cargo build --release -p deep-pipelines-cli` first",
+        bin.display()
+    );
+    bin
+}
+
 /// A deterministic sample of the bundled `train` or `test` images, labelled by folder.
 pub fn images(ctx: &SessionContext, split: &str, ratio: f64) -> DataFrame {
     let options = ReadImagesOptions::default()

@@ -7,7 +7,7 @@ use deep_pipelines::fine_tune::{OptimizerKind, Trainer, load_top, save_top};
 use deep_pipelines::models::inverted_residual::{InvertedResidual, InvertedResidualTop};
 use deep_pipelines::models::layers::{Act, ConvBn, ConvSpec};
 
-use crate::common::{max_abs_diff, read_tensors};
+use crate::common::{self, max_abs_diff, read_tensors};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fine_tune");
 
@@ -194,7 +194,7 @@ async fn fitted_classifier_saves_loads_in_a_fresh_process_and_predicts_the_same(
 
     // Loaded in a fresh process: the CLI applies the saved model.
     let out_file = dir.path().join("applied.parquet");
-    let out = Command::new(env!("CARGO_BIN_EXE_deep-pipelines"))
+    let out = Command::new(common::cli_binary())
         .args([
             "apply",
             saved.to_str().unwrap(),

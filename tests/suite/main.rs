@@ -5,6 +5,7 @@
 
 mod common;
 
+mod architecture;
 mod bad_input;
 mod batch;
 mod bounded_input;
@@ -17,6 +18,7 @@ mod gpu;
 mod hostile_input;
 mod logistic_sklearn_parity;
 mod model_zoo;
+mod own_stage;
 mod persistence;
 mod pipeline_semantics;
 mod readme;

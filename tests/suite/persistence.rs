@@ -296,7 +296,7 @@ async fn unfitted_pipeline_round_trips_with_params_and_uids() {
         ),
         ("label", "labelIndex", "alphabetAsc")
     );
-    assert_eq!(featurizer(reloaded).model_name, "EfficientNetLite0");
+    assert_eq!(featurizer(reloaded).network.model_name, "EfficientNetLite0");
     let params = lr(reloaded);
     assert_eq!(params.reg_param, 1e-3);
     assert!(!params.standardization);

@@ -22,13 +22,12 @@ use datafusion::config::TableParquetOptions;
 use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::logical_expr::cast;
 use datafusion::prelude::ParquetReadOptions;
-use deep_pipelines::NetworkStats;
-use deep_pipelines::classification::classifier_columns;
 use deep_pipelines::evaluation::confusion_matrix;
 use deep_pipelines::image::{ScanMetrics, image_folder_table, image_type};
 use deep_pipelines::models::{available_models, manifest, model_dir};
 use deep_pipelines::prelude::*;
 use deep_pipelines::{Error, Result};
+use deep_pipelines::{NetworkParams, NetworkStats};
 
 /// `println!` that ignores a closed stdout (`deep-pipelines models | head`) instead of panicking.
 macro_rules! say {
@@ -85,43 +84,7 @@ enum Command {
     },
     /// Transfer learning: a labelled folder (one sub-folder per class) -> a saved model
     /// (a logistic regression on frozen features, or with --fine-tune the network's last blocks).
-    Fit {
-        /// Training images, one sub-folder per class.
-        train_dir: PathBuf,
-        /// Where to save the fitted model.
-        #[arg(short, long)]
-        output: PathBuf,
-        #[command(flatten)]
-        network: NetworkArgs,
-        /// L2 (elastic net: mixed) regularisation strength.
-        #[arg(long, default_value_t = 1e-3)]
-        reg_param: f64,
-        /// Elastic-net mixing: 0 = L2, 1 = L1.
-        #[arg(long, default_value_t = 0.0)]
-        elastic_net: f64,
-        /// Iterations of the optimiser at most.
-        #[arg(long, default_value_t = 200)]
-        max_iter: usize,
-        /// Fine-tune the network's last N blocks with a new head (DeepImageClassifier) instead
-        /// of fitting a logistic regression on frozen features; 0 trains the new head only.
-        #[arg(long, value_name = "N")]
-        fine_tune: Option<usize>,
-        /// Fine-tuning: passes over the training images.
-        #[arg(long, default_value_t = 20)]
-        epochs: usize,
-        /// Fine-tuning: peak learning rate (default: DeepImageClassifier's).
-        #[arg(long)]
-        learning_rate: Option<f64>,
-        /// Fine-tuning: seed of the new head's weights, shuffles and flips.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Test images laid out like the training folder: prints accuracy and the confusion matrix.
-        #[arg(long)]
-        test: Option<PathBuf>,
-        /// Replace an existing model at the output path.
-        #[arg(long)]
-        overwrite: bool,
-    },
+    Fit(FitArgs),
     /// A saved model applied to images, predictions written to Parquet.
     Apply {
         /// A model saved by `fit` (or by the library's `PipelineModel::save`).
@@ -149,7 +112,54 @@ enum Command {
     },
 }
 
-/// The network stage's options.
+/// `fit`'s options.
+#[derive(Args)]
+struct FitArgs {
+    /// Training images, one sub-folder per class.
+    train_dir: PathBuf,
+    /// Where to save the fitted model.
+    #[arg(short, long)]
+    output: PathBuf,
+    #[command(flatten)]
+    network: NetworkArgs,
+    /// L2 (elastic net: mixed) regularisation strength.
+    #[arg(long, default_value_t = 1e-3)]
+    reg_param: f64,
+    /// Elastic-net mixing: 0 = L2, 1 = L1.
+    #[arg(long, default_value_t = 0.0)]
+    elastic_net: f64,
+    /// Iterations of the optimiser at most.
+    #[arg(long, default_value_t = 200)]
+    max_iter: usize,
+    #[command(flatten)]
+    fine_tune: FineTuneArgs,
+    /// Test images laid out like the training folder: prints accuracy and the confusion matrix.
+    #[arg(long)]
+    test: Option<PathBuf>,
+    /// Replace an existing model at the output path.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+/// `fit --fine-tune N`'s options.
+#[derive(Args)]
+struct FineTuneArgs {
+    /// Fine-tune the network's last N blocks with a new head (DeepImageClassifier) instead
+    /// of fitting a logistic regression on frozen features; 0 trains the new head only.
+    #[arg(long, value_name = "N")]
+    fine_tune: Option<usize>,
+    /// Fine-tuning: passes over the training images.
+    #[arg(long, default_value_t = 20)]
+    epochs: usize,
+    /// Fine-tuning: peak learning rate (default: DeepImageClassifier's).
+    #[arg(long)]
+    learning_rate: Option<f64>,
+    /// Fine-tuning: seed of the new head's weights, shuffles and flips.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// The options of every network stage (the shared `NetworkParams`).
 #[derive(Args)]
 struct NetworkArgs {
     /// A named model (see `deep-pipelines models`).
@@ -171,22 +181,25 @@ struct NetworkArgs {
 }
 
 impl NetworkArgs {
-    fn featurizer(&self) -> DeepImageFeaturizer {
-        DeepImageFeaturizer::new()
-            .with_model_name(&self.model)
-            .with_batch_size(self.batch_size)
-            .with_device(&self.device)
-            .with_resize_mode(self.resize_mode.as_str())
-            .with_alpha_background(&self.alpha_background)
-    }
-
-    fn predictor(&self) -> DeepImagePredictor {
-        DeepImagePredictor::new()
-            .with_model_name(&self.model)
-            .with_batch_size(self.batch_size)
-            .with_device(&self.device)
-            .with_resize_mode(self.resize_mode.as_str())
-            .with_alpha_background(&self.alpha_background)
+    /// The stage params these options set (the rest at their defaults). A `--resize-mode` that
+    /// names no mode is an error naming the option.
+    fn params(&self) -> Result<NetworkParams> {
+        let resize_mode = self
+            .resize_mode
+            .parse()
+            .map_err(|message| Error::InvalidParam {
+                stage: "deep-pipelines".into(),
+                param: "--resize-mode".into(),
+                message,
+            })?;
+        Ok(NetworkParams {
+            model_name: self.model.clone(),
+            batch_size: self.batch_size,
+            device: self.device.clone(),
+            resize_mode,
+            alpha_background: self.alpha_background.clone(),
+            ..NetworkParams::default()
+        })
     }
 }
 
@@ -239,8 +252,8 @@ async fn run(cli: Cli) -> Result<()> {
             feature_mode,
             output_type,
         } => {
-            let stage = network
-                .featurizer()
+            let stage = DeepImageFeaturizer::new()
+                .with_network_params(network.params()?)
                 .with_feature_mode(feature_mode.as_str())
                 .with_output_type(output_type.as_str())
                 .with_error_col("error");
@@ -253,49 +266,14 @@ async fn run(cli: Cli) -> Result<()> {
             network,
             top_k,
         } => {
-            let stage = network
-                .predictor()
+            let stage = DeepImagePredictor::new()
+                .with_network_params(network.params()?)
                 .with_top_k(top_k)
                 .with_error_col("error");
             let model = PipelineModel::new("predict", vec![Arc::new(stage)]);
             transform_to_parquet(&ctx, "predict", &model, &input, &output, progress).await
         }
-        Command::Fit {
-            train_dir,
-            output,
-            network,
-            reg_param,
-            elastic_net,
-            max_iter,
-            fine_tune,
-            epochs,
-            learning_rate,
-            seed,
-            test,
-            overwrite,
-        } => {
-            fit(
-                &ctx,
-                FitJob {
-                    train_dir,
-                    output,
-                    network,
-                    reg_param,
-                    elastic_net,
-                    max_iter,
-                    fine_tune: fine_tune.map(|blocks| FineTune {
-                        blocks,
-                        epochs,
-                        learning_rate,
-                        seed,
-                    }),
-                    test,
-                    overwrite,
-                    progress,
-                },
-            )
-            .await
-        }
+        Command::Fit(args) => fit(&ctx, args, progress).await,
         Command::Sql {
             query,
             images,
@@ -344,14 +322,15 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             let model = PipelineModel::load(&model_dir)?;
             let mut stages = model.stages().to_vec();
-            if let (Some(classifier), Some(indexer)) = (
-                classifier_columns(&model),
-                model.stage::<StringIndexerModel>(),
-            ) {
+            let classifier = model.classifier();
+            let labels = classifier
+                .as_ref()
+                .and_then(|c| model.labels_of(&c.label_col));
+            if let (Some(classifier), Some(labels)) = (&classifier, labels) {
                 let names = IndexToString::new()
                     .with_input_col(&classifier.prediction_col)
                     .with_output_col("predictedLabel")
-                    .with_labels(indexer.labels());
+                    .with_labels(labels);
                 stages.push(Arc::new(names));
             }
             let model = PipelineModel::new(model.uid(), stages);
@@ -428,35 +407,12 @@ fn name_and_path<'a>(option: &str, spec: &'a str) -> Result<(&'a str, &'a str)> 
 
 /// The counters of the first network stage of `model`.
 fn network_stats(model: &PipelineModel) -> Option<NetworkStats> {
-    model.stages().iter().find_map(|s| {
-        let any = s.as_any();
-        any.downcast_ref::<DeepImageFeaturizer>()
-            .map(DeepImageFeaturizer::metrics)
-            .or_else(|| {
-                any.downcast_ref::<DeepImagePredictor>()
-                    .map(DeepImagePredictor::metrics)
-            })
-            .or_else(|| {
-                any.downcast_ref::<DeepImageClassifierModel>()
-                    .map(DeepImageClassifierModel::metrics)
-            })
-    })
+    model.network().map(|n| n.metrics())
 }
 
 /// Sets the counters of the network stages of `model` back to zero.
 fn reset_metrics(model: &PipelineModel) {
-    for stage in model.stages() {
-        let any = stage.as_any();
-        if let Some(f) = any.downcast_ref::<DeepImageFeaturizer>() {
-            f.reset_metrics();
-        }
-        if let Some(p) = any.downcast_ref::<DeepImagePredictor>() {
-            p.reset_metrics();
-        }
-        if let Some(c) = any.downcast_ref::<DeepImageClassifierModel>() {
-            c.reset_metrics();
-        }
-    }
+    model.network_stages().for_each(|n| n.reset_metrics());
 }
 
 /// Images the network stages of `model` have processed.
@@ -629,37 +585,14 @@ async fn write_parquet(df: DataFrame, path: &Path) -> Result<()> {
     })
 }
 
-struct FitJob {
-    train_dir: PathBuf,
-    output: PathBuf,
-    network: NetworkArgs,
-    reg_param: f64,
-    elastic_net: f64,
-    max_iter: usize,
-    fine_tune: Option<FineTune>,
-    test: Option<PathBuf>,
-    overwrite: bool,
-    progress: bool,
-}
-
-/// `fit --fine-tune N`'s settings.
-struct FineTune {
-    blocks: usize,
-    epochs: usize,
-    learning_rate: Option<f64>,
-    seed: u64,
-}
-
-impl FineTune {
-    fn classifier(&self, network: &NetworkArgs, progress: bool) -> DeepImageClassifier {
+impl FineTuneArgs {
+    /// The fine-tuning estimator, if `--fine-tune` was given.
+    fn classifier(&self, network: NetworkParams, progress: bool) -> Option<DeepImageClassifier> {
+        let blocks = self.fine_tune?;
         let mut classifier = DeepImageClassifier::new()
-            .with_model_name(&network.model)
-            .with_batch_size(network.batch_size)
-            .with_device(&network.device)
-            .with_resize_mode(network.resize_mode.as_str())
-            .with_alpha_background(&network.alpha_background)
+            .with_network_params(network)
             .with_label_col("labelIndex")
-            .with_trainable_blocks(self.blocks)
+            .with_trainable_blocks(blocks)
             .with_epochs(self.epochs)
             .with_seed(self.seed);
         if let Some(rate) = self.learning_rate {
@@ -668,11 +601,11 @@ impl FineTune {
         if progress {
             classifier = classifier.with_progress(|epoch| eprintln!("fit: {epoch}"));
         }
-        classifier
+        Some(classifier)
     }
 }
 
-async fn fit(ctx: &SessionContext, job: FitJob) -> Result<()> {
+async fn fit(ctx: &SessionContext, job: FitArgs, progress: bool) -> Result<()> {
     if job.output.exists() && !job.overwrite {
         return Err(Error::Persistence(format!(
             "{} already exists; pass --overwrite to replace it",
@@ -687,9 +620,10 @@ async fn fit(ctx: &SessionContext, job: FitJob) -> Result<()> {
             .with_string_order_type("alphabetAsc"),
     );
     let started = Instant::now();
-    let model = match &job.fine_tune {
+    let network = job.network.params()?;
+    let model = match job.fine_tune.classifier(network.clone(), progress) {
         None => {
-            let featurizer = job.network.featurizer();
+            let featurizer = DeepImageFeaturizer::new().with_network_params(network);
             let counter = featurizer.clone();
             let pipeline = pipeline.with_transformer(featurizer).with_estimator(
                 LogisticRegression::new()
@@ -699,15 +633,14 @@ async fn fit(ctx: &SessionContext, job: FitJob) -> Result<()> {
                     .with_standardization(false)
                     .with_max_iter(job.max_iter),
             );
-            let meter = Meter::start("fit: featurize", total, job.progress, move || {
+            let meter = Meter::start("fit: featurize", total, progress, move || {
                 counter.images_processed()
             });
             let model = pipeline.fit(&train).await?;
             meter.finish();
             model
         }
-        Some(fine_tune) => {
-            let classifier = fine_tune.classifier(&job.network, job.progress);
+        Some(classifier) => {
             let counter = classifier.clone();
             let views = if classifier.params().horizontal_flip {
                 2
@@ -715,7 +648,7 @@ async fn fit(ctx: &SessionContext, job: FitJob) -> Result<()> {
                 1
             };
             // The trunk's pass comes first (its meter ends with it); then a line per epoch.
-            let meter = Meter::start("fit: frozen trunk", total, job.progress, move || {
+            let meter = Meter::start("fit: frozen trunk", total, progress, move || {
                 counter.trunk_images() / views
             });
             let model = pipeline.with_estimator(classifier).fit(&train).await;
@@ -723,11 +656,8 @@ async fn fit(ctx: &SessionContext, job: FitJob) -> Result<()> {
             model?
         }
     };
-    report("fit", &model, scan.as_ref(), job.progress);
-    let labels = model
-        .stage::<StringIndexerModel>()
-        .map(|s| s.labels().to_vec())
-        .unwrap_or_default();
+    report("fit", &model, scan.as_ref(), progress);
+    let labels = model.labels_of("labelIndex").unwrap_or_default().to_vec();
     let how = if let Some(lr) = model.stage::<LogisticRegressionModel>() {
         format!(
             "logistic regression: {} iterations, {}",
@@ -743,7 +673,7 @@ async fn fit(ctx: &SessionContext, job: FitJob) -> Result<()> {
         format!(
             "fine-tuned {} blocks of {}: {} epochs, kept epoch {}",
             facts.trainable_blocks,
-            c.params().model_name,
+            c.params().network.model_name,
             facts.history.len(),
             facts.best_epoch
         )
@@ -766,12 +696,12 @@ async fn fit(ctx: &SessionContext, job: FitJob) -> Result<()> {
         let (test, total, scan) = read_input(ctx, test_dir, true, true).await?;
         reset_metrics(&model);
         let counter = model.clone();
-        let meter = Meter::start("test: featurize", total, job.progress, move || {
+        let meter = Meter::start("test: featurize", total, progress, move || {
             images_processed(&counter)
         });
         let predictions = model.transform(test)?.cache().await?;
         meter.finish();
-        report("test", &model, scan.as_ref(), job.progress);
+        report("test", &model, scan.as_ref(), progress);
         let metrics = MulticlassClassificationEvaluator::new()
             .with_label_col("labelIndex")
             .evaluate_all(&predictions)
