@@ -80,6 +80,16 @@ pub struct ClassifierColumns {
     pub label_col: String,
 }
 
+impl ClassifierColumns {
+    pub fn new(prediction_col: &str, probability_col: &str, label_col: &str) -> Self {
+        ClassifierColumns {
+            prediction_col: prediction_col.to_string(),
+            probability_col: probability_col.to_string(),
+            label_col: label_col.to_string(),
+        }
+    }
+}
+
 fn not_saveable(uid: &str) -> Error {
     Error::Persistence(format!(
         "stage `{uid}` does not implement saving (Transformer::save_stage / Estimator::save_stage)"

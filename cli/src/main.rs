@@ -24,7 +24,7 @@ use datafusion::logical_expr::cast;
 use datafusion::prelude::ParquetReadOptions;
 use deep_pipelines::evaluation::confusion_matrix;
 use deep_pipelines::image::{ScanMetrics, image_folder_table, image_type};
-use deep_pipelines::models::{available_models, manifest, model_dir};
+use deep_pipelines::models::{available_models, manifest, model_dirs};
 use deep_pipelines::prelude::*;
 use deep_pipelines::{Error, Result};
 use deep_pipelines::{NetworkParams, NetworkStats};
@@ -421,7 +421,6 @@ fn images_processed(model: &PipelineModel) -> u64 {
 }
 
 fn models() -> Result<()> {
-    let dir = model_dir();
     say!(
         "{:<20} {:>6} {:>9} {:>8}  weights",
         "model",
@@ -450,9 +449,13 @@ fn models() -> Result<()> {
             m.num_classes
         );
     }
+    let dirs: Vec<String> = model_dirs()
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect();
     say!(
-        "\nmodel directory: {} (set DEEP_PIPELINES_MODEL_DIR to use another)",
-        dir.display()
+        "\nmodel folders, searched in order: {} (set DEEP_PIPELINES_MODEL_DIR to search another first)",
+        dirs.join(", ")
     );
     Ok(())
 }
@@ -721,13 +724,16 @@ async fn fit(ctx: &SessionContext, job: FitArgs, progress: bool) -> Result<()> {
 }
 
 /// Progress of a long job on stderr: images done (`done` counts from its value at the start),
-/// images/s and ETA. On a terminal an indicatif bar redrawn in place; otherwise a plain line
+/// images/s and ETA. On a terminal a bar redrawn in place; otherwise a plain line
 /// every 5 s (logs, CI). Both end with one summary line, when all `total` images are done or at
 /// `finish` (a fit's trunk pass ends before its epochs). Prints nothing when `enabled` is false.
 struct Meter {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
+
+/// Characters of the terminal progress bar.
+const BAR: usize = 30;
 
 impl Meter {
     fn start(
@@ -754,26 +760,19 @@ impl Meter {
                     format!("{what}: {n}/{total} images, {rate:.1} images/s, {secs:.0} s{eta}")
                 };
                 if std::io::stderr().is_terminal() {
-                    // A bar redrawn in place (indicatif), then the same summary line as below.
-                    let bar = indicatif::ProgressBar::new(total as u64).with_message(what);
-                    if let Ok(style) = indicatif::ProgressStyle::with_template(
-                        "{msg}: [{elapsed_precise}] {wide_bar} {pos}/{len} images, {prefix}",
-                    ) {
-                        bar.set_style(style);
-                    }
+                    // A bar redrawn in place, then the same summary line as below.
                     while !stop.load(Ordering::Relaxed) && (done() as usize) < total {
                         let n = done();
-                        let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-9);
-                        let left = total.saturating_sub(n as usize) as f64;
-                        bar.set_position(n);
-                        bar.set_prefix(if rate > 0.0 {
-                            format!("{rate:.1} images/s, ETA {:.0} s", left / rate)
-                        } else {
-                            "starting".to_string()
-                        });
+                        let filled = (BAR * n as usize / total.max(1)).min(BAR);
+                        eprint!(
+                            "\r[{}{}] {}\x1b[K",
+                            "#".repeat(filled),
+                            "-".repeat(BAR - filled),
+                            line(n)
+                        );
                         std::thread::sleep(Duration::from_millis(200));
                     }
-                    bar.finish_and_clear();
+                    eprint!("\r\x1b[K");
                     eprintln!("{}", line(done()));
                     return;
                 }

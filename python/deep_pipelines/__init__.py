@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Iterable, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Union
 
 import pyarrow as pa
 
@@ -25,7 +25,7 @@ __version__ = _native.__version__
 __all__ = [
     "PipelineModel",
     "available_models",
-    "model_dir",
+    "model_dirs",
     "read_images",
     "set_num_threads",
 ]
@@ -33,16 +33,17 @@ __all__ = [
 MODEL_DIR_ENV = _native.MODEL_DIR_ENV
 
 
-def model_dir(explicit: Optional[str] = None) -> str:
-    """Where models are looked up: ``explicit`` (a stage's ``modelDir``), else
-    ``$DEEP_PIPELINES_MODEL_DIR``, else the models shipped in this package (EfficientNet-Lite0).
-    Other named models need their weights in a folder given one of the first two ways."""
-    if explicit:
-        return os.fspath(explicit)
-    env = os.environ.get(MODEL_DIR_ENV)
-    if env:
-        return env
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
+# The models this package ships (EfficientNet-Lite0), searched after $DEEP_PIPELINES_MODEL_DIR
+# and ./models by every stage whose modelDir is empty, in this process: on a Spark executor,
+# the package installed there.
+_native.add_model_dir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "models"))
+
+
+def model_dirs() -> List[str]:
+    """The folders searched, in order, for a model when a stage's ``modelDir`` is empty:
+    ``$DEEP_PIPELINES_MODEL_DIR`` (when set), ``./models``, then the models shipped in this
+    package. Each process searches its own (a Spark executor, those of the machine it runs on)."""
+    return list(_native.model_dirs())
 
 
 def available_models():
@@ -137,13 +138,11 @@ class _NetworkStage(_Native):
         return set(json.loads(_native.Transformer.stage(cls._class, "{}").params_json))
 
     def native_params_json(self) -> str:
-        """The params given, with ``modelDir`` resolved (see :func:`model_dir`)."""
-        params = dict(self._given)
-        params["modelDir"] = model_dir(params.get("modelDir"))
-        return json.dumps(params, sort_keys=True)
+        """The params given (an empty ``modelDir``: see :func:`model_dirs`)."""
+        return json.dumps(self._given, sort_keys=True)
 
     def getParams(self) -> Dict[str, Any]:
-        """Every param's value, defaults included (``modelDir`` resolved)."""
+        """Every param's value, defaults included."""
         return json.loads(self._native.params_json)
 
     def copy(self, **overrides: Any) -> "_NetworkStage":

@@ -31,7 +31,6 @@ from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import StructField, StructType
 
-import deep_pipelines as _dp
 from deep_pipelines import _native
 
 __all__ = [
@@ -243,11 +242,10 @@ class _NetworkTransformer(Transformer, DefaultParamsReadable, DefaultParamsWrita
         return self._set(**{k: v for k, v in params.items() if v is not None})
 
     def _native_params(self) -> Dict[str, Any]:
-        """The native stage's params as set here, ``modelDir`` resolved (see
-        :func:`deep_pipelines.model_dir`)."""
-        params = {name: self.getOrDefault(name) for name in self._native_defaults}
-        params["modelDir"] = _dp.model_dir(params.get("modelDir") or None)
-        return params
+        """The native stage's params as set here. An empty ``modelDir`` stays empty: each
+        executor searches its own folders (:func:`deep_pipelines.model_dirs`), never the
+        driver's."""
+        return {name: self.getOrDefault(name) for name in self._native_defaults}
 
     def _spec(self) -> str:
         return json.dumps([self._native_class, json.dumps(self._native_params(), sort_keys=True)])
@@ -372,7 +370,7 @@ def register_image_udf(
             "decodePredictions": decodePredictions,
             "topK": topK,
             "batchSize": batchSize,
-            "modelDir": _dp.model_dir(modelDir),
+            "modelDir": modelDir or "",
         }
         kind = "stage_function"
         spec = json.dumps([sql_name, "DeepImagePredictor", json.dumps(params, sort_keys=True)])

@@ -407,6 +407,20 @@ fn num_threads() -> usize {
     rayon::current_num_threads()
 }
 
+/// Adds a folder to search for models when a stage's `modelDir` is empty, after
+/// `$DEEP_PIPELINES_MODEL_DIR` and `./models` (the package adds the models it ships).
+#[pyfunction]
+fn add_model_dir(dir: String) {
+    deep_pipelines::models::add_model_dir(dir);
+}
+
+/// The folders searched, in order, for a model whose `modelDir` is empty.
+#[pyfunction]
+fn model_dirs() -> Vec<String> {
+    let dirs = deep_pipelines::models::model_dirs();
+    dirs.iter().map(|d| d.display().to_string()).collect()
+}
+
 /// The named models (`modelName` values).
 #[pyfunction]
 fn available_models() -> Vec<String> {
@@ -427,5 +441,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(available_models, m)?)?;
     m.add_function(wrap_pyfunction!(network_stage_classes, m)?)?;
+    m.add_function(wrap_pyfunction!(add_model_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(model_dirs, m)?)?;
     Ok(())
 }

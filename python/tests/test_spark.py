@@ -238,3 +238,11 @@ def test_spark_params_are_the_native_stages_names_docs_and_defaults():
     )
     with pytest.raises(ValueError, match="unknown param.*known: .*alphaBackground"):
         DeepImagePredictor(topk=3)
+
+
+def test_the_spec_executors_run_carries_no_driver_path():
+    import json
+
+    spec = json.loads(json.loads(DeepImageFeaturizer()._spec())[1])
+    assert spec["modelDir"] == "", spec
+    assert dp.model_dirs()[-1].endswith("deep_pipelines/models"), dp.model_dirs()

@@ -527,11 +527,11 @@ impl Transformer for LogisticRegressionModel {
 
     fn classifier(&self) -> Option<ClassifierColumns> {
         let p = &self.params;
-        Some(ClassifierColumns {
-            prediction_col: p.prediction_col.clone(),
-            probability_col: p.probability_col.clone(),
-            label_col: p.label_col.clone(),
-        })
+        Some(ClassifierColumns::new(
+            &p.prediction_col,
+            &p.probability_col,
+            &p.label_col,
+        ))
     }
 
     fn describe(&self) -> String {

@@ -2,6 +2,7 @@
 //! validation, and where manifests live (the model directory).
 
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 
 use serde::{Deserialize, Serialize};
 
@@ -11,20 +12,50 @@ use crate::error::Result;
 /// Environment variable naming the folder that holds one sub-folder per model.
 pub const MODEL_DIR_ENV: &str = "DEEP_PIPELINES_MODEL_DIR";
 
-/// The default model directory: `$DEEP_PIPELINES_MODEL_DIR`, else `models` in the current
-/// directory (the repository's bundled models when run from its root, as the tests and examples
-/// are). Found at run time: nothing built from this crate (a wheel, a deployed binary, a
-/// crates.io dependency) may point at the folder of the machine that compiled it.
-pub fn model_dir() -> PathBuf {
-    std::env::var_os(MODEL_DIR_ENV)
-        .filter(|d| !d.is_empty())
-        .map_or_else(|| PathBuf::from("models"), PathBuf::from)
+/// Folders added by the program that embeds this crate ([`add_model_dir`]), searched last.
+static ADDED_DIRS: RwLock<Vec<PathBuf>> = RwLock::new(Vec::new());
+
+/// Adds a folder to search for models when a stage's `modelDir` is empty, after
+/// `$DEEP_PIPELINES_MODEL_DIR` and `./models`: the Python package adds the models it ships, so
+/// a Spark executor finds them wherever the package is installed on it.
+pub fn add_model_dir(dir: impl Into<PathBuf>) {
+    let dir = dir.into();
+    let mut dirs = ADDED_DIRS.write().unwrap_or_else(|p| p.into_inner());
+    if !dirs.contains(&dir) {
+        dirs.push(dir);
+    }
 }
 
-/// `dir` if given and not empty (an empty `modelDir` param means the default), else [`model_dir`].
-pub(super) fn resolve_dir(dir: Option<&Path>) -> PathBuf {
-    dir.filter(|d| !d.as_os_str().is_empty())
-        .map_or_else(model_dir, Path::to_path_buf)
+/// The folders searched, in order, for a model whose `modelDir` is empty:
+/// `$DEEP_PIPELINES_MODEL_DIR` (if set), `models` in the current directory (the repository's
+/// models when run from its root), then those added with [`add_model_dir`]. Found at run
+/// time, on the machine that runs the model: nothing built from this crate (a wheel, a
+/// deployed binary, a saved pipeline) carries a folder of the machine that built it.
+pub fn model_dirs() -> Vec<PathBuf> {
+    let env = std::env::var_os(MODEL_DIR_ENV).filter(|d| !d.is_empty());
+    let added = ADDED_DIRS.read().map(|d| d.clone()).unwrap_or_default();
+    env.map(PathBuf::from)
+        .into_iter()
+        .chain([PathBuf::from("models")])
+        .chain(added)
+        .collect()
+}
+
+/// The first folder of [`model_dirs`].
+pub fn model_dir() -> PathBuf {
+    model_dirs().swap_remove(0)
+}
+
+/// Where model `folder` (its sub-folder) lives: `dir` if given and not empty (an empty
+/// `modelDir` param means the search), else the first of [`model_dirs`] that has the sub-folder,
+/// else the first of them (so that an error names where it should be).
+pub(super) fn resolve_dir(dir: Option<&Path>, folder: &str) -> PathBuf {
+    if let Some(dir) = dir.filter(|d| !d.as_os_str().is_empty()) {
+        return dir.to_path_buf();
+    }
+    let dirs = model_dirs();
+    let found = dirs.iter().find(|d| d.join(folder).is_dir());
+    found.unwrap_or(&dirs[0]).clone()
 }
 
 /// Resize filter named in a manifest.
@@ -175,7 +206,7 @@ pub(super) fn read_manifest(
     folder: &str,
     dir: Option<&Path>,
 ) -> Result<(Manifest, PathBuf)> {
-    let dir = resolve_dir(dir).join(folder);
+    let dir = resolve_dir(dir, folder).join(folder);
     // A model folder may hold just the weights: the manifest compiled into this crate then
     // describes them.
     let path = dir.join("manifest.json");

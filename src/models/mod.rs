@@ -43,7 +43,8 @@ use crate::error::Error;
 pub use catalog::load_architecture;
 pub use loaded::{LoadedModel, imagenet_labels};
 pub use manifest::{
-    FeatureMode, MODEL_DIR_ENV, Manifest, PreprocessSpec, ResizeFilter, WeightsSpec, model_dir,
+    FeatureMode, MODEL_DIR_ENV, Manifest, PreprocessSpec, ResizeFilter, WeightsSpec, add_model_dir,
+    model_dir, model_dirs,
 };
 pub use network::{Architecture, ImageNetwork};
 pub use runtime::{

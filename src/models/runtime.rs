@@ -11,7 +11,7 @@ use burn::prelude::*;
 use super::catalog;
 use super::inverted_residual::InvertedResidualNet;
 use super::loaded::LoadedModel;
-use super::manifest::{MODEL_DIR_ENV, Manifest, read_manifest, resolve_dir};
+use super::manifest::{MODEL_DIR_ENV, Manifest, model_dirs, read_manifest, resolve_dir};
 use super::{ImageNetwork, model_error};
 use crate::error::{Error, Result};
 
@@ -116,7 +116,8 @@ fn weight_path(name: &str, manifest: &Manifest, folder: &Path) -> Result<PathBuf
             name,
             format!(
                 "weight file {} not found. Get it from {} (licence: {}) and put it at that path, \
-                     or point {MODEL_DIR_ENV} / the modelDir param at a folder holding `{}/{}`",
+                     or point {MODEL_DIR_ENV} / the modelDir param at a folder holding `{}/{}` \
+                     (without modelDir, these folders are searched in order: {})",
                 weights.display(),
                 manifest.weights.source,
                 manifest.weights.license,
@@ -124,6 +125,11 @@ fn weight_path(name: &str, manifest: &Manifest, folder: &Path) -> Result<PathBuf
                     .file_name()
                     .map_or_else(String::new, |f| f.to_string_lossy().into_owned()),
                 manifest.weights.file,
+                model_dirs()
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             ),
         ));
     }
@@ -194,7 +200,7 @@ pub fn load_model_in(
     }
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
-    let dir = resolve_dir(dir);
+    let dir = resolve_dir(dir, catalog::folder(name).unwrap_or_default());
     let key = (name.to_string(), device_name.to_string(), dir.clone());
     // The map's lock is held only to find the entry; the entry's lock while loading makes
     // concurrent partitions wait for one load of this model, and nobody else.

@@ -331,8 +331,9 @@ fn estimator<T: 'static>(stage: &PipelineStage) -> &T {
 // Where a named model comes from (src/models/mod.rs, `manifest_in`, `LoadedModel::load_from`,
 // `load_model_in`), in order:
 // 1. A network registered with `register_network` under that name answers first (no folder).
-// 2. The model directory: the stage's `modelDir` param when not empty, else
-//    `$DEEP_PIPELINES_MODEL_DIR` when set, else the bundled `models/`.
+// 2. The model directory: the stage's `modelDir` param when not empty, else the first folder
+//    holding the model's sub-folder of `$DEEP_PIPELINES_MODEL_DIR` (when set), `./models` and
+//    the folders added with `models::add_model_dir` (`models::model_dirs()`).
 // 3. The manifest: `<dir>/<folder>/manifest.json` when that file exists, else the bundled
 //    `models/<folder>/manifest.json` (a folder may hold just the weights).
 // 4. The weights: `<dir>/<folder>/<manifest's weights.file>`, never the bundled copy, checked
@@ -554,6 +555,84 @@ async fn model_dir_env_var_gives_the_weights_and_manifest_and_the_param_wins() {
     // variable's folder; a `modelDir` param (the bundled folder: 1280 x 7 x 7) wins over it.
     let expected = [dir.as_str(), "0", "TENCH", "81920", "62720"];
     assert_eq!(got, expected);
+}
+
+/// Runs in the child process started by
+/// `without_model_dir_the_env_var_then_models_then_added_folders_are_searched`, in an empty
+/// working directory: writes what a stage without `modelDir` sees before and after the bundled
+/// folder is added to the search. Does nothing when run on its own.
+#[tokio::test]
+async fn model_search_child_process_entry() {
+    let Ok(out) = std::env::var(CHILD_MODEL_SEARCH_OUT) else {
+        return;
+    };
+    let before = match DeepImagePredictor::new()
+        .transform(read_images(&SessionContext::new(), CHELSEA, Default::default()).unwrap())
+    {
+        Ok(_) => "loaded".to_string(),
+        Err(e) => e.to_string(),
+    };
+    let dirs: Vec<String> = deep_pipelines::models::model_dirs()
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect();
+    deep_pipelines::models::add_model_dir(std::env::var(CHILD_ADDED_DIR).unwrap());
+    let top = chelsea_top(DeepImagePredictor::new().with_top_k(1)).await;
+    let lines = [
+        before.replace('\n', " "),
+        dirs.join(","),
+        top[0].0.to_string(),
+    ];
+    std::fs::write(out, lines.join("\n")).unwrap();
+}
+
+const CHILD_MODEL_SEARCH_OUT: &str = "DP_TEST_MODEL_SEARCH_OUT";
+const CHILD_ADDED_DIR: &str = "DP_TEST_ADDED_DIR";
+
+/// The search for a model without `modelDir`, in a process whose working directory has no
+/// `models/`: `$DEEP_PIPELINES_MODEL_DIR` (when set), `./models`, then the folders added with
+/// `models::add_model_dir` (what the Python package does with the models it ships).
+#[tokio::test]
+async fn without_model_dir_the_env_var_then_models_then_added_folders_are_searched() {
+    let root = tempfile::tempdir().unwrap();
+    let changed = root.path().join("changed");
+    changed_lite0(&changed, true);
+    let work = root.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let run = |env: Option<&Path>| {
+        let out = root.path().join("child.txt");
+        let mut child = Command::new(std::env::current_exe().unwrap());
+        child
+            .args([
+                "persistence::model_search_child_process_entry",
+                "--exact",
+                "--nocapture",
+            ])
+            .current_dir(&work)
+            .env_remove(deep_pipelines::models::MODEL_DIR_ENV)
+            .env(CHILD_MODEL_SEARCH_OUT, &out)
+            .env(CHILD_ADDED_DIR, MODELS);
+        if let Some(dir) = env {
+            child.env(deep_pipelines::models::MODEL_DIR_ENV, dir);
+        }
+        assert!(child.status().unwrap().success());
+        std::fs::read_to_string(&out).unwrap()
+    };
+    // Nothing found: the error names the folders searched; then the added one has the model.
+    let got = run(None);
+    let got: Vec<&str> = got.lines().collect();
+    assert!(
+        got[0].contains("not found") && got[0].contains("searched in order: models"),
+        "{got:?}"
+    );
+    assert_eq!(got[1], "models");
+    assert_eq!(got[2], "282", "tiger cat, from the added folder");
+    // The variable's folder comes first: its changed weights win over the added folder's.
+    let got = run(Some(&changed));
+    let got: Vec<&str> = got.lines().collect();
+    assert_eq!(got[0], "loaded");
+    assert_eq!(got[1], format!("{},models", changed.display()));
+    assert_eq!(got[2], "0", "class 0 wins with the changed weights");
 }
 
 /// A user's own stage: adds a constant column. It saves its value in `extra` and, registered,
