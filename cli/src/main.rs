@@ -26,8 +26,7 @@ use deep_pipelines::evaluation::confusion_matrix;
 use deep_pipelines::image::{ScanMetrics, image_folder_table, image_type};
 use deep_pipelines::models::{available_models, manifest, model_dirs};
 use deep_pipelines::prelude::*;
-use deep_pipelines::{Error, Result};
-use deep_pipelines::{NetworkParams, NetworkStats};
+use deep_pipelines::{Error, NetworkParams, NetworkStats, Result};
 
 /// `println!` that ignores a closed stdout (`deep-pipelines models | head`) instead of panicking.
 macro_rules! say {
@@ -178,6 +177,10 @@ struct NetworkArgs {
     /// What transparent pixels are composited over: white, black, #rrggbb or none.
     #[arg(long, default_value = "white")]
     alpha_background: String,
+    /// The folder holding `<model>/` (weights, optional manifest); default: the search of
+    /// `deep-pipelines models`.
+    #[arg(long, default_value = "")]
+    model_dir: String,
 }
 
 impl NetworkArgs {
@@ -198,6 +201,7 @@ impl NetworkArgs {
             device: self.device.clone(),
             resize_mode,
             alpha_background: self.alpha_background.clone(),
+            model_dir: self.model_dir.clone(),
             ..NetworkParams::default()
         })
     }

@@ -292,3 +292,40 @@ fn models_and_errors_name_what_is_wrong() {
     let usage = cli(&["featurize"]);
     assert_eq!(usage.status.code(), Some(2));
 }
+
+/// Run from a folder without `models/` and no `$DEEP_PIPELINES_MODEL_DIR`: the error names the
+/// folders searched; `--model-dir` (or the variable) points at the weights.
+#[tokio::test]
+async fn from_another_folder_the_model_is_found_through_model_dir() {
+    let work = tempfile::tempdir().unwrap();
+    let images = common::few_per_class(work.path(), "test", 1);
+    let run = |extra: &[&str]| {
+        Command::new(common::cli_binary())
+            .args([
+                "featurize",
+                images.to_str().unwrap(),
+                "-o",
+                "f.parquet",
+                "-q",
+            ])
+            .args(extra)
+            .current_dir(work.path())
+            .env_remove(deep_pipelines::models::MODEL_DIR_ENV)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("weights.safetensors not found")
+            && stderr.contains("searched in order: models"),
+        "{stderr}"
+    );
+    let models = concat!(env!("CARGO_MANIFEST_DIR"), "/models");
+    let out = run(&["--model-dir", models]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let batch = read_parquet(&work.path().join("f.parquet")).await;
+    assert_eq!(batch.num_rows(), 10);
+    assert_eq!(batch.column_by_name("features").unwrap().null_count(), 0);
+}
