@@ -250,6 +250,7 @@ impl Transformer for PipelineModel {
         self.stages.iter().find_map(|s| s.labels_of(column))
     }
 
+    /// Its stages' descriptions, joined by ` -> `.
     fn describe(&self) -> String {
         let stages: Vec<String> = self.stages.iter().map(|s| s.describe()).collect();
         stages.join(" -> ")

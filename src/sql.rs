@@ -399,10 +399,9 @@ impl ModelFunction {
             async move { Ok(planned.create_physical_plan().await?) },
         )?;
         let state = ctx.state();
-        let stages: Vec<String> = model.stages().iter().map(|s| s.describe()).collect();
         Ok(ModelFunction {
             sql_name: vec![name.to_string()],
-            display_name: format!("{name}[{}]", stages.join(" -> ")),
+            display_name: format!("{name}[{}]", model.describe()),
             model: model.clone(),
             output,
             plan: PlannedPipeline {
