@@ -178,14 +178,10 @@ fn network_stage(class: &str, params_json: &str) -> PyResult<Arc<dyn deep_pipeli
             network_stage_classes().join(", ")
         ))
     };
-    match StageRegistry::builtin().make(class, params).map_err(|e| {
-        if network_stage_classes().iter().any(|c| c == class) {
-            py_err(e)
-        } else {
-            not_network()
-        }
-    })? {
-        PipelineStage::Transformer(stage) if stage.network().is_some() => Ok(stage),
+    match StageRegistry::builtin().make(class, params) {
+        Ok(PipelineStage::Transformer(stage)) if stage.network().is_some() => Ok(stage),
+        // A network stage's own error (a bad param value) names what is wrong.
+        Err(e) if network_stage_classes().iter().any(|c| c == class) => Err(py_err(e)),
         _ => Err(not_network()),
     }
 }
@@ -264,18 +260,7 @@ impl Transformer {
     /// stage's order; None for other pipelines.
     #[getter]
     fn explain_params(&self) -> Option<String> {
-        self.network_params(|p| {
-            let params: Vec<serde_json::Value> = p
-                .explain()
-                .into_iter()
-                .map(|i| {
-                    serde_json::json!({
-                        "name": i.name, "doc": i.doc, "value": i.value, "default": i.default
-                    })
-                })
-                .collect();
-            params.into()
-        })
+        self.network_params(|p| serde_json::to_value(p.explain()).unwrap_or_default())
     }
 
     /// The metrics of the pipeline's first network stage, as JSON (None: no network stage):
