@@ -26,13 +26,38 @@ use crate::models::load_safetensors_bytes;
 
 /// Training examples: the trunk's activations at the cut (`views` per example, each of `dims`
 /// `[C, h, w]`; view 0 is the image, view 1 its mirror when augmenting) and class labels. Rows
-/// are shared with the trunk cache, not copied.
+/// are shared with the trunk cache, or read from a spill file, never copied.
 #[derive(Debug, Clone, Default)]
 pub struct Examples {
     pub dims: [usize; 3],
     pub views: usize,
-    pub rows: Vec<Arc<[f32]>>,
+    rows: Vec<Stored>,
     pub labels: Vec<usize>,
+}
+
+/// Where an example's activations are.
+#[derive(Debug, Clone)]
+enum Stored {
+    /// Shared with the trunk cache.
+    Shared(Arc<[f32]>),
+    /// Row `.1` of a spill file.
+    Spilled(Arc<SpillFile>, usize),
+}
+
+/// A file of activation rows (little-endian f32), memory-mapped: the fit reads it through the
+/// page cache, so the process's memory stays bounded however many rows it holds.
+#[derive(Debug)]
+struct SpillFile {
+    map: memmap2::Mmap,
+}
+
+impl SpillFile {
+    fn floats(&self) -> &[f32] {
+        let bytes: &[u8] = &self.map;
+        // SAFETY: a mapping starts on a page boundary (aligned for f32), its length was checked
+        // to be a multiple of 4, and every bit pattern is an f32.
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), bytes.len() / 4) }
+    }
 }
 
 impl Examples {
@@ -43,6 +68,48 @@ impl Examples {
             rows: Vec::new(),
             labels: Vec::new(),
         }
+    }
+
+    /// The examples of a spill file: one row of `views * C * h * w` little-endian f32 per
+    /// label, in order. The file must not change while the examples live.
+    pub fn spilled(
+        dims: [usize; 3],
+        views: usize,
+        path: &std::path::Path,
+        labels: Vec<usize>,
+    ) -> Result<Self> {
+        let what = |e: String| Error::Fit(format!("activation spill file {}: {e}", path.display()));
+        if cfg!(target_endian = "big") {
+            return Err(what(
+                "little-endian rows need a little-endian machine".into(),
+            ));
+        }
+        let file = std::fs::File::open(path).map_err(|e| what(e.to_string()))?;
+        let row = views * dims.iter().product::<usize>();
+        let expected = (labels.len() * row * 4) as u64;
+        let size = file.metadata().map_err(|e| what(e.to_string()))?.len();
+        if size != expected {
+            return Err(what(format!(
+                "{size} bytes, expected {expected} ({} rows of {row} f32)",
+                labels.len()
+            )));
+        }
+        let rows = if labels.is_empty() {
+            Vec::new()
+        } else {
+            // SAFETY: the spill file is the fit's own temporary file, not written while mapped.
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| what(e.to_string()))?;
+            let file = Arc::new(SpillFile { map });
+            (0..labels.len())
+                .map(|i| Stored::Spilled(Arc::clone(&file), i))
+                .collect()
+        };
+        Ok(Examples {
+            dims,
+            views,
+            rows,
+            labels,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -60,12 +127,16 @@ impl Examples {
     /// View `view` of example `i`.
     pub fn view(&self, i: usize, view: usize) -> &[f32] {
         let len = self.view_len();
-        &self.rows[i][view * len..][..len]
+        let row: &[f32] = match &self.rows[i] {
+            Stored::Shared(row) => row,
+            Stored::Spilled(file, at) => &file.floats()[at * len * self.views..],
+        };
+        &row[view * len..][..len]
     }
 
     /// Appends one example: all its views, `views * C * h * w` values.
     pub fn push(&mut self, views: Arc<[f32]>, label: usize) {
-        self.rows.push(views);
+        self.rows.push(Stored::Shared(views));
         self.labels.push(label);
     }
 
@@ -74,7 +145,7 @@ impl Examples {
         Examples {
             dims: self.dims,
             views: self.views,
-            rows: rows.iter().map(|&i| Arc::clone(&self.rows[i])).collect(),
+            rows: rows.iter().map(|&i| self.rows[i].clone()).collect(),
             labels: rows.iter().map(|&i| self.labels[i]).collect(),
         }
     }

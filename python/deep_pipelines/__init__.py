@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Iterable, List, Optional, Union
+import sys
+import tempfile
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import pyarrow as pa
 
@@ -23,6 +25,8 @@ from . import _native
 
 __version__ = _native.__version__
 __all__ = [
+    "DeepImageClassifier",
+    "DeepImageClassifierModel",
     "PipelineModel",
     "available_models",
     "model_dirs",
@@ -189,3 +193,178 @@ class PipelineModel(_Native):
 
     def __repr__(self) -> str:
         return f"PipelineModel({self.path!r}, stages={self.stage_uids})"
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+def _print_epoch(stats: Dict[str, Any], line: str) -> None:
+    """The default progress of a fine-tuning fit: one line per epoch on stderr."""
+    print(f"DeepImageClassifier {line}", file=sys.stderr, flush=True)
+
+
+Progress = Callable[[Dict[str, Any], str], None]
+
+
+def _activation_rows(activations: pa.Array) -> List[Optional[bytes]]:
+    """Each row of the trunk's output (a fixed-size list of float32) as little-endian float32
+    bytes; null rows stay None."""
+    if isinstance(activations, pa.ChunkedArray):
+        activations = activations.combine_chunks()
+    import numpy as np
+
+    width = activations.type.list_size
+    values = np.asarray(activations.values.to_numpy(zero_copy_only=False), dtype="<f4")
+    start = activations.offset * width
+    return [
+        values[start + i * width : start + (i + 1) * width].tobytes() if valid else None
+        for i, valid in enumerate(activations.is_valid().to_pylist())
+    ]
+
+
+class _Spill:
+    """Activation rows of a fit, written to a local file (the top trains on it memory-mapped):
+    memory stays that of one batch, however many rows."""
+
+    def __init__(self, folder: str, width: int, label_col: str):
+        self.path = os.path.join(folder, "activations.f32")
+        self._file = open(self.path, "wb")
+        self._row_bytes = 4 * width
+        self._label_col = label_col
+        self.labels: List[int] = []
+        self.skipped = 0
+
+    def add(self, rows: Iterable[Tuple[Optional[bytes], Any]]) -> None:
+        """Appends ``(activation bytes, label)`` rows; rows missing either are skipped."""
+        for values, label in rows:
+            if values is None or label is None:
+                self.skipped += 1
+                continue
+            if len(values) != self._row_bytes:
+                raise RuntimeError(
+                    f"DeepImageClassifier: an activation row of {len(values)} bytes, expected "
+                    f"{self._row_bytes}"
+                )
+            if isinstance(label, bool) or float(label) < 0 or float(label) != int(label):
+                raise ValueError(
+                    f"DeepImageClassifier: column `{self._label_col}`: labels must be class "
+                    f"indices 0, 1, 2, ...; found {label!r} (index strings with StringIndexer)"
+                )
+            self._file.write(values)
+            self.labels.append(int(label))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _model_files(folder: str) -> Dict[str, bytes]:
+    """Every file under ``folder`` by relative path: a saved model carried in memory."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            full = os.path.join(root, name)
+            with open(full, "rb") as f:
+                files[os.path.relpath(full, folder)] = f.read()
+    return files
+
+
+def _write_files(files: Dict[str, bytes], folder: str) -> None:
+    for rel, data in files.items():
+        target = os.path.join(folder, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as f:
+            f.write(data)
+
+
+def _train_top(fit: "_native.ClassifierFit", spill: _Spill, progress: Optional[Progress]):
+    """Trains the top on a closed spill; returns (saved model files, fit facts)."""
+    out = os.path.join(os.path.dirname(spill.path), "model")
+    report = None if progress is None else (lambda stats, line: progress(json.loads(stats), line))
+    facts = fit.fit(spill.path, spill.labels, spill.skipped, out, report)
+    return _model_files(out), json.loads(facts)
+
+
+def _check_fit_columns(schema: pa.Schema, image_col: str, label_col: str) -> None:
+    for param, col in (("inputCol", image_col), ("labelCol", label_col)):
+        if col not in schema.names:
+            raise ValueError(
+                f"DeepImageClassifier: {param} `{col}` not found; columns: {', '.join(schema.names)}"
+            )
+    label_type = schema.field(label_col).type
+    if not (pa.types.is_integer(label_type) or pa.types.is_floating(label_type)):
+        raise ValueError(
+            f"DeepImageClassifier: labelCol `{label_col}` is {label_type}; expected class "
+            "indices 0..k-1 (index strings with StringIndexer)"
+        )
+
+
+class DeepImageClassifier:
+    """Fine-tunes a pretrained network on pyarrow tables: its last ``trainableBlocks`` blocks
+    train with a new classifier head on ``labelCol`` (class indices 0..k-1); the frozen trunk
+    runs once per image. ``fit(table)`` gives a :class:`DeepImageClassifierModel` adding
+    ``rawPrediction``, ``probability`` and ``prediction``. The trunk's activations are spilled
+    to a temporary file, so memory stays that of one batch. Params (same names and defaults as
+    the Rust ``DeepImageClassifier``): ``getParams()``, ``explainParams()``."""
+
+    def __init__(self, **params: Any):
+        known = set(json.loads(_native.ClassifierFit("{}").params_json))
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(
+                f"DeepImageClassifier: unknown param(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        self._given = {k: v for k, v in params.items() if v is not None}
+        self._fit = _native.ClassifierFit(json.dumps(self._given))
+
+    def getParams(self) -> Dict[str, Any]:
+        """Every param's value, defaults included."""
+        return json.loads(self._fit.params_json)
+
+    def explainParams(self) -> str:
+        return "\n".join(
+            f"{p['name']}: {p['doc']} (default: {p['default']!r}, current: {p['value']!r})"
+            for p in json.loads(self._fit.explain_params)
+        )
+
+    def fit(self, data: Data, progress: Optional[Progress] = _print_epoch) -> "DeepImageClassifierModel":
+        """Fits on ``data`` (a table, a batch or an iterable of batches); ``progress(stats,
+        line)`` after each epoch (default: a line on stderr; None: quiet)."""
+        params = self.getParams()
+        image_col, label_col = params["inputCol"], params["labelCol"]
+        trunk = self._fit.trunk("__activations")
+        with tempfile.TemporaryDirectory(prefix="deep-pipelines-fit-") as folder:
+            spill = _Spill(folder, self._fit.activation_len, label_col)
+            try:
+                for batch in _batches(data):
+                    _check_fit_columns(batch.schema, image_col, label_col)
+                    if batch.num_rows == 0:
+                        continue
+                    out = pa.record_batch(trunk.transform(batch.select([image_col, label_col])))
+                    rows = _activation_rows(out.column("__activations"))
+                    spill.add(zip(rows, out.column(label_col).to_pylist()))
+            finally:
+                spill.close()
+            files, facts = _train_top(self._fit, spill, progress)
+        return DeepImageClassifierModel(files, facts)
+
+
+class DeepImageClassifierModel(_Native):
+    """A fine-tuned network: ``transform`` adds ``rawPrediction``, ``probability`` and
+    ``prediction``. ``fitFacts`` (classes, rows, kept epoch, per-epoch history), ``save(path)``
+    (the Rust API's format: ``deep_pipelines.PipelineModel.load`` and the Rust
+    ``PipelineModel::load`` read it)."""
+
+    def __init__(self, files: Dict[str, bytes], facts: Dict[str, Any]):
+        with tempfile.TemporaryDirectory(prefix="deep-pipelines-model-") as folder:
+            _write_files(files, folder)
+            native = _native.Transformer.load(folder)
+        super().__init__(native)
+        self._files = files
+        self.fitFacts = facts
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        path = os.fspath(path)
+        if os.path.exists(path) and os.listdir(path):
+            raise FileExistsError(f"{path} exists and is not empty")
+        _write_files(self._files, path)

@@ -1,4 +1,6 @@
-"""sparkdl's API on Spark 4: pretrained-network stages as ``pyspark.ml`` Transformers.
+"""Pretrained-network stages as ``pyspark.ml`` Transformers and a fine-tuning Estimator, with
+this package's own defaults (sparkdl 1.x's exact names, defaults and output types:
+:mod:`deep_pipelines.sparkdl`).
 
 The stages run the deep-pipelines native core on Arrow batches inside the executors
 (``mapInArrow``; no per-row Python), load each model once per Python worker, save and load with
@@ -19,21 +21,43 @@ SQL: :func:`register_image_udf`. A pipeline fitted and saved by the Rust API: :f
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import shutil
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import pyarrow as pa
-from pyspark import keyword_only
-from pyspark.ml import Transformer
+from pyspark import AccumulatorParam, keyword_only
+from pyspark.ml import Estimator, Model, Transformer
 from pyspark.ml.param import Param, Params, TypeConverters
-from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
+from pyspark.ml.util import (
+    DefaultParamsReadable,
+    DefaultParamsReader,
+    DefaultParamsWritable,
+    DefaultParamsWriter,
+    MLReadable,
+    MLReader,
+    MLWritable,
+    MLWriter,
+)
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import StructField, StructType
 
-from deep_pipelines import _native
+from deep_pipelines import (
+    _activation_rows,
+    _model_files,
+    _native,
+    _print_epoch,
+    _Spill,
+    _train_top,
+    _write_files,
+)
 
 __all__ = [
+    "DeepImageClassifier",
+    "DeepImageClassifierModel",
     "DeepImageFeaturizer",
     "DeepImagePredictor",
     "register_image_udf",
@@ -118,7 +142,27 @@ def _init_threads(num_threads: int) -> None:
     _native.init_threads(num_threads)
 
 
-def _cached(kind: str, spec: str, num_threads: int):
+def _model_folder(digest: str, files: Dict[str, bytes]) -> str:
+    """A local folder holding a model's files (written once per machine, by content)."""
+    import tempfile
+
+    parent = os.path.join(tempfile.gettempdir(), "deep-pipelines-models")
+    folder = os.path.join(parent, digest)
+    if not os.path.isdir(folder):
+        os.makedirs(parent, exist_ok=True)
+        partial = tempfile.mkdtemp(prefix=f"{digest}.", dir=parent)
+        _write_files(files, partial)
+        try:
+            os.rename(partial, folder)
+        except OSError:  # another worker wrote it first
+            shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
+def _cached(kind: str, spec: str, num_threads: int, files: Optional[Dict[str, bytes]] = None):
+    """The native object for ``(kind, spec)`` in this process, made on first use: a stage, a
+    saved pipeline, a SQL function, a fine-tuning fit's trunk, or a model carried as ``files``
+    (``spec`` is their digest) -- never a path of the driver's."""
     key = (kind, spec)
     native = _CACHE.get(key)
     if native is None:
@@ -134,33 +178,90 @@ def _cached(kind: str, spec: str, num_threads: int):
         elif kind == "load_function":
             name, path = json.loads(spec)
             native = _native.ImageFunction.load(name, path)
+        elif kind == "trunk":
+            native = _native.ClassifierFit(spec).trunk(_ACTIVATIONS)
+        elif kind == "files":
+            native = _native.Transformer.load(_model_folder(spec, files or {}))
         else:  # pragma: no cover - internal
             raise ValueError(kind)
         _CACHE[key] = native
     return native
 
 
-def _map_batches(kind: str, spec: str, num_threads: int, new_columns):
+# ---------------------------------------------------------------- metrics
+
+_COUNTS = ("rows", "images", "forwardPasses", "preprocessSeconds", "networkSeconds", "wallSeconds")
+
+
+def _merge(into: Dict[str, Any], more: Dict[str, Any]) -> Dict[str, Any]:
+    """Adds ``more``'s counts (and its per-reason ``nullRows``) to ``into``."""
+    for name, value in more.items():
+        if isinstance(value, dict):
+            into[name] = _merge(dict(into.get(name, {})), value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            into[name] = into.get(name, 0) + value
+    return into
+
+
+def _task_metrics(before: Optional[str], after: Optional[str]) -> Dict[str, Any]:
+    """What a native stage did between two ``metrics_json`` readings (one task)."""
+    if after is None:
+        return {}
+    old, new = json.loads(before or "{}"), json.loads(after)
+    delta = {k: new.get(k, 0) - old.get(k, 0) for k in _COUNTS}
+    reasons = new.get("nullRows") or {}
+    seen = old.get("nullRows") or {}
+    delta["nullRows"] = {r: n - seen.get(r, 0) for r, n in reasons.items() if n - seen.get(r, 0)}
+    return delta
+
+
+class _MetricsParam(AccumulatorParam):
+    """Spark accumulator of a stage's metrics: counts summed over the tasks."""
+
+    def zero(self, value):
+        return {}
+
+    def addInPlace(self, value1, value2):
+        return _merge(dict(value1), value2)
+
+
+def _new_metrics(df: DataFrame):
+    """An accumulator for what the executors do for one transform; None under Spark Connect
+    (no accumulators there)."""
+    try:
+        return df.sparkSession.sparkContext.accumulator({}, _MetricsParam())
+    except Exception:
+        return None
+
+
+def _map_batches(kind: str, spec: str, num_threads: int, new_columns, files=None, metrics=None):
     """The function ``mapInArrow`` runs: each batch plus the native pipeline's new columns,
-    cast to types Spark takes."""
+    cast to types Spark takes; the task's metrics go to the ``metrics`` accumulator."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        native = _cached(kind, spec, num_threads)
-        for batch in batches:
-            if batch.num_rows == 0:
-                continue
-            out = pa.record_batch(native.transform(batch))
-            arrays = list(batch.columns)
-            names = list(batch.schema.names)
-            for name in new_columns:
-                arrays.append(_to_spark_array(out.column(name)))
-                names.append(name)
-            yield pa.RecordBatch.from_arrays(arrays, names=names)
+        native = _cached(kind, spec, num_threads, files)
+        before = native.metrics_json
+        try:
+            for batch in batches:
+                if batch.num_rows == 0:
+                    continue
+                out = pa.record_batch(native.transform(batch))
+                arrays = list(batch.columns)
+                names = list(batch.schema.names)
+                for name in new_columns:
+                    arrays.append(_to_spark_array(out.column(name)))
+                    names.append(name)
+                yield pa.RecordBatch.from_arrays(arrays, names=names)
+        finally:
+            if metrics is not None:
+                metrics.add(_task_metrics(before, native.metrics_json))
 
     return run
 
 
-def _apply(df: DataFrame, kind: str, spec: str, native, num_threads: int) -> DataFrame:
+def _apply(
+    df: DataFrame, kind: str, spec: str, native, num_threads: int, files=None, metrics=None
+) -> DataFrame:
     """``df`` with the native pipeline's new columns, through ``mapInArrow``. The output schema
     is found on the driver (the native pipeline run on no rows)."""
     in_schema = _arrow_schema(df)
@@ -171,7 +272,8 @@ def _apply(df: DataFrame, kind: str, spec: str, native, num_threads: int) -> Dat
         raise ValueError("the pipeline adds no column to the DataFrame")
     spark_schema = StructType(list(df.schema.fields) + [_spark_field(f) for f in new])
     names = [f.name for f in new]
-    return df.mapInArrow(_map_batches(kind, spec, num_threads, names), spark_schema)
+    run = _map_batches(kind, spec, num_threads, names, files, metrics)
+    return df.mapInArrow(run, spark_schema)
 
 
 # ---------------------------------------------------------------- stages
@@ -190,7 +292,7 @@ def _native_params(cls):
     ``Param``s with ``getX`` / ``setX``, their names, docs and defaults read from the Rust params
     type (one place for them: adding a param there adds it here). Params the class declares
     itself (Spark-only ones such as ``numThreads``) are kept."""
-    specs = json.loads(_native.Transformer.stage(cls._native_class, "{}").explain_params)
+    specs = json.loads(cls._explain_native())
     for spec in specs:
         name, default = spec["name"], spec["default"]
         if not isinstance(getattr(cls, name, None), Param):
@@ -206,14 +308,17 @@ def _native_params(cls):
     return cls
 
 
-class _NetworkTransformer(Transformer, DefaultParamsReadable, DefaultParamsWritable):
-    """A native network stage as a ``pyspark.ml`` Transformer: the params of the Rust stage
-    (see :func:`_native_params`) plus ``numThreads``; ``__init__`` and ``setParams`` take any of
-    them by keyword."""
+class _NativeStage(Params):
+    """Params of a native stage (see :func:`_native_params`) plus ``numThreads``; ``__init__``
+    and ``setParams`` take any of them by keyword."""
 
     _native_class = ""
     _native_defaults: Dict[str, Any] = {}
     _spark_defaults: Dict[str, Any] = {}
+
+    @classmethod
+    def _explain_native(cls) -> str:
+        return _native.Transformer.stage(cls._native_class, "{}").explain_params
 
     numThreads = Param(
         Params._dummy(),
@@ -247,15 +352,23 @@ class _NetworkTransformer(Transformer, DefaultParamsReadable, DefaultParamsWrita
         driver's."""
         return {name: self.getOrDefault(name) for name in self._native_defaults}
 
+    def _require_columns(self, df: DataFrame, *params: str) -> None:
+        for param in params:
+            col = self.getOrDefault(param)
+            if col not in df.columns:
+                raise ValueError(
+                    f"{self._native_class}: {param} `{col}` not found; columns: {', '.join(df.columns)}"
+                )
+
+
+class _NetworkTransformer(_NativeStage, Transformer, DefaultParamsReadable, DefaultParamsWritable):
+    """A native network stage as a ``pyspark.ml`` Transformer."""
+
     def _spec(self) -> str:
         return json.dumps([self._native_class, json.dumps(self._native_params(), sort_keys=True)])
 
     def _check_input(self, df: DataFrame) -> None:
-        col = self.getOrDefault("inputCol")
-        if col not in df.columns:
-            raise ValueError(
-                f"{self._native_class}: input column `{col}` not found; columns: {', '.join(df.columns)}"
-            )
+        self._require_columns(df, "inputCol")
         if self.getOrDefault("outputCol") in df.columns:
             raise ValueError(
                 f"{self._native_class}: output column `{self.getOrDefault('outputCol')}` already exists"
@@ -266,7 +379,28 @@ class _NetworkTransformer(Transformer, DefaultParamsReadable, DefaultParamsWrita
         spec = self._spec()
         threads = self.getOrDefault("numThreads")
         native = _cached("stage", spec, threads)
-        return _apply(df, "stage", spec, native, threads)
+        self._metrics = _new_metrics(df)
+        return _apply(df, "stage", spec, native, threads, metrics=self._metrics)
+
+    def metrics(self) -> Optional[Dict[str, Any]]:
+        """What the executors did for the DataFrame of this stage's last ``transform``, summed
+        over the tasks of the actions run on it so far (Spark accumulators): ``rows``,
+        ``images``, ``nullRows`` by reason, ``forwardPasses``, seconds, ``imagesPerSecond``
+        (images per second of the tasks' wall time, over all executors). Also logged
+        (logger ``deep_pipelines.spark``, INFO). None before a transform, or under Spark
+        Connect (no accumulators)."""
+        accumulator = getattr(self, "_metrics", None)
+        if accumulator is None:
+            return None
+        value = dict(accumulator.value)
+        if not value:
+            return value
+        wall = value.get("wallSeconds", 0)
+        value["imagesPerSecond"] = value.get("images", 0) / wall if wall > 0 else 0.0
+        logging.getLogger("deep_pipelines.spark").info(
+            "%s(%s): %s", self._native_class, self.getOrDefault("modelName"), json.dumps(value)
+        )
+        return value
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
         return self._run(dataset)
@@ -309,11 +443,172 @@ class DeepImageFeaturizer(_NetworkTransformer):
 @_native_params
 class DeepImagePredictor(_NetworkTransformer):
     """Adds ``outputCol``: the network's ImageNet predictions per image. With
-    ``decodePredictions`` (default) an ``array<struct<class, label, probability>>`` of the
+    ``decodePredictions`` (default) an ``array<struct<class: int (the ImageNet class index),
+    label: string (the class name), probability: float>>`` of the
     ``topK`` classes, else ``array<float>`` of all class probabilities. Null or undecodable
     images give null. Params: ``explainParams()``."""
 
     _native_class = "DeepImagePredictor"
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+_ACTIVATIONS = "__activations"
+
+
+def _trunk_rows(spec: str, num_threads: int, image_col: str, label_col: str):
+    """The function ``mapInArrow`` runs for a fit: each image's activations at the cut (little-
+    endian float32 bytes) and its label."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        trunk = _cached("trunk", spec, num_threads)
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            out = pa.record_batch(trunk.transform(batch.select([image_col])))
+            rows = pa.array(_activation_rows(out.column(_ACTIVATIONS)), pa.binary())
+            labels = batch.column(label_col).cast(pa.float64())
+            yield pa.RecordBatch.from_arrays([rows, labels], names=["activations", "label"])
+
+    return run
+
+
+class _ClassifierParams(_NativeStage):
+    _native_class = "DeepImageClassifier"
+
+    @classmethod
+    def _explain_native(cls) -> str:
+        return _native.ClassifierFit("{}").explain_params
+
+
+@_native_params
+class DeepImageClassifier(_ClassifierParams, Estimator, DefaultParamsReadable, DefaultParamsWritable):
+    """Fine-tunes a pretrained network: its last ``trainableBlocks`` blocks train with a new
+    classifier head on ``labelCol`` (class indices 0..k-1, e.g. from ``StringIndexer``). The
+    same params and defaults as the Rust ``DeepImageClassifier`` (``explainParams()``).
+
+    The frozen trunk runs in the executors (``mapInArrow``), once per image; its activations at
+    the cut stream to the driver a partition at a time and are spilled to a local file there,
+    on which the top trains (memory-mapped: the driver's memory stays that of a partition; its
+    disk holds ``rows x activation size``, e.g. 2 x 37 KiB per image for EfficientNet-Lite0 with
+    2 blocks and mirror images). One line per epoch is printed on the driver (``progress``)."""
+
+    def __init__(self, **params: Any):
+        super().__init__(**params)
+        self._progress = _print_epoch
+
+    def setProgress(self, progress) -> "DeepImageClassifier":
+        """``progress(stats: dict, line: str)`` after each epoch, on the driver; None: quiet."""
+        self._progress = progress
+        return self
+
+    def _fit(self, dataset: DataFrame) -> "DeepImageClassifierModel":
+        from pyspark.sql.types import NumericType
+
+        self._require_columns(dataset, "inputCol", "labelCol")
+        image_col, label_col = self.getInputCol(), self.getLabelCol()
+        if not isinstance(dataset.schema[label_col].dataType, NumericType):
+            raise ValueError(
+                f"DeepImageClassifier: labelCol `{label_col}` is "
+                f"{dataset.schema[label_col].dataType.simpleString()}; expected class indices "
+                "0..k-1 (index strings with StringIndexer)"
+            )
+        spec = json.dumps(self._native_params(), sort_keys=True)
+        threads = self.getNumThreads()
+        fit = _native.ClassifierFit(spec)
+        rows = dataset.select(image_col, label_col).mapInArrow(
+            _trunk_rows(spec, threads, image_col, label_col), "activations binary, label double"
+        )
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="deep-pipelines-fit-") as folder:
+            spill = _Spill(folder, fit.activation_len, label_col)
+            try:
+                spill.add((r[0], r[1]) for r in rows.toLocalIterator())
+            finally:
+                spill.close()
+            files, facts = _train_top(fit, spill, getattr(self, "_progress", _print_epoch))
+        model = DeepImageClassifierModel()
+        model._set(**{p.name: self.getOrDefault(p) for p in self.params if self.isDefined(p)})
+        return model._with_fit(files, facts)
+
+
+@_native_params
+class DeepImageClassifierModel(_ClassifierParams, Model, MLReadable, MLWritable):
+    """A fine-tuned network (fitted by :class:`DeepImageClassifier`): adds ``rawPrediction``
+    and ``probability`` (Spark ML vectors) and ``prediction``. ``fitFacts``: classes, rows,
+    the kept epoch, per-epoch history. Saved with Spark's writer; the executors get the model
+    with the task, not from a path."""
+
+    _files: Dict[str, bytes] = {}
+    fitFacts: Dict[str, Any] = {}
+
+    def _with_fit(self, files: Dict[str, bytes], facts: Dict[str, Any]) -> "DeepImageClassifierModel":
+        self._files = files
+        self.fitFacts = facts
+        digest = hashlib.sha256()
+        for name in sorted(files):
+            digest.update(name.encode() + b"\0" + files[name])
+        self._digest = digest.hexdigest()[:32]
+        return self
+
+    def _transform(self, dataset: DataFrame) -> DataFrame:
+        from pyspark.ml.functions import array_to_vector
+        from pyspark.sql import functions as F
+
+        self._require_columns(dataset, "inputCol")
+        threads = self.getNumThreads()
+        native = _cached("files", self._digest, threads, self._files)
+        out = _apply(dataset, "files", self._digest, native, threads, self._files)
+        for col in (self.getRawPredictionCol(), self.getProbabilityCol()):
+            out = out.withColumn(col, F.when(out[col].isNotNull(), array_to_vector(out[col])))
+        return out
+
+    def write(self) -> MLWriter:
+        return _ClassifierModelWriter(self)
+
+    @classmethod
+    def read(cls) -> MLReader:
+        return _ClassifierModelReader(cls)
+
+
+def _local_path(path: str) -> str:
+    if path.startswith("file:"):
+        from urllib.parse import urlparse
+
+        return urlparse(path).path
+    if "://" in path:
+        raise ValueError(
+            f"DeepImageClassifierModel: {path}: saves to local or shared file systems only"
+        )
+    return path
+
+
+class _ClassifierModelWriter(MLWriter):
+    """Spark's metadata (params, fit facts), and the native model's files under ``native/``."""
+
+    def __init__(self, instance: DeepImageClassifierModel):
+        super().__init__()
+        self.instance = instance
+
+    def saveImpl(self, path: str) -> None:
+        DefaultParamsWriter.saveMetadata(
+            self.instance, path, self.sc, extraMetadata={"fitFacts": self.instance.fitFacts}
+        )
+        _write_files(self.instance._files, os.path.join(_local_path(path), "native"))
+
+
+class _ClassifierModelReader(MLReader):
+    def __init__(self, cls):
+        super().__init__()
+        self.cls = cls
+
+    def load(self, path: str) -> DeepImageClassifierModel:
+        metadata = DefaultParamsReader.loadMetadata(path, self.sc)
+        model = self.cls()
+        DefaultParamsReader.getAndSetParams(model, metadata)
+        files = _model_files(os.path.join(_local_path(path), "native"))
+        return model._with_fit(files, metadata.get("fitFacts", {}))
 
 
 # ---------------------------------------------------------------- Rust-saved pipelines, SQL
@@ -348,7 +643,8 @@ def register_image_udf(
 ):
     """Registers ``name`` as a Spark SQL function of an image column (Spark's ``image`` struct
     or encoded bytes): ``SELECT name(image) FROM t``. With ``modelName``, the network's ImageNet
-    predictions (``array<struct<class, label, probability>>``, the ``topK`` best; all
+    predictions (``array<struct<class: int, label: string, probability: float>>``: class
+    index, class name and probability of the ``topK`` best; all
     probabilities without ``decodePredictions``); with ``model_path``, a pipeline saved by the
     Rust API: ``struct<prediction, label, probability>`` for a classifier, else its last column.
     Runs per Arrow batch (``arrow_udf``); null for null or undecodable images. Returns the UDF."""

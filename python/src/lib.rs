@@ -13,8 +13,11 @@ use arrow::ffi::{FFI_ArrowArray, FFI_ArrowSchema, from_ffi, to_ffi};
 use arrow::ffi_stream::FFI_ArrowArrayStream;
 use deep_pipelines::batch::BatchTransformer;
 use deep_pipelines::params::AnyParams;
+use deep_pipelines::registry::PersistedStage as _;
 use deep_pipelines::stage::PipelineStage;
-use deep_pipelines::{PipelineModel, ReadImagesOptions, StageRegistry, Transformer as _};
+use deep_pipelines::{
+    DeepImageClassifier, PipelineModel, ReadImagesOptions, StageRegistry, Transformer as _,
+};
 use pyo3::exceptions::{PyIOError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyCapsule, PyTuple};
@@ -303,6 +306,90 @@ impl Transformer {
     }
 }
 
+/// A fine-tuning fit driven from Python (`deep_pipelines.DeepImageClassifier`, and its Spark
+/// estimator): the frozen trunk runs where the images are (`trunk`), its activations are
+/// spilled to a file, and `fit` trains the top on that file, memory-mapped.
+#[pyclass(frozen, module = "deep_pipelines._native")]
+struct ClassifierFit {
+    inner: DeepImageClassifier,
+}
+
+#[pymethods]
+impl ClassifierFit {
+    /// The estimator with params given as JSON (Spark names; missing ones take their defaults).
+    #[new]
+    fn new(params_json: &str) -> PyResult<Self> {
+        let params: serde_json::Value = serde_json::from_str(params_json)
+            .map_err(|e| PyValueError::new_err(format!("DeepImageClassifier params: {e}")))?;
+        let inner = DeepImageClassifier::from_params_json(params).map_err(py_err)?;
+        Ok(ClassifierFit { inner })
+    }
+
+    /// Every param, defaults filled in, as JSON.
+    #[getter]
+    fn params_json(&self) -> String {
+        self.inner.params().json().to_string()
+    }
+
+    /// Every param as JSON `[{name, doc, value, default}]`, in the stage's order.
+    #[getter]
+    fn explain_params(&self) -> String {
+        serde_json::to_string(&self.inner.params().explain()).unwrap_or_default()
+    }
+
+    /// The frozen trunk as a transformer adding `output_col` (each image's activations at the
+    /// cut, `activation_len` float32 values); loads the network.
+    fn trunk(&self, py: Python<'_>, output_col: &str) -> PyResult<Transformer> {
+        let stage = py
+            .detach(|| self.inner.trunk_stage(output_col))
+            .map_err(py_err)?;
+        Ok(Transformer {
+            inner: BatchTransformer::from_stage(Arc::new(stage)),
+        })
+    }
+
+    /// Values per image of the trunk's output.
+    #[getter]
+    fn activation_len(&self, py: Python<'_>) -> PyResult<usize> {
+        py.detach(|| self.inner.activation_len()).map_err(py_err)
+    }
+
+    /// Trains the top on `spill_path` (little-endian float32 rows of `activation_len`, one per
+    /// label) and saves the fitted model to `out_dir`; `progress(json, line)` is called after
+    /// every epoch. Returns the fit's facts (classes, rows, kept epoch, history) as JSON.
+    #[pyo3(signature = (spill_path, labels, skipped, out_dir, progress=None))]
+    fn fit(
+        &self,
+        py: Python<'_>,
+        spill_path: String,
+        labels: Vec<usize>,
+        skipped: usize,
+        out_dir: String,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<String> {
+        let mut estimator = self.inner.clone();
+        if let Some(progress) = progress {
+            estimator = estimator.with_progress(move |stats| {
+                let json = serde_json::to_string(stats).unwrap_or_default();
+                Python::attach(|py| {
+                    if let Err(e) = progress.call1(py, (json, stats.to_string())) {
+                        e.print(py);
+                    }
+                });
+            });
+        }
+        py.detach(|| {
+            let model =
+                estimator.fit_spilled(std::path::Path::new(&spill_path), labels, skipped)?;
+            model.save(&out_dir)?;
+            Ok::<_, deep_pipelines::Error>(
+                serde_json::to_string(model.fit_facts()).unwrap_or_default(),
+            )
+        })
+        .map_err(py_err)
+    }
+}
+
 /// A pipeline as a function of one image column (what a SQL function calls): a struct
 /// `{prediction, label, probability}` for a classifier pipeline, else its last column.
 #[pyclass(frozen, module = "deep_pipelines._native")]
@@ -418,6 +505,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MODEL_DIR_ENV", deep_pipelines::models::MODEL_DIR_ENV)?;
     m.add_class::<Transformer>()?;
     m.add_class::<ImageFunction>()?;
+    m.add_class::<ClassifierFit>()?;
     m.add_class::<ArrowArray>()?;
     m.add_class::<ArrowSchema>()?;
     m.add_class::<ArrowStream>()?;

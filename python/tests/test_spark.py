@@ -121,6 +121,18 @@ def test_preprocessing_params_and_error_col_reach_the_executors(spark, few_image
     assert max(np.abs(rust[k] - cropped[k]).max() for k in rust if rust[k] is not None) > 1e-3
 
 
+def test_metrics_of_a_job_reach_the_driver(spark, few_images):
+    stage = DeepImageFeaturizer(outputFormat="array")
+    assert stage.metrics() is None
+    out = stage.transform(spark_images(spark, few_images))
+    assert out.count() == 65
+    metrics = stage.metrics()
+    # Every task's rows, once; the corrupt file is a null row with its reason.
+    assert metrics["rows"] == 65 and metrics["images"] == 64, metrics
+    assert list(metrics["nullRows"].values()) == [1], metrics
+    assert metrics["imagesPerSecond"] > 0
+
+
 def test_a_pipeline_model_saves_and_loads_in_a_fresh_session(spark, fitted, few_images, tmp_path):
     path = str(tmp_path / "fitted")
     fitted.write().overwrite().save(path)

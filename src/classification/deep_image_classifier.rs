@@ -29,7 +29,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::logistic_math::{argmax, softmax};
-use super::trunk_cache::{TrunkCache, TrunkKey, TrunkOutput, too_many_blocks};
+use super::trunk_cache::{Trunk, TrunkCache, TrunkKey, TrunkOutput, TrunkPass, too_many_blocks};
 use crate::columns::require_column;
 use crate::error::{Error, Result};
 use crate::fine_tune::{
@@ -369,7 +369,7 @@ impl DeepImageClassifier {
                 keys,
                 df.clone(),
                 &NetworkMetrics::default(),
-                |_| Ok(TrunkOutput(Arc::clone(&trunk))),
+                |_| Ok(TrunkOutput(Arc::clone(&trunk), TrunkPass::CacheKey)),
             )?
             .select(vec![ident(keys), ident(p.label_col.as_str())])?;
         // Partitions concatenated in partition order: the same rows in the same order on
@@ -380,7 +380,6 @@ impl DeepImageClassifier {
                 .await?;
         let mut examples = Examples::new(trunk.dims, trunk.views);
         let mut skipped = 0;
-        let mut classes = 0;
         for part in parts {
             skipped += part.skipped;
             for (key, label) in part.rows {
@@ -390,10 +389,76 @@ impl DeepImageClassifier {
                         "a trunk activation left the cache mid-fit",
                     )
                 })?;
-                classes = classes.max(label + 1);
                 examples.push(activations, label);
             }
         }
+        self.fit_examples(&trunk, examples, skipped)
+    }
+
+    /// The frozen trunk of this fit as a transformer adding `output_col`: each image's
+    /// activations at the cut, every view (a `FixedSizeList<Float32>` of
+    /// [`Self::activation_len`]), nothing cached. A distributed fit runs it where the images
+    /// are, and trains the top on what it gave with [`Self::fit_spilled`].
+    pub fn trunk_stage(&self, output_col: &str) -> Result<ClassifierTrunk> {
+        let p = &self.params;
+        p.validate()?;
+        check::non_empty(DeepImageClassifierParams::STAGE, "outputCol", output_col)?;
+        Ok(ClassifierTrunk {
+            uid: new_uid("ClassifierTrunk"),
+            params: DeepImageClassifierParams {
+                network: NetworkParams {
+                    device: "cpu".into(),
+                    ..p.network.clone()
+                },
+                ..p.clone()
+            },
+            output_col: output_col.to_string(),
+            trunk: self.trunks.get(p.trunk_key())?,
+            metrics: NetworkMetrics::default(),
+        })
+    }
+
+    /// Values per image of [`Self::trunk_stage`]'s output.
+    pub fn activation_len(&self) -> Result<usize> {
+        Ok(self.trunks.get(self.params.trunk_key())?.row_len())
+    }
+
+    /// Fits the top on activations [`Self::trunk_stage`] gave, spilled to `path` as
+    /// little-endian f32 rows ([`Self::activation_len`] values each), one per label, in order;
+    /// `skipped`: training rows left out (no image or no label), for the fit's facts. The file
+    /// is memory-mapped, not read into memory.
+    pub fn fit_spilled(
+        &self,
+        path: &Path,
+        labels: Vec<usize>,
+        skipped: usize,
+    ) -> Result<DeepImageClassifierModel> {
+        let run = || {
+            self.params.validate()?;
+            if let Some(&label) = labels.iter().max()
+                && label > 1_000_000
+            {
+                return Err(Error::column(
+                    &self.params.label_col,
+                    format!("labels must be class indices 0, 1, 2, ...; found {label}"),
+                ));
+            }
+            let trunk = self.trunks.get(self.params.trunk_key())?;
+            let examples = Examples::spilled(trunk.dims, trunk.views, path, labels)?;
+            self.fit_examples(&trunk, examples, skipped)
+        };
+        run().map_err(|e| e.in_stage(&self.uid))
+    }
+
+    /// Trains the top on `examples` (activations at `trunk`'s cut and class labels).
+    fn fit_examples(
+        &self,
+        trunk: &Trunk,
+        examples: Examples,
+        skipped: usize,
+    ) -> Result<DeepImageClassifierModel> {
+        let p = &self.params;
+        let classes = examples.labels.iter().max().map_or(0, |&l| l + 1);
         if examples.is_empty() {
             return Err(Error::Fit(format!(
                 "DeepImageClassifier: no rows with an image in `{}` and a label in `{}` to fit on",
@@ -545,8 +610,62 @@ impl PersistedStage for DeepImageClassifier {
         })
     }
 
+    fn from_params_json(params: serde_json::Value) -> Result<Self> {
+        Ok(Self::from_params(DeepImageClassifierParams::from_json(
+            params,
+        )?))
+    }
+
     fn into_stage(self) -> LoadedStage {
         LoadedStage::Estimator(Arc::new(self))
+    }
+}
+
+/// The frozen trunk of a [`DeepImageClassifier`] fit ([`DeepImageClassifier::trunk_stage`]):
+/// adds each image's activations at the cut. Runs on the CPU; not saved (a fit makes it).
+#[derive(Debug)]
+pub struct ClassifierTrunk {
+    uid: String,
+    params: DeepImageClassifierParams,
+    output_col: String,
+    trunk: Arc<Trunk>,
+    metrics: NetworkMetrics,
+}
+
+impl Transformer for ClassifierTrunk {
+    fn uid(&self) -> &str {
+        &self.uid
+    }
+
+    fn transform(&self, df: DataFrame) -> Result<DataFrame> {
+        let trunk = &self.trunk;
+        self.params
+            .network
+            .add_column(&self.uid, &self.output_col, df, &self.metrics, |_| {
+                Ok(TrunkOutput(Arc::clone(trunk), TrunkPass::Activations))
+            })
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn network(&self) -> Option<&dyn NetworkStage> {
+        Some(self)
+    }
+}
+
+impl NetworkStage for ClassifierTrunk {
+    fn network_params(&self) -> &NetworkParams {
+        &self.params.network
+    }
+
+    fn params(&self) -> &dyn AnyParams {
+        &self.params
+    }
+
+    fn meter(&self) -> &NetworkMetrics {
+        &self.metrics
     }
 }
 

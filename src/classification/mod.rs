@@ -6,7 +6,8 @@ mod logistic_regression;
 mod trunk_cache;
 
 pub use deep_image_classifier::{
-    DeepImageClassifier, DeepImageClassifierModel, DeepImageClassifierParams, FitFacts, Progress,
+    ClassifierTrunk, DeepImageClassifier, DeepImageClassifierModel, DeepImageClassifierParams,
+    FitFacts, Progress,
 };
 pub use logistic_math::Family;
 pub use logistic_regression::{

@@ -12,9 +12,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use datafusion::arrow::array::{ArrayRef, UInt64Array};
+use datafusion::arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, UInt64Array};
 use datafusion::arrow::buffer::NullBuffer;
-use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::datatypes::{DataType, Field, FieldRef};
 
 use crate::error::{Error, Result};
 use crate::models::cpu::{Nhwc, Plan};
@@ -149,6 +149,49 @@ impl Trunk {
         self.lock().values().map(|v| v.len() * 4).sum()
     }
 
+    /// Values of one row: every view's `[C, h, w]` activations.
+    pub(crate) fn row_len(&self) -> usize {
+        self.views * self.dims.iter().product::<usize>()
+    }
+
+    /// The activations at the cut of the images `picks` of `inputs` (network inputs,
+    /// `[batch, 3, S, S]`), one row ([`Self::row_len`] values, the views in turn) per pick.
+    fn run(&self, inputs: &[f32], picks: &[usize], model: &str) -> Result<Vec<f32>> {
+        let len = 3 * self.input_size * self.input_size;
+        let mut x = Vec::with_capacity(picks.len() * self.views * len);
+        for view in 0..self.views {
+            for &i in picks {
+                let image = &inputs[i * len..][..len];
+                if view == 0 {
+                    x.extend_from_slice(image);
+                } else {
+                    extend_mirrored(&mut x, image, self.input_size);
+                }
+            }
+        }
+        let n = picks.len() * self.views;
+        let size = self.input_size;
+        let out = self
+            .plan
+            .run(&Nhwc::from_nchw(&x, [n, 3, size, size]))
+            .map_err(|e| model_error(model, format!("the frozen trunk refused a batch: {e}")))?;
+        let per_view: usize = self.dims.iter().product();
+        let maps = if self.pooled {
+            pooled(&out)
+        } else {
+            out.to_nchw()
+        };
+        self.images.fetch_add(n as u64, Ordering::Relaxed);
+        let mut rows = Vec::with_capacity(maps.len());
+        for m in 0..picks.len() {
+            for view in 0..self.views {
+                let at = (view * picks.len() + m) * per_view;
+                rows.extend_from_slice(&maps[at..at + per_view]);
+            }
+        }
+        Ok(rows)
+    }
+
     /// Cache keys of `batch` network inputs, running the trunk on those not cached yet.
     fn keys(&self, inputs: &[f32], batch: usize, model: &str) -> Result<Vec<u64>> {
         let len = 3 * self.input_size * self.input_size;
@@ -163,38 +206,10 @@ impl Trunk {
         if missing.is_empty() {
             return Ok(keys);
         }
-        let mut x = Vec::with_capacity(missing.len() * self.views * len);
-        for view in 0..self.views {
-            for &i in &missing {
-                let image = &inputs[i * len..][..len];
-                if view == 0 {
-                    x.extend_from_slice(image);
-                } else {
-                    extend_mirrored(&mut x, image, self.input_size);
-                }
-            }
-        }
-        let n = missing.len() * self.views;
-        let size = self.input_size;
-        let out = self
-            .plan
-            .run(&Nhwc::from_nchw(&x, [n, 3, size, size]))
-            .map_err(|e| model_error(model, format!("the frozen trunk refused a batch: {e}")))?;
-        let per_view: usize = self.dims.iter().product();
-        let maps = if self.pooled {
-            pooled(&out)
-        } else {
-            out.to_nchw()
-        };
-        self.images.fetch_add(n as u64, Ordering::Relaxed);
+        let rows = self.run(inputs, &missing, model)?;
         let mut cached = self.lock();
-        for (m, &i) in missing.iter().enumerate() {
-            let mut views = Vec::with_capacity(per_view * self.views);
-            for view in 0..self.views {
-                let at = (view * missing.len() + m) * per_view;
-                views.extend_from_slice(&maps[at..at + per_view]);
-            }
-            cached.insert(keys[i], views.into());
+        for (row, &i) in rows.chunks(self.row_len()).zip(&missing) {
+            cached.insert(keys[i], row.into());
         }
         Ok(keys)
     }
@@ -236,15 +251,25 @@ fn input_key(input: &[f32]) -> u64 {
     h.finish()
 }
 
-/// The fit's pass over the images: each row's cache key (the activations stay in the
-/// [`Trunk`]). The key's 64 bits travel as two f32 bit patterns through the network stage's
-/// value buffer (copied, never computed on) and come out as a `UInt64` column.
+/// What a pass of the frozen trunk gives per image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum TrunkPass {
+    /// The cache key (the activations stay in the [`Trunk`]): the key's 64 bits travel as two
+    /// f32 bit patterns through the network stage's value buffer (copied, never computed on)
+    /// and come out as a `UInt64` column.
+    CacheKey,
+    /// The activations themselves (a `FixedSizeList<Float32>` of [`Trunk::row_len`]), nothing
+    /// cached: what a distributed fit's executors send to where the top trains.
+    Activations,
+}
+
+/// The frozen trunk as a network stage's output.
 #[derive(Debug)]
-pub(crate) struct TrunkOutput(pub(crate) Arc<Trunk>);
+pub(crate) struct TrunkOutput(pub(crate) Arc<Trunk>, pub(crate) TrunkPass);
 
 impl PartialEq for TrunkOutput {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
+        Arc::ptr_eq(&self.0, &other.0) && self.1 == other.1
     }
 }
 
@@ -253,6 +278,13 @@ impl Eq for TrunkOutput {}
 impl Hash for TrunkOutput {
     fn hash<H: Hasher>(&self, state: &mut H) {
         Arc::as_ptr(&self.0).hash(state);
+        self.1.hash(state);
+    }
+}
+
+impl TrunkOutput {
+    fn item() -> FieldRef {
+        Arc::new(Field::new("item", DataType::Float32, true))
     }
 }
 
@@ -260,29 +292,51 @@ impl NetworkOutput for TrunkOutput {
     const VERB: &'static str = "trunk";
 
     fn width(&self, _: &LoadedModel) -> usize {
-        2
+        match self.1 {
+            TrunkPass::CacheKey => 2,
+            TrunkPass::Activations => self.0.row_len(),
+        }
     }
 
     fn forward(&self, model: &LoadedModel, inputs: Vec<f32>, batch: usize) -> Result<Vec<f32>> {
-        let keys = self.0.keys(&inputs, batch, &model.manifest.name)?;
-        Ok(keys
-            .iter()
-            .flat_map(|k| [f32::from_bits((k >> 32) as u32), f32::from_bits(*k as u32)])
-            .collect())
+        let name = &model.manifest.name;
+        match self.1 {
+            TrunkPass::Activations => self.0.run(&inputs, &(0..batch).collect::<Vec<_>>(), name),
+            TrunkPass::CacheKey => {
+                let keys = self.0.keys(&inputs, batch, name)?;
+                Ok(keys
+                    .iter()
+                    .flat_map(|k| [f32::from_bits((k >> 32) as u32), f32::from_bits(*k as u32)])
+                    .collect())
+            }
+        }
     }
 
-    fn data_type(&self, _: &LoadedModel) -> DataType {
-        DataType::UInt64
+    fn data_type(&self, model: &LoadedModel) -> DataType {
+        match self.1 {
+            TrunkPass::CacheKey => DataType::UInt64,
+            TrunkPass::Activations => {
+                DataType::FixedSizeList(Self::item(), self.width(model) as i32)
+            }
+        }
     }
 
-    fn build(&self, _: &LoadedModel, values: Vec<f32>, valid: Vec<bool>) -> Result<ArrayRef> {
-        let keys: Vec<u64> = values
-            .chunks(2)
-            .map(|p| (p[0].to_bits() as u64) << 32 | p[1].to_bits() as u64)
-            .collect();
-        Ok(Arc::new(UInt64Array::new(
-            keys.into(),
-            Some(NullBuffer::from(valid)),
-        )))
+    fn build(&self, model: &LoadedModel, values: Vec<f32>, valid: Vec<bool>) -> Result<ArrayRef> {
+        let valid = Some(NullBuffer::from(valid));
+        Ok(match self.1 {
+            TrunkPass::CacheKey => {
+                let keys: Vec<u64> = values
+                    .chunks(2)
+                    .map(|p| (p[0].to_bits() as u64) << 32 | p[1].to_bits() as u64)
+                    .collect();
+                Arc::new(UInt64Array::new(keys.into(), valid))
+            }
+            TrunkPass::Activations => Arc::new(FixedSizeListArray::try_new(
+                Self::item(),
+                self.width(model) as i32,
+                Arc::new(Float32Array::from(values)),
+                valid,
+            )?),
+        })
     }
 }

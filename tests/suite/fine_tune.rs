@@ -103,6 +103,9 @@ fn optimiser_steps_match_pytorch() {
 }
 
 use std::path::Path;
+use std::sync::Arc;
+
+use deep_pipelines::classification::FitFacts;
 use std::process::Command;
 
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
@@ -367,5 +370,85 @@ async fn validation_split_keeps_the_best_epoch_and_stops_after_patience() {
         losses.len() == 8 || losses.len() == best + 2,
         "stopped after {} epochs, best {best}: {losses:?}",
         losses.len()
+    );
+}
+
+/// What a distributed fit does (Python, Spark): the frozen trunk's activations written to a file
+/// by `trunk_stage`'s output, the top trained on that file. It must be the in-memory fit.
+#[tokio::test]
+async fn a_fit_on_spilled_activations_is_the_in_memory_fit() {
+    let ctx = SessionContext::new();
+    let train = images(&ctx, "train", 0.05).cache().await.unwrap();
+    let indexed = StringIndexer::new()
+        .with_input_col("label")
+        .with_output_col("labelIndex")
+        .with_string_order_type("alphabetAsc")
+        .fit(&train)
+        .await
+        .unwrap()
+        .transform(train)
+        .unwrap();
+    let classifier = quick_classifier();
+    let in_memory = classifier.fit(&indexed).await.unwrap();
+
+    let spiller = quick_classifier();
+    let trunk = spiller.trunk_stage("activations").unwrap();
+    let rows = collect(
+        trunk
+            .transform(indexed.clone())
+            .unwrap()
+            .select_columns(&["activations", "labelIndex"])
+            .unwrap(),
+    )
+    .await;
+    let width = spiller.activation_len().unwrap();
+    let activations = rows.column(0).as_fixed_size_list();
+    assert_eq!(activations.value_length() as usize, width);
+    let labels = rows.column(1).as_primitive::<Float64Type>();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("activations.f32");
+    let mut bytes = Vec::new();
+    let mut kept = Vec::new();
+    for row in 0..rows.num_rows() {
+        assert!(activations.is_valid(row));
+        let values = activations.value(row);
+        for v in values
+            .as_primitive::<datafusion::arrow::datatypes::Float32Type>()
+            .values()
+        {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        kept.push(labels.value(row) as usize);
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let spilled = spiller.fit_spilled(&path, kept.clone(), 0).unwrap();
+    // The same rows, losses and accuracies, epoch by epoch (only the timings differ).
+    let learned = |facts: &FitFacts| {
+        let epochs: Vec<_> = facts.history.iter().map(|e| (e.loss, e.accuracy)).collect();
+        (
+            facts.num_classes,
+            facts.training_rows,
+            facts.best_epoch,
+            epochs,
+        )
+    };
+    assert_eq!(learned(spilled.fit_facts()), learned(in_memory.fit_facts()));
+
+    let few = few_per_class(dir.path(), "test", 1);
+    let here = predictions_by_origin(&PipelineModel::of(Arc::new(in_memory)), &few).await;
+    let there = predictions_by_origin(&PipelineModel::of(Arc::new(spilled)), &few).await;
+    assert_eq!(
+        vectors(&there, "rawPrediction"),
+        vectors(&here, "rawPrediction")
+    );
+
+    // A file that does not hold one row per label is refused, naming it.
+    let message = spiller
+        .fit_spilled(&path, [kept.clone(), vec![0]].concat(), 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("activations.f32") && message.contains("expected"),
+        "{message}"
     );
 }
