@@ -308,6 +308,26 @@ def _native_params(cls):
     return cls
 
 
+class _ConnectSafeOverwrite:
+    """MLWriter mixin: ``.overwrite()`` under Spark Connect too. pyspark 4.3's
+    ``MLWriter._handleOverwrite`` calls the JVM session, which a Connect client has not
+    (SPARK-55452); there Connect's ML helper deletes the path on the server."""
+
+    def _handleOverwrite(self, path: str) -> None:
+        from pyspark.sql.utils import is_remote
+
+        if is_remote():
+            from pyspark.ml.connect.readwrite import RemoteMLWriter
+
+            RemoteMLWriter.handleOverwrite(path, True)
+        else:
+            super()._handleOverwrite(path)
+
+
+class _StageWriter(_ConnectSafeOverwrite, DefaultParamsWriter):
+    """The Python stages' DefaultParamsWriter, overwrite working under Connect."""
+
+
 class _NativeStage(Params):
     """Params of a native stage (see :func:`_native_params`) plus ``numThreads``; ``__init__``
     and ``setParams`` take any of them by keyword."""
@@ -352,6 +372,23 @@ class _NativeStage(Params):
         driver's."""
         return {name: self.getOrDefault(name) for name in self._native_defaults}
 
+    def write(self) -> MLWriter:
+        return _StageWriter(self)
+
+    def metrics(self) -> Optional[Dict[str, Any]]:
+        """What the executors did for the DataFrame of this stage's last ``transform``, summed
+        over the tasks of the actions run on it so far (Spark accumulators): ``rows``,
+        ``images``, ``nullRows`` by reason, ``forwardPasses``, seconds, ``imagesPerSecond``
+        (images per second of the tasks' wall time, over all executors). Also logged
+        (logger ``deep_pipelines.spark``, INFO). None before a transform, or under Spark
+        Connect (no accumulators)."""
+        accumulator = getattr(self, "_metrics", None)
+        if accumulator is None:
+            return None
+        value = dict(accumulator.value)
+        if not value:
+            return value
+
     def _require_columns(self, df: DataFrame, *params: str) -> None:
         for param in params:
             col = self.getOrDefault(param)
@@ -381,20 +418,6 @@ class _NetworkTransformer(_NativeStage, Transformer, DefaultParamsReadable, Defa
         native = _cached("stage", spec, threads)
         self._metrics = _new_metrics(df)
         return _apply(df, "stage", spec, native, threads, metrics=self._metrics)
-
-    def metrics(self) -> Optional[Dict[str, Any]]:
-        """What the executors did for the DataFrame of this stage's last ``transform``, summed
-        over the tasks of the actions run on it so far (Spark accumulators): ``rows``,
-        ``images``, ``nullRows`` by reason, ``forwardPasses``, seconds, ``imagesPerSecond``
-        (images per second of the tasks' wall time, over all executors). Also logged
-        (logger ``deep_pipelines.spark``, INFO). None before a transform, or under Spark
-        Connect (no accumulators)."""
-        accumulator = getattr(self, "_metrics", None)
-        if accumulator is None:
-            return None
-        value = dict(accumulator.value)
-        if not value:
-            return value
         wall = value.get("wallSeconds", 0)
         value["imagesPerSecond"] = value.get("images", 0) / wall if wall > 0 else 0.0
         logging.getLogger("deep_pipelines.spark").info(
@@ -559,7 +582,8 @@ class DeepImageClassifierModel(_ClassifierParams, Model, MLReadable, MLWritable)
         self._require_columns(dataset, "inputCol")
         threads = self.getNumThreads()
         native = _cached("files", self._digest, threads, self._files)
-        out = _apply(dataset, "files", self._digest, native, threads, self._files)
+        self._metrics = _new_metrics(dataset)
+        out = _apply(dataset, "files", self._digest, native, threads, self._files, self._metrics)
         for col in (self.getRawPredictionCol(), self.getProbabilityCol()):
             out = out.withColumn(col, F.when(out[col].isNotNull(), array_to_vector(out[col])))
         return out
@@ -584,7 +608,7 @@ def _local_path(path: str) -> str:
     return path
 
 
-class _ClassifierModelWriter(MLWriter):
+class _ClassifierModelWriter(_ConnectSafeOverwrite, MLWriter):
     """Spark's metadata (params, fit facts), and the native model's files under ``native/``."""
 
     def __init__(self, instance: DeepImageClassifierModel):
@@ -593,7 +617,7 @@ class _ClassifierModelWriter(MLWriter):
 
     def saveImpl(self, path: str) -> None:
         DefaultParamsWriter.saveMetadata(
-            self.instance, path, self.sc, extraMetadata={"fitFacts": self.instance.fitFacts}
+            self.instance, path, self.sparkSession, extraMetadata={"fitFacts": self.instance.fitFacts}
         )
         _write_files(self.instance._files, os.path.join(_local_path(path), "native"))
 
@@ -604,7 +628,7 @@ class _ClassifierModelReader(MLReader):
         self.cls = cls
 
     def load(self, path: str) -> DeepImageClassifierModel:
-        metadata = DefaultParamsReader.loadMetadata(path, self.sc)
+        metadata = DefaultParamsReader.loadMetadata(path, self.sparkSession)
         model = self.cls()
         DefaultParamsReader.getAndSetParams(model, metadata)
         files = _model_files(os.path.join(_local_path(path), "native"))
