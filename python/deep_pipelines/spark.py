@@ -388,6 +388,12 @@ class _NativeStage(Params):
         value = dict(accumulator.value)
         if not value:
             return value
+        wall = value.get("wallSeconds", 0)
+        value["imagesPerSecond"] = value.get("images", 0) / wall if wall > 0 else 0.0
+        logging.getLogger("deep_pipelines.spark").info(
+            "%s(%s): %s", self._native_class, self.getOrDefault("modelName"), json.dumps(value)
+        )
+        return value
 
     def _require_columns(self, df: DataFrame, *params: str) -> None:
         for param in params:
@@ -418,12 +424,6 @@ class _NetworkTransformer(_NativeStage, Transformer, DefaultParamsReadable, Defa
         native = _cached("stage", spec, threads)
         self._metrics = _new_metrics(df)
         return _apply(df, "stage", spec, native, threads, metrics=self._metrics)
-        wall = value.get("wallSeconds", 0)
-        value["imagesPerSecond"] = value.get("images", 0) / wall if wall > 0 else 0.0
-        logging.getLogger("deep_pipelines.spark").info(
-            "%s(%s): %s", self._native_class, self.getOrDefault("modelName"), json.dumps(value)
-        )
-        return value
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
         return self._run(dataset)

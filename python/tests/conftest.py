@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from cluster import cluster, cluster_spark  # noqa: F401  (a standalone cluster: cluster.py)
+
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "examples" / "data" / "fashion-mnist-small"
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -48,3 +50,8 @@ def few_images(tmp_path_factory):
     good = next((DATA / "test" / classes[0]).glob("*.png")).read_bytes()
     (root / "broken" / "corrupt.png").write_bytes(good[: len(good) // 3])
     return root
+
+
+def pytest_collection_modifyitems(items):
+    """The cluster's tests first: its SparkContext then never has to stop the local one."""
+    items.sort(key=lambda item: "cluster_spark" not in getattr(item, "fixturenames", ()))
