@@ -196,11 +196,8 @@ def _decoded(col: Column) -> Column:
     return F.transform(col, entry).cast(_DECODED_TYPE)
 
 
-class DeepImageFeaturizer(Transformer, DefaultParamsReadable, DefaultParamsWritable):
-    """sparkdl's ``DeepImageFeaturizer``: applies the model named by ``modelName``, its
-    classifier removed, to the image column ``inputCol`` and adds ``outputCol``, a Spark ML
-    ``Vector``, so that it drops into a ``pyspark.ml.Pipeline``. ``scaleHint``: sparkdl's resize
-    hint, checked but not used (each model resizes and crops as its weights expect)."""
+class _ImageModelParams(Transformer, DefaultParamsReadable, DefaultParamsWritable):
+    """sparkdl's ``inputCol``, ``outputCol`` and ``modelName``, shared by both stages."""
 
     inputCol = Param(Params._dummy(), "inputCol", "input column name.",
                      typeConverter=TypeConverters.toString)
@@ -208,6 +205,32 @@ class DeepImageFeaturizer(Transformer, DefaultParamsReadable, DefaultParamsWrita
                       typeConverter=TypeConverters.toString)
     modelName = Param(Params._dummy(), "modelName", "A deep learning model name",
                       typeConverter=_to_model_name)
+
+    def setInputCol(self, value):
+        return self._set(inputCol=value)
+
+    def getInputCol(self):
+        return self.getOrDefault(self.inputCol)
+
+    def setOutputCol(self, value):
+        return self._set(outputCol=value)
+
+    def getOutputCol(self):
+        return self.getOrDefault(self.outputCol)
+
+    def setModelName(self, value):
+        return self._set(modelName=value)
+
+    def getModelName(self):
+        return self.getOrDefault(self.modelName)
+
+
+class DeepImageFeaturizer(_ImageModelParams):
+    """sparkdl's ``DeepImageFeaturizer``: applies the model named by ``modelName``, its
+    classifier removed, to the image column ``inputCol`` and adds ``outputCol``, a Spark ML
+    ``Vector``, so that it drops into a ``pyspark.ml.Pipeline``. ``scaleHint``: sparkdl's resize
+    hint, checked but not used (each model resizes and crops as its weights expect)."""
+
     scaleHint = Param(Params._dummy(), "scaleHint",
                       "Hint which algorithm to use for image resizing",
                       typeConverter=_to_scale_hint)
@@ -232,24 +255,6 @@ class DeepImageFeaturizer(Transformer, DefaultParamsReadable, DefaultParamsWrita
         """
         return self._set(**self._input_kwargs)
 
-    def setInputCol(self, value):
-        return self._set(inputCol=value)
-
-    def getInputCol(self):
-        return self.getOrDefault(self.inputCol)
-
-    def setOutputCol(self, value):
-        return self._set(outputCol=value)
-
-    def getOutputCol(self):
-        return self.getOrDefault(self.outputCol)
-
-    def setModelName(self, value):
-        return self._set(modelName=value)
-
-    def getModelName(self):
-        return self.getOrDefault(self.modelName)
-
     def setScaleHint(self, value):
         return self._set(scaleHint=value)
 
@@ -270,18 +275,12 @@ class DeepImageFeaturizer(Transformer, DefaultParamsReadable, DefaultParamsWrita
         return self._native().transform(dataset)
 
 
-class DeepImagePredictor(Transformer, DefaultParamsReadable, DefaultParamsWritable):
+class DeepImagePredictor(_ImageModelParams):
     """sparkdl's ``DeepImagePredictor``: applies the ImageNet classifier named by ``modelName``
     to the image column ``inputCol``. ``outputCol``: a Spark ML ``Vector`` of the 1000 class
     probabilities, or with ``decodePredictions`` the ``topK`` most probable classes as
     ``array<struct<class, description, probability>>`` (``class``: the WordNet id)."""
 
-    inputCol = Param(Params._dummy(), "inputCol", "input column name.",
-                     typeConverter=TypeConverters.toString)
-    outputCol = Param(Params._dummy(), "outputCol", "output column name.",
-                      typeConverter=TypeConverters.toString)
-    modelName = Param(Params._dummy(), "modelName", "A deep learning model name",
-                      typeConverter=_to_model_name)
     decodePredictions = Param(
         Params._dummy(),
         "decodePredictions",
@@ -310,24 +309,6 @@ class DeepImagePredictor(Transformer, DefaultParamsReadable, DefaultParamsWritab
                   topK=5)
         """
         return self._set(**self._input_kwargs)
-
-    def setInputCol(self, value):
-        return self._set(inputCol=value)
-
-    def getInputCol(self):
-        return self.getOrDefault(self.inputCol)
-
-    def setOutputCol(self, value):
-        return self._set(outputCol=value)
-
-    def getOutputCol(self):
-        return self.getOrDefault(self.outputCol)
-
-    def setModelName(self, value):
-        return self._set(modelName=value)
-
-    def getModelName(self):
-        return self.getOrDefault(self.modelName)
 
     def getDecodePredictions(self):
         return self.getOrDefault(self.decodePredictions)
