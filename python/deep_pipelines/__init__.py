@@ -118,6 +118,17 @@ class _Native:
         return self.output_schema(schema).empty_table()
 
 
+def _given_params(stage: str, params: Dict[str, Any], known: set) -> Dict[str, Any]:
+    """The params set (``None`` leaves a default); an unknown name is an error listing the
+    known ones."""
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(
+            f"{stage}: unknown param(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    return {k: v for k, v in params.items() if v is not None}
+
+
 class _NetworkStage(_Native):
     """A network stage with Spark-named params; the native core fills in the defaults and checks
     the values (one place for both: the Rust params type). ``getParams()`` lists every param
@@ -126,14 +137,7 @@ class _NetworkStage(_Native):
     _class = ""
 
     def __init__(self, **params: Any):
-        known = self._known_params()
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(
-                f"{self._class}: unknown param(s) {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(known))}"
-            )
-        self._given = {k: v for k, v in params.items() if v is not None}
+        self._given = _given_params(self._class, params, self._known_params())
         native = _native.Transformer.stage(self._class, self.native_params_json())
         super().__init__(native)
 
@@ -308,13 +312,7 @@ class DeepImageClassifier:
 
     def __init__(self, **params: Any):
         known = set(json.loads(_native.ClassifierFit("{}").params_json))
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(
-                f"DeepImageClassifier: unknown param(s) {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(known))}"
-            )
-        self._given = {k: v for k, v in params.items() if v is not None}
+        self._given = _given_params("DeepImageClassifier", params, known)
         self._fit = _native.ClassifierFit(json.dumps(self._given))
 
     def getParams(self) -> Dict[str, Any]:
