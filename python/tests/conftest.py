@@ -18,6 +18,37 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
 
+def key(origin):
+    """`class/file.png` of a path or file: URI (file names repeat across class folders)."""
+    return "/".join(origin.rstrip("/").split("/")[-2:])
+
+
+def spark_images(spark, *paths):
+    """Spark's `image` source over `paths`, with the class (parent folder) as `class`."""
+    import pyspark.sql.functions as F
+
+    df = spark.read.format("image").option("recursiveFileLookup", "true").load([str(p) for p in paths])
+    return df.withColumn("class", F.regexp_extract("image.origin", r"/([^/]+)/[^/]+$", 1))
+
+
+def seed_pipeline():
+    """The flow of examples/spark/transfer_learning.py: StringIndexer, DeepImageFeaturizer,
+    Spark's LogisticRegression (made when called: under Spark Connect, Connect's stages)."""
+    from pyspark.ml import Pipeline
+    from pyspark.ml.classification import LogisticRegression
+    from pyspark.ml.feature import StringIndexer
+
+    from deep_pipelines.spark import DeepImageFeaturizer
+
+    return Pipeline(
+        stages=[
+            StringIndexer(inputCol="class", outputCol="label"),
+            DeepImageFeaturizer(inputCol="image", outputCol="features", modelName="EfficientNetLite0"),
+            LogisticRegression(maxIter=200, regParam=1e-3),
+        ]
+    )
+
+
 @pytest.fixture(scope="session")
 def spark():
     from pyspark.sql import SparkSession

@@ -7,8 +7,6 @@ import shutil
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyspark.sql.functions as F
 import pytest
 from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.feature import StringIndexer
@@ -17,7 +15,7 @@ from pyspark.ml.functions import vector_to_array
 import deep_pipelines as dp
 from deep_pipelines.spark import DeepImageClassifier, DeepImageClassifierModel
 
-from conftest import DATA
+from conftest import DATA, key, spark_images
 
 CLASSES = sorted(p.name for p in (DATA / "train").iterdir() if p.is_dir())
 PARAMS = dict(labelCol="labelIndex", trainableBlocks=1, epochs=3, seed=3, batchSize=16)
@@ -30,10 +28,6 @@ def few(root, split, per_class):
         for f in sorted((DATA / split / c).glob("*.png"))[:per_class]:
             shutil.copy(f, root / c / f.name)
     return root
-
-
-def key(origin):
-    return "/".join(origin.rstrip("/").split("/")[-2:])
 
 
 def local_table(path):
@@ -91,9 +85,8 @@ def test_local_fit_errors_name_the_param_or_column(data):
 
 
 def spark_table(spark, path):
-    df = spark.read.format("image").option("recursiveFileLookup", "true").load(str(path))
-    df = df.withColumn("class", F.regexp_extract("image.origin", r"/([^/]+)/[^/]+$", 1))
-    return df.orderBy("image.origin")
+    """Spark's images of `path` in `local_table`'s order."""
+    return spark_images(spark, path).orderBy("image.origin")
 
 
 def test_spark_fit_equals_the_local_fit_and_survives_save_load(spark, local_fit, data, tmp_path):

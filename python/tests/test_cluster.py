@@ -17,13 +17,11 @@ import numpy as np
 import pyspark.sql.functions as F
 import pytest
 from pyspark.ml import Pipeline, PipelineModel
-from pyspark.ml.classification import LogisticRegression
 from pyspark.ml.feature import StringIndexer
 from pyspark.ml.linalg import VectorUDT
 
-import conftest
 import deep_pipelines as dp
-from conftest import DATA, FIXTURES
+from conftest import DATA, FIXTURES, key, seed_pipeline, spark_images
 from deep_pipelines.spark import DeepImageFeaturizer, register_image_udf, transform
 
 import cluster as cluster_module
@@ -32,17 +30,6 @@ TOLERANCE = 1e-5  # Spark's image decoding and batches vs the local API's (as te
 PIPELINE_MODEL = FIXTURES / "saved_v0_1" / "pipeline_model"  # saved by the Rust API
 PREDICTOR = FIXTURES / "saved_v0_1" / "predictor"
 PARTITIONS = 12  # of the fault-injection job
-
-
-def images(spark, *folders):
-    """Spark's `image` source, with the class (parent folder) as `class`."""
-    df = spark.read.format("image").option("recursiveFileLookup", "true").load([str(f) for f in folders])
-    return df.withColumn("class", F.regexp_extract("image.origin", r"/([^/]+)/[^/]+$", 1))
-
-
-def key(origin):
-    """`class/file.png` of a path or file: URI."""
-    return "/".join(origin.rstrip("/").split("/")[-2:])
 
 
 def test_executors_run_their_own_venv_and_cannot_see_the_drivers(cluster, cluster_spark):
@@ -87,7 +74,7 @@ def test_sql_functions_give_the_local_apis_rows(cluster_spark, few_images):
     register_image_udf(spark, "imagenet_top5", modelName="EfficientNetLite0")
     register_image_udf(spark, "saved_predictor", model_path=str(PREDICTOR))
     register_image_udf(spark, "classify", model_path=str(PIPELINE_MODEL))
-    images(spark, few_images).createOrReplaceTempView("few_images")
+    spark_images(spark, few_images).createOrReplaceTempView("few_images")
     rows = spark.sql(
         "SELECT image.origin AS origin, imagenet_top5(image) AS top, "
         "saved_predictor(image) AS saved, classify(image) AS c FROM few_images"
@@ -124,7 +111,7 @@ def test_sql_functions_give_the_local_apis_rows(cluster_spark, few_images):
 
 
 def test_a_rust_saved_pipeline_gives_the_local_apis_rows(cluster_spark, few_images):
-    df = images(cluster_spark, few_images).drop("class")
+    df = spark_images(cluster_spark, few_images).drop("class")
     out = transform(df, str(PIPELINE_MODEL)).collect()
     local = dp.PipelineModel.load(PIPELINE_MODEL).transform(dp.read_images(few_images))
     index = {key(o): i for i, o in enumerate(local["origin"].to_pylist())}
@@ -145,15 +132,9 @@ def test_a_rust_saved_pipeline_gives_the_local_apis_rows(cluster_spark, few_imag
 def test_transfer_learning_reaches_084_and_predicts_the_same_after_save_and_load(cluster_spark, tmp_path):
     spark = cluster_spark
     started = time.monotonic()
-    model = Pipeline(
-        stages=[
-            StringIndexer(inputCol="class", outputCol="label"),
-            DeepImageFeaturizer(inputCol="image", outputCol="features", modelName="EfficientNetLite0"),
-            LogisticRegression(maxIter=200, regParam=1e-3),
-        ]
-    ).fit(images(spark, DATA / "train"))
+    model = seed_pipeline().fit(spark_images(spark, DATA / "train"))
     fitted_in = time.monotonic() - started
-    test = images(spark, DATA / "test")
+    test = spark_images(spark, DATA / "test")
 
     def predictions(model):
         out = model.transform(test)
@@ -185,7 +166,7 @@ def test_transfer_learning_reaches_084_and_predicts_the_same_after_save_and_load
 
 def featurize(spark):
     """The fault-injection job: the 1000 training images, PARTITIONS tasks of featurization."""
-    df = images(spark, DATA / "train").repartition(PARTITIONS)
+    df = spark_images(spark, DATA / "train").repartition(PARTITIONS)
     out = DeepImageFeaturizer(outputFormat="array", batchSize=8).transform(df)
     return out.select(F.col("image.origin").alias("origin"), "features")
 
@@ -293,7 +274,6 @@ def test_a_featurize_job_survives_a_killed_python_worker(cluster, cluster_spark,
 def test_a_fine_tuning_fit_on_the_cluster_equals_the_local_fit(cluster_spark, tmp_path):
     """The frozen trunk in the executors (driver venv hidden), the top on the driver: the same
     rows in the same order as the local (native) fit, so the same losses and test accuracy."""
-    from pyspark.ml.functions import vector_to_array
 
     from deep_pipelines.spark import DeepImageClassifier
     from test_classifier import PARAMS, accuracy, few, local_table, spark_table

@@ -26,7 +26,7 @@ import uuid
 import numpy as np
 import pytest
 
-from conftest import DATA, FIXTURES
+from conftest import DATA, FIXTURES, key, seed_pipeline, spark_images
 
 TOLERANCE = 1e-5
 # What the client sets while a Connect session is open (restored after the module).
@@ -49,19 +49,6 @@ _MISSING = _connect_unavailable()
 pytestmark = pytest.mark.skipif(
     _MISSING is not None, reason=f"Spark Connect client packages missing: {_MISSING}"
 )
-
-
-def key(origin):
-    """`class/file.png` of a path or file: URI (file names repeat across class folders)."""
-    return "/".join(origin.rstrip("/").split("/")[-2:])
-
-
-def spark_images(spark, path):
-    """Spark's `image` source, with the class (parent folder) as `class`."""
-    import pyspark.sql.functions as F
-
-    df = spark.read.format("image").option("recursiveFileLookup", "true").load(str(path))
-    return df.withColumn("class", F.regexp_extract("image.origin", r"/([^/]+)/[^/]+$", 1))
 
 
 def _stop(process):
@@ -200,21 +187,7 @@ def connect(connect_url):
 # The seed flow (examples/spark/transfer_learning.py), planned by this client, run by the server.
 @pytest.fixture(scope="module")
 def fitted(connect):
-    from pyspark.ml import Pipeline
-    from pyspark.ml.classification import LogisticRegression
-    from pyspark.ml.feature import StringIndexer
-
-    from deep_pipelines.spark import DeepImageFeaturizer
-
-    train = spark_images(connect, DATA / "train")
-    pipeline = Pipeline(
-        stages=[
-            StringIndexer(inputCol="class", outputCol="label"),
-            DeepImageFeaturizer(inputCol="image", outputCol="features", modelName="EfficientNetLite0"),
-            LogisticRegression(maxIter=200, regParam=1e-3),
-        ]
-    )
-    return pipeline.fit(train)
+    return seed_pipeline().fit(spark_images(connect, DATA / "train"))
 
 
 def test_the_seed_flow_reaches_084_over_connect(connect, fitted):

@@ -7,10 +7,8 @@ import shutil
 import numpy as np
 import pyspark.sql.functions as F
 import pytest
-from pyspark.ml import Pipeline, PipelineModel
-from pyspark.ml.classification import LogisticRegression
+from pyspark.ml import PipelineModel
 from pyspark.ml.evaluation import MulticlassClassificationEvaluator
-from pyspark.ml.feature import StringIndexer
 from pyspark.ml.functions import vector_to_array
 from pyspark.ml.linalg import VectorUDT
 from pyspark.sql.types import ArrayType, FloatType, IntegerType, StringType, StructType
@@ -23,22 +21,11 @@ from deep_pipelines.spark import (
     transform,
 )
 
-from conftest import DATA, FIXTURES
+from conftest import DATA, FIXTURES, key, seed_pipeline, spark_images
 from test_local import SAVED_V0_1_FILES
 
 TOLERANCE = 1e-5
 CLASSES = sorted(p.name for p in (DATA / "train").iterdir() if p.is_dir())
-
-
-def key(origin):
-    """`class/file.png` of a path or file: URI (file names repeat across class folders)."""
-    return "/".join(origin.rstrip("/").split("/")[-2:])
-
-
-def spark_images(spark, path):
-    """Spark's `image` source, with the class (parent folder) as `class`."""
-    df = spark.read.format("image").option("recursiveFileLookup", "true").load(str(path))
-    return df.withColumn("class", F.regexp_extract("image.origin", r"/([^/]+)/[^/]+$", 1))
 
 
 def rust_features(path):
@@ -64,15 +51,7 @@ def assert_features_equal(spark_rows, rust):
 # The flow of examples/spark/transfer_learning.py.
 @pytest.fixture(scope="module")
 def fitted(spark):
-    train = spark_images(spark, DATA / "train")
-    pipeline = Pipeline(
-        stages=[
-            StringIndexer(inputCol="class", outputCol="label"),
-            DeepImageFeaturizer(inputCol="image", outputCol="features", modelName="EfficientNetLite0"),
-            LogisticRegression(maxIter=200, regParam=1e-3),
-        ]
-    )
-    return pipeline.fit(train)
+    return seed_pipeline().fit(spark_images(spark, DATA / "train"))
 
 
 def test_transfer_learning_with_sparks_logistic_regression_reaches_084(spark, fitted):
