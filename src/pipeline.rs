@@ -185,6 +185,38 @@ impl PipelineModel {
         }
     }
 
+    /// This pipeline with its network stages on `device` moved to `to`, e.g. from `wgpu` (the
+    /// first GPU) to `wgpu:1`, the GPU Spark gave a task; the other stages are shared.
+    pub fn with_device(&self, device: &str, to: &str) -> Result<PipelineModel> {
+        let overrides = self
+            .stages
+            .iter()
+            .filter(|s| {
+                s.network()
+                    .is_some_and(|n| n.network_params().device == device)
+            })
+            .fold(ParamMap::new(), |m, s| m.put(s.uid(), "device", to));
+        self.with_params(&overrides)
+    }
+
+    /// A copy with the params of `overrides` set on the stages they name; the others shared.
+    fn with_params(&self, overrides: &ParamMap) -> Result<PipelineModel> {
+        Ok(PipelineModel {
+            uid: self.uid.clone(),
+            stages: self
+                .stages
+                .iter()
+                .map(|s| {
+                    if overrides.names_for(s.uid()).is_empty() {
+                        Ok(Arc::clone(s))
+                    } else {
+                        s.copy_with(overrides)
+                    }
+                })
+                .collect::<Result<_>>()?,
+        })
+    }
+
     /// The fitted stages, in order.
     pub fn stages(&self) -> &[Arc<dyn Transformer>] {
         &self.stages
@@ -266,20 +298,7 @@ impl Transformer for PipelineModel {
     }
 
     fn copy_with(&self, overrides: &ParamMap) -> Result<Arc<dyn Transformer>> {
-        Ok(Arc::new(PipelineModel {
-            uid: self.uid.clone(),
-            stages: self
-                .stages
-                .iter()
-                .map(|s| {
-                    if overrides.names_for(s.uid()).is_empty() {
-                        Ok(Arc::clone(s))
-                    } else {
-                        s.copy_with(overrides)
-                    }
-                })
-                .collect::<Result<_>>()?,
-        }))
+        Ok(Arc::new(self.with_params(overrides)?))
     }
 }
 

@@ -159,29 +159,54 @@ def _model_folder(digest: str, files: Dict[str, bytes]) -> str:
     return folder
 
 
+def _task_gpu() -> Optional[int]:
+    """The GPU Spark gave the running task (the first address of its ``gpu`` resource, as
+    ``spark.task.resource.gpu.amount`` asks), or None: on the driver, or with no GPU scheduled."""
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    gpu = ctx.resources().get("gpu") if ctx is not None else None
+    if gpu is None or not gpu.addresses:
+        return None
+    try:
+        return int(gpu.addresses[0])
+    except ValueError:  # a discovery script's own naming: leave `wgpu` to mean the first GPU
+        return None
+
+
+def _on_gpu(params_json: str, gpu: Optional[int]) -> str:
+    """Params JSON with ``device`` `wgpu` (the first GPU) moved to ``wgpu:<gpu>``."""
+    params = json.loads(params_json)
+    if gpu is None or params.get("device") != "wgpu":
+        return params_json
+    return json.dumps({**params, "device": f"wgpu:{gpu}"})
+
+
 def _cached(kind: str, spec: str, num_threads: int, files: Optional[Dict[str, bytes]] = None):
     """The native object for ``(kind, spec)`` in this process, made on first use: a stage, a
     saved pipeline, a SQL function, a fine-tuning fit's trunk, or a model carried as ``files``
-    (``spec`` is their digest) -- never a path of the driver's."""
-    key = (kind, spec)
+    (``spec`` is their digest) -- never a path of the driver's. In a task given a GPU, its
+    network stages on device `wgpu` run on that GPU (`wgpu:<address>`)."""
+    gpu = _task_gpu()
+    key = (kind, spec, gpu)
     native = _CACHE.get(key)
     if native is None:
         _init_threads(num_threads)
         if kind == "stage":
             cls, params = json.loads(spec)
-            native = _native.Transformer.stage(cls, params)
+            native = _native.Transformer.stage(cls, params, gpu)
         elif kind == "load":
-            native = _native.Transformer.load(spec)
+            native = _native.Transformer.load(spec, gpu)
         elif kind == "stage_function":
             name, cls, params = json.loads(spec)
-            native = _native.ImageFunction.stage(name, cls, params)
+            native = _native.ImageFunction.stage(name, cls, params, gpu)
         elif kind == "load_function":
             name, path = json.loads(spec)
-            native = _native.ImageFunction.load(name, path)
+            native = _native.ImageFunction.load(name, path, gpu)
         elif kind == "trunk":
-            native = _native.ClassifierFit(spec).trunk(_ACTIVATIONS)
+            native = _native.ClassifierFit(_on_gpu(spec, gpu)).trunk(_ACTIVATIONS)
         elif kind == "files":
-            native = _native.Transformer.load(_model_folder(spec, files or {}))
+            native = _native.Transformer.load(_model_folder(spec, files or {}), gpu)
         else:  # pragma: no cover - internal
             raise ValueError(kind)
         _CACHE[key] = native

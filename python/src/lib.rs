@@ -216,6 +216,16 @@ fn load_pipeline(path: &str) -> PyResult<PipelineModel> {
     }
 }
 
+/// `model` with its stages on `wgpu` (the first GPU) moved to the GPU a Spark task was given.
+fn on_task_gpu(model: PipelineModel, gpu: Option<usize>) -> PyResult<PipelineModel> {
+    match gpu {
+        Some(n) => model
+            .with_device("wgpu", &format!("wgpu:{n}"))
+            .map_err(py_err),
+        None => Ok(model),
+    }
+}
+
 /// A fitted pipeline or a network stage, applied to record batches.
 #[pyclass(frozen, module = "deep_pipelines._native")]
 struct Transformer {
@@ -235,20 +245,24 @@ impl Transformer {
 #[pymethods]
 impl Transformer {
     /// A pipeline (or stage) saved by the Rust API or by `deep_pipelines`.
+    /// `gpu`: the GPU address a Spark task was given; stages on `wgpu` run on that GPU.
     #[staticmethod]
-    fn load(py: Python<'_>, path: String) -> PyResult<Self> {
+    #[pyo3(signature = (path, gpu=None))]
+    fn load(py: Python<'_>, path: String, gpu: Option<usize>) -> PyResult<Self> {
         let model = py.detach(|| load_pipeline(&path))?;
         Ok(Transformer {
-            inner: BatchTransformer::new(model),
+            inner: BatchTransformer::new(on_task_gpu(model, gpu)?),
         })
     }
 
     /// A network stage by class (see `network_stage_classes`) with params given as JSON
-    /// (Spark names).
+    /// (Spark names); `gpu` as for `load`.
     #[staticmethod]
-    fn stage(class_name: &str, params_json: &str) -> PyResult<Self> {
+    #[pyo3(signature = (class_name, params_json, gpu=None))]
+    fn stage(class_name: &str, params_json: &str, gpu: Option<usize>) -> PyResult<Self> {
+        let model = PipelineModel::of(network_stage(class_name, params_json)?);
         Ok(Transformer {
-            inner: BatchTransformer::from_stage(network_stage(class_name, params_json)?),
+            inner: BatchTransformer::new(on_task_gpu(model, gpu)?),
         })
     }
 
@@ -296,7 +310,8 @@ impl Transformer {
         Ok(ArrowArray::of_batch(out))
     }
 
-    /// The schema `transform` gives for batches of `schema` (loads the networks).
+    /// The schema `transform` gives for batches of `schema` (from the manifests: no weights are
+    /// read, no device is opened).
     fn output_schema(&self, py: Python<'_>, schema: &Bound<'_, PyAny>) -> PyResult<ArrowSchema> {
         let schema = import_schema(schema)?;
         let schema = py
@@ -400,16 +415,25 @@ struct ImageFunction {
 #[pymethods]
 impl ImageFunction {
     #[staticmethod]
-    fn load(py: Python<'_>, name: &str, path: String) -> PyResult<Self> {
-        let model = py.detach(|| load_pipeline(&path))?;
+    #[pyo3(signature = (name, path, gpu=None))]
+    fn load(py: Python<'_>, name: &str, path: String, gpu: Option<usize>) -> PyResult<Self> {
+        let model = on_task_gpu(py.detach(|| load_pipeline(&path))?, gpu)?;
         let inner = deep_pipelines::sql::ImageFunction::new(name, &model).map_err(py_err)?;
         Ok(ImageFunction { inner })
     }
 
     #[staticmethod]
-    fn stage(py: Python<'_>, name: &str, class_name: &str, params_json: &str) -> PyResult<Self> {
+    #[pyo3(signature = (name, class_name, params_json, gpu=None))]
+    fn stage(
+        py: Python<'_>,
+        name: &str,
+        class_name: &str,
+        params_json: &str,
+        gpu: Option<usize>,
+    ) -> PyResult<Self> {
         let stage = network_stage(class_name, params_json)?;
         let model = PipelineModel::new(format!("{name}_function"), vec![stage]);
+        let model = on_task_gpu(model, gpu)?;
         let inner = py
             .detach(|| deep_pipelines::sql::ImageFunction::new(name, &model))
             .map_err(py_err)?;

@@ -181,7 +181,7 @@ class Cluster:
                     "--cores", "1", "--memory", WORKER_MEMORY,
                     "--work-dir", str(self.root / f"work-{i}"),
                     self.url,
-                ])
+                ], SPARK_WORKER_OPTS=self._gpu_options(i))
             self._start_driver_jvm()  # meanwhile
             self._wait("the master", lambda: self.master_state().get("status") == "ALIVE")
             self._wait(
@@ -198,6 +198,14 @@ class Cluster:
             self.stop()
             raise
         return self
+
+    def _gpu_options(self, i: int) -> str:
+        """Worker i announces one GPU, address `i`, through a discovery script (as
+        `spark.worker.resource.gpu.*` does on a GPU host): what Spark gives each task to run on."""
+        script = self.root / "conf" / f"gpu-{i}.sh"
+        script.write_text(f"#!/bin/sh\necho '{{\"name\": \"gpu\", \"addresses\": [\"{i}\"]}}'\n")
+        script.chmod(0o755)
+        return f"-Dspark.worker.resource.gpu.amount=1 -Dspark.worker.resource.gpu.discoveryScript={script}"
 
     def _copy_venv(self) -> None:
         """The executors' venv: a hard-link copy of the driver's (a plain copy across devices).
@@ -229,7 +237,7 @@ class Cluster:
         )
         return env
 
-    def _spawn(self, name: str, args: List[str]) -> None:
+    def _spawn(self, name: str, args: List[str], **env: str) -> None:
         log = self.logs / f"{name}.log"
         self.log_files[name] = log
         # setpriv --pdeathsig: unshare dies with this process, and (--kill-child) the namespace's
@@ -242,7 +250,7 @@ class Cluster:
         ]
         with open(log, "wb") as out:
             self.daemons[name] = subprocess.Popen(
-                argv, env=self._env(name), stdin=subprocess.DEVNULL, stdout=out,
+                argv, env={**self._env(name), **env}, stdin=subprocess.DEVNULL, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root,
             )
 
@@ -375,6 +383,9 @@ class Cluster:
             # 32 images (and 200 iterations of LogisticRegression over 32 tasks each); this
             # reads them in about one partition per core.
             "spark.sql.files.openCostInBytes": "8192",
+            # Each task is given its executor's GPU (see _gpu_options), as on a GPU cluster.
+            "spark.executor.resource.gpu.amount": "1",
+            "spark.task.resource.gpu.amount": "1",
             **conf,
         }
         try:

@@ -8,6 +8,7 @@ One SparkContext per process: while this module runs, conftest's local[2] `spark
 is stopped; cluster.py resumes it afterwards."""
 
 import collections
+import json
 import os
 import signal
 import threading
@@ -67,6 +68,24 @@ def test_executors_run_their_own_venv_and_cannot_see_the_drivers(cluster, cluste
         argv = " ".join(procs[pid]["argv"])
         assert driver_venv not in argv and copy in argv, argv
         assert cluster_module.hidden_in(pid)
+
+
+def test_each_task_runs_a_wgpu_stage_on_the_gpu_spark_gave_it(cluster_spark):
+    """The workers announce one GPU each (addresses 0 and 1) and each task asks for one: in a
+    task, a stage on device `wgpu` is put on `wgpu:<address>`; on the driver it stays `wgpu`."""
+    from deep_pipelines.spark import _on_gpu, _task_gpu
+
+    def devices(_rows):
+        time.sleep(0.3)  # both executors take tasks
+        gpu = _task_gpu()
+        yield gpu, _on_gpu('{"device": "wgpu"}', gpu), _on_gpu('{"device": "cpu"}', gpu)
+
+    seen = set(cluster_spark.sparkContext.parallelize(range(8), 8).mapPartitions(devices).collect())
+    assert {gpu for gpu, _, _ in seen} == {0, 1}, seen
+    for gpu, wgpu, cpu in seen:
+        assert json.loads(wgpu) == {"device": f"wgpu:{gpu}"}
+        assert json.loads(cpu) == {"device": "cpu"}
+    assert _task_gpu() is None
 
 
 def test_sql_functions_give_the_local_apis_rows(cluster_spark, few_images):

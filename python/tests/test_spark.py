@@ -2,6 +2,7 @@
 own persistence, SQL functions, and a Rust-saved pipeline applied to a Spark DataFrame. Features
 are compared with the Rust featurizer's (through the local API) for the same files."""
 
+import os
 import shutil
 
 import numpy as np
@@ -237,3 +238,17 @@ def test_the_spec_executors_run_carries_no_driver_path():
     spec = json.loads(json.loads(DeepImageFeaturizer()._spec())[1])
     assert spec["modelDir"] == "", spec
     assert dp.model_dirs()[-1].endswith("deep_pipelines/models"), dp.model_dirs()
+
+
+def test_the_driver_plans_with_the_manifest_alone(spark, few_images, tmp_path):
+    """Planning needs no weights (a Connect client or a small driver stays light): a model
+    folder whose weight file is garbage plans a transform; running it names the model."""
+    folder = tmp_path / "efficientnet_lite0"
+    folder.mkdir()
+    shutil.copy(os.path.join(dp.model_dirs()[-1], "efficientnet_lite0", "manifest.json"), folder)
+    (folder / "weights.safetensors").write_bytes(b"not safetensors")
+    df = spark_images(spark, few_images)
+    out = DeepImageFeaturizer(modelDir=str(tmp_path)).transform(df)
+    assert "features" in out.columns
+    with pytest.raises(Exception, match="EfficientNetLite0"):
+        out.select("features").collect()

@@ -1,6 +1,6 @@
 //! Choosing a wgpu adapter by name, never by wgpu's default heuristics (which may pick a
-//! software rasteriser): `wgpu` is the first GPU (discrete, then integrated, then virtual);
-//! `wgpu-cpu` is a software Vulkan driver such as Mesa's llvmpipe (slow; what CI has).
+//! software rasteriser): `wgpu` is the first GPU (discrete, then integrated, then virtual),
+//! `wgpu:<n>` the n-th in that order; `wgpu-cpu` is a software Vulkan driver such as Mesa's llvmpipe (slow; what CI has).
 
 use std::sync::OnceLock;
 
@@ -8,6 +8,7 @@ use burn::prelude::Device;
 use burn::tensor::DeviceKind;
 use burn::tensor::wgpu::wgpu;
 
+use super::runtime::DeviceName;
 use crate::error::{Error, Result};
 
 /// The adapters wgpu finds on this machine (listed once per process).
@@ -23,59 +24,75 @@ fn adapters() -> &'static [wgpu::AdapterInfo] {
     })
 }
 
-/// The adapter a device name means, as burn's device kind and wgpu's description.
-fn choose(name: &str) -> Result<(DeviceKind, &'static wgpu::AdapterInfo)> {
+/// The GPU adapters in the order `wgpu:<n>` counts them: discrete, integrated, then virtual,
+/// each kind in wgpu's order, with burn's device kind for each (burn numbers each kind apart).
+fn gpus() -> Vec<(DeviceKind, &'static wgpu::AdapterInfo)> {
     use wgpu::DeviceType as T;
-    let wanted: &[(T, DeviceKind)] = match name {
-        "wgpu" => &[
-            (T::DiscreteGpu, DeviceKind::DiscreteGpu(0)),
-            (T::IntegratedGpu, DeviceKind::IntegratedGpu(0)),
-            (T::VirtualGpu, DeviceKind::VirtualGpu(0)),
-        ],
-        _ => &[(T::Cpu, DeviceKind::Cpu)],
-    };
-    let found = adapters();
-    wanted
+    let kinds: [(T, fn(usize) -> DeviceKind); 3] = [
+        (T::DiscreteGpu, DeviceKind::DiscreteGpu),
+        (T::IntegratedGpu, DeviceKind::IntegratedGpu),
+        (T::VirtualGpu, DeviceKind::VirtualGpu),
+    ];
+    kinds
         .iter()
-        .find_map(|(kind, device)| {
-            found
+        .flat_map(|(kind, device)| {
+            adapters()
                 .iter()
-                .find(|a| a.device_type == *kind)
-                .map(|a| (device.clone(), a))
+                .filter(move |a| a.device_type == *kind)
+                .enumerate()
+                .map(move |(i, a)| (device(i), a))
         })
-        .ok_or_else(|| {
-            let what = if name == "wgpu" {
-                "a GPU adapter (discrete, integrated or virtual)"
+        .collect()
+}
+
+/// The adapter a device name means, as burn's device kind and wgpu's description.
+fn choose(name: &str, wanted: DeviceName) -> Result<(DeviceKind, &'static wgpu::AdapterInfo)> {
+    let (chosen, what) = match wanted {
+        DeviceName::Gpu(n) => (
+            gpus().into_iter().nth(n),
+            if n == 0 {
+                "a GPU adapter (discrete, integrated or virtual)".to_string()
             } else {
-                "a software (CPU) adapter"
-            };
-            let seen = if found.is_empty() {
-                "no adapter at all (is a Vulkan driver installed? on Debian: \
-                 apt install mesa-vulkan-drivers for the software one)"
-                    .to_string()
-            } else {
-                found.iter().map(describe).collect::<Vec<_>>().join("; ")
-            };
-            Error::param(
-                "models",
-                "device",
-                format!("device `{name}` needs {what}; wgpu found {seen}; use device `cpu`"),
-            )
-        })
+                format!("{} GPU adapters (discrete, integrated or virtual)", n + 1)
+            },
+        ),
+        _ => (
+            adapters()
+                .iter()
+                .find(|a| a.device_type == wgpu::DeviceType::Cpu)
+                .map(|a| (DeviceKind::Cpu, a)),
+            "a software (CPU) adapter".to_string(),
+        ),
+    };
+    chosen.ok_or_else(|| {
+        let found = adapters();
+        let seen = if found.is_empty() {
+            "no adapter at all (is a Vulkan driver installed? on Debian: \
+             apt install mesa-vulkan-drivers for the software one)"
+                .to_string()
+        } else {
+            found.iter().map(describe).collect::<Vec<_>>().join("; ")
+        };
+        Error::param(
+            "models",
+            "device",
+            format!("device `{name}` needs {what}; wgpu found {seen}; use device `cpu`"),
+        )
+    })
 }
 
 fn describe(info: &wgpu::AdapterInfo) -> String {
     format!("{} ({:?}, {:?})", info.name, info.device_type, info.backend)
 }
 
-/// The burn device for `wgpu` or `wgpu-cpu`; an error naming what was found when there is none.
-pub(super) fn device(name: &str) -> Result<Device> {
-    choose(name).map(|(kind, _)| Device::wgpu(kind))
+/// The burn device for a GPU device name; an error naming what was found when there is none.
+pub(super) fn device(name: &str, wanted: DeviceName) -> Result<Device> {
+    choose(name, wanted).map(|(kind, _)| Device::wgpu(kind))
 }
 
-/// `wgpu (<adapter> (<type>, <backend>))`, for metrics and messages.
-pub(super) fn label(name: &str) -> String {
-    match choose(name) {
+/// `wgpu: <adapter> (<type>, <backend>)`, for metrics and messages.
+pub(super) fn label(name: &str, wanted: DeviceName) -> String {
+    match choose(name, wanted) {
         Ok((_, info)) => format!("{name}: {}", describe(info)),
         Err(_) => name.to_string(),
     }

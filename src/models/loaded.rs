@@ -1,8 +1,8 @@
 //! A model loaded on a device ([`LoadedModel`]): runs preprocessed batches to features or
 //! logits, checking every output against the manifest; and its class names.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use burn::prelude::*;
 
@@ -12,14 +12,33 @@ use super::manifest::{FeatureMode, Manifest};
 use super::{ImageNetwork, model_error};
 use crate::error::Result;
 
-/// A model loaded on a device: its manifest, network and class names.
+/// A model for a device: its manifest, class names and network. What a query's plan needs (output
+/// widths, class names) comes from the manifest; the network may be built on the first batch
+/// ([`LoadedModel::deferred`]), so a Spark driver or Connect client plans without weights or a GPU.
 #[derive(Debug)]
 pub struct LoadedModel {
     pub manifest: Manifest,
-    pub network: Arc<dyn ImageNetwork>,
-    pub device: Device,
     /// Class names (index = class), when the manifest names them.
     pub labels: Option<Arc<Vec<String>>>,
+    network: NetworkSource,
+}
+
+/// A network and the device it runs on.
+#[derive(Debug, Clone)]
+struct Built {
+    network: Arc<dyn ImageNetwork>,
+    device: Device,
+}
+
+#[derive(Debug)]
+enum NetworkSource {
+    Built(Built),
+    /// Weights and a device name, built once on first use (a failed build is tried again).
+    Deferred {
+        weights: PathBuf,
+        device: String,
+        built: Mutex<Option<Built>>,
+    },
 }
 
 /// The 1000 ILSVRC-2012 class names (torchvision's spelling), index = class.
@@ -71,10 +90,68 @@ impl LoadedModel {
         let labels = read_labels(&manifest, labels_dir)?;
         Ok(LoadedModel {
             manifest,
-            network,
-            device: device.clone(),
             labels,
+            network: NetworkSource::Built(Built {
+                network,
+                device: device.clone(),
+            }),
         })
+    }
+
+    /// A model whose network is built from `weights` on the device named `device` when a batch
+    /// first runs; the manifest and class names (from `dir`) are read now.
+    pub(super) fn deferred(
+        manifest: Manifest,
+        weights: PathBuf,
+        dir: &Path,
+        device: &str,
+    ) -> Result<Self> {
+        let labels = read_labels(&manifest, dir)?;
+        Ok(LoadedModel {
+            manifest,
+            labels,
+            network: NetworkSource::Deferred {
+                weights,
+                device: device.to_string(),
+                built: Mutex::new(None),
+            },
+        })
+    }
+
+    fn built(&self) -> Result<Built> {
+        match &self.network {
+            NetworkSource::Built(built) => Ok(built.clone()),
+            NetworkSource::Deferred {
+                weights,
+                device,
+                built,
+            } => {
+                let mut built = built.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(b) = built.as_ref() {
+                    return Ok(b.clone());
+                }
+                let device = super::runtime::device(device)?;
+                let network = load_architecture(
+                    &self.manifest.architecture,
+                    weights,
+                    self.manifest.weights.expected_sha256(),
+                    &device,
+                    &self.manifest.name,
+                )?;
+                Ok(built.insert(Built { network, device }).clone())
+            }
+        }
+    }
+
+    /// The network, built now if it was deferred (an unreadable weight file or a missing
+    /// device is an error here).
+    pub fn network(&self) -> Result<Arc<dyn ImageNetwork>> {
+        self.built().map(|b| b.network)
+    }
+
+    /// The device the network runs on (resolved now if it was deferred).
+    pub fn device(&self) -> Result<Device> {
+        self.built().map(|b| b.device)
     }
 
     /// Builds the manifest's architecture with the weights in `weights` (labels from `dir`).
@@ -101,9 +178,9 @@ impl LoadedModel {
 
     /// Runs a batch to the pooled features or the flattened feature map.
     pub fn run(&self, inputs: Vec<f32>, batch: usize, mode: FeatureMode) -> Result<Vec<f32>> {
-        let map = self.feature_map(inputs, batch)?;
+        let (network, map) = self.feature_map(inputs, batch)?;
         let out = match mode {
-            FeatureMode::Pooled => self.network.features(map),
+            FeatureMode::Pooled => network.features(map),
             FeatureMode::Flattened => flatten(map),
         };
         self.output(out, batch, self.manifest.output_dim(mode), "features")
@@ -111,14 +188,18 @@ impl LoadedModel {
 
     /// Runs a batch of preprocessed inputs to class logits.
     pub fn logits(&self, inputs: Vec<f32>, batch: usize) -> Result<Vec<f32>> {
-        let map = self.feature_map(inputs, batch)?;
-        let logits = self.network.logits(map).ok_or_else(|| {
+        let (network, map) = self.feature_map(inputs, batch)?;
+        let logits = network.logits(map).ok_or_else(|| {
             model_error(&self.manifest.name, "this network has no classifier head")
         })?;
         self.output(logits, batch, self.manifest.num_classes, "logits")
     }
 
-    fn feature_map(&self, inputs: Vec<f32>, batch: usize) -> Result<Tensor<4>> {
+    fn feature_map(
+        &self,
+        inputs: Vec<f32>,
+        batch: usize,
+    ) -> Result<(Arc<dyn ImageNetwork>, Tensor<4>)> {
         let s = self.manifest.input_size as usize;
         if inputs.len() != batch * 3 * s * s {
             return Err(model_error(
@@ -129,8 +210,9 @@ impl LoadedModel {
                 ),
             ));
         }
-        let x = Tensor::from_data(TensorData::new(inputs, [batch, 3, s, s]), &self.device);
-        Ok(self.network.feature_map(x))
+        let Built { network, device } = self.built()?;
+        let x = Tensor::from_data(TensorData::new(inputs, [batch, 3, s, s]), &device);
+        Ok((Arc::clone(&network), network.feature_map(x)))
     }
 
     /// Reads an output tensor, checking it has the size the manifest promises.

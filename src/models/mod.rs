@@ -47,6 +47,7 @@ pub use manifest::{
     model_dir, model_dirs,
 };
 pub use network::{Architecture, ImageNetwork};
+pub(crate) use runtime::parse_device;
 pub use runtime::{
     available_devices, available_models, device, device_label, load_model, load_model_in,
     load_trainable, manifest, manifest_in, register_network, replace_network, trainable_models,

@@ -16,31 +16,61 @@ use super::{ImageNetwork, model_error};
 use crate::error::{Error, Result};
 
 /// The device named by a `device` param: `cpu` (burn's flex backend) or, with the `wgpu`
-/// feature, `wgpu` (the first GPU adapter: discrete, integrated, then virtual) or `wgpu-cpu` (a
-/// software Vulkan adapter such as Mesa's llvmpipe: slow, for tests). Always explicit:
-/// `Device::default()` may pick a software adapter. A name with no such adapter is an error
-/// naming the adapters found.
+/// feature, `wgpu` (the first GPU adapter: discrete, integrated, then virtual), `wgpu:<n>` (the
+/// n-th GPU adapter, counting from 0 in that order: what a Spark task's GPU address names) or
+/// `wgpu-cpu` (a software Vulkan adapter such as Mesa's llvmpipe: slow, for tests). Always
+/// explicit: `Device::default()` may pick a software adapter. A name with no such adapter is an
+/// error naming the adapters found.
 pub fn device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::flex()),
+    match parse_device("models", name)? {
+        DeviceName::Cpu => Ok(Device::flex()),
         #[cfg(feature = "wgpu")]
-        "wgpu" | "wgpu-cpu" => super::gpu::device(name),
-        other => Err(Error::param(
-            "models",
-            "device",
-            format!(
-                "unknown device `{other}`; available: {}",
-                available_devices().join(", ")
-            ),
-        )),
+        gpu => super::gpu::device(name, gpu),
     }
 }
 
-/// Device names this build supports.
+/// What a device name asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DeviceName {
+    Cpu,
+    /// The n-th GPU adapter (`wgpu` is `Gpu(0)`).
+    #[cfg(feature = "wgpu")]
+    Gpu(usize),
+    /// A software (CPU) Vulkan adapter.
+    #[cfg(feature = "wgpu")]
+    SoftwareGpu,
+}
+
+/// A device name's meaning, without looking for adapters (cheap: a driver that plans a query
+/// for GPU executors has none); an unknown name is an error listing the names this build takes.
+pub(crate) fn parse_device(stage: &str, name: &str) -> Result<DeviceName> {
+    match name {
+        "cpu" => return Ok(DeviceName::Cpu),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => return Ok(DeviceName::Gpu(0)),
+        #[cfg(feature = "wgpu")]
+        "wgpu-cpu" => return Ok(DeviceName::SoftwareGpu),
+        _ => {}
+    }
+    #[cfg(feature = "wgpu")]
+    if let Some(n) = name.strip_prefix("wgpu:").and_then(|n| n.parse().ok()) {
+        return Ok(DeviceName::Gpu(n));
+    }
+    Err(Error::param(
+        stage,
+        "device",
+        format!(
+            "unknown device `{name}`; available: {}",
+            available_devices().join(", ")
+        ),
+    ))
+}
+
+/// Device names this build supports (`wgpu:<n>` stands for `wgpu:0`, `wgpu:1`, ...).
 pub fn available_devices() -> Vec<&'static str> {
     let mut devices = vec!["cpu"];
     if cfg!(feature = "wgpu") {
-        devices.extend(["wgpu", "wgpu-cpu"]);
+        devices.extend(["wgpu", "wgpu:<n>", "wgpu-cpu"]);
     }
     devices
 }
@@ -48,8 +78,8 @@ pub fn available_devices() -> Vec<&'static str> {
 /// The device a name means, in words: `cpu`, or `wgpu: <adapter> (<type>, <backend>)`.
 pub fn device_label(name: &str) -> String {
     #[cfg(feature = "wgpu")]
-    if name.starts_with("wgpu") {
-        return super::gpu::label(name);
+    if let Ok(gpu @ (DeviceName::Gpu(_) | DeviceName::SoftwareGpu)) = parse_device("models", name) {
+        return super::gpu::label(name, gpu);
     }
     name.to_string()
 }
@@ -188,7 +218,9 @@ pub fn load_model(name: &str, device_name: &str) -> Result<Arc<LoadedModel>> {
     load_model_in(name, device_name, None)
 }
 
-/// [`load_model`] from a given model directory (`None` or empty: the default one). A model whose
+/// [`load_model`] from a given model directory (`None` or empty: the default one). The manifest,
+/// class names and the weight file's presence are checked now; the weights are read and the
+/// device resolved when the first batch runs, so planning a query needs neither. A model whose
 /// weight file changed since it was cached is loaded again.
 pub fn load_model_in(
     name: &str,
@@ -213,16 +245,19 @@ pub fn load_model_in(
     );
     let mut entry = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let (manifest, folder) = manifest_in(name, Some(&dir))?;
-    let now = stamp(&folder.join(&manifest.weights.file));
+    let weights = weight_path(name, &manifest, &folder)?;
+    parse_device("models", device_name)?;
+    let now = stamp(&weights);
     if let Some((loaded, model)) = entry.as_ref()
         && *loaded == now
     {
         return Ok(Arc::clone(model));
     }
-    let model = Arc::new(LoadedModel::load_from(
-        name,
-        Some(&dir),
-        &device(device_name)?,
+    let model = Arc::new(LoadedModel::deferred(
+        manifest,
+        weights,
+        &folder,
+        device_name,
     )?);
     *entry = Some((now, Arc::clone(&model)));
     Ok(model)

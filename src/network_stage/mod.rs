@@ -36,7 +36,7 @@ use crate::columns::require_column;
 use crate::error::{Error, Result};
 use crate::image::{DecodeLimits, image_type};
 use crate::models::{
-    LoadedModel, available_devices, available_models, device_label, load_model_in, manifest_in,
+    LoadedModel, available_models, device_label, load_model_in, manifest_in, parse_device,
 };
 use crate::params::{AnyParams, Params, Rejected, check};
 use crate::persistence::SavedStage;
@@ -201,17 +201,7 @@ impl NetworkParams {
             ));
         }
         check::in_range(stage, "batchSize", self.batch_size as f64, 1.0, 4096.0)?;
-        if !available_devices().contains(&self.device.as_str()) {
-            return Err(Error::param(
-                stage,
-                "device",
-                format!(
-                    "unknown device `{}`; available: {}",
-                    self.device,
-                    available_devices().join(", ")
-                ),
-            ));
-        }
+        parse_device(stage, &self.device)?;
         self.preprocess_options(stage)?;
         self.rejected.check(stage)
     }

@@ -110,24 +110,33 @@ async fn the_featurizer_on_wgpu_equals_the_cpu_featurizer() {
     }
 }
 
-#[test]
-fn a_device_name_with_no_adapter_is_an_error_naming_what_was_found() {
+#[tokio::test]
+async fn a_device_name_with_no_adapter_is_an_error_naming_what_was_found() {
     let found = wgpu_devices();
-    if found.contains(&"wgpu") {
-        println!("this machine has a GPU adapter: nothing to check");
-        return;
-    }
-    let err = load_model("EfficientNetLite0", "wgpu")
+    let gpus = (0..8)
+        .take_while(|n| device(&format!("wgpu:{n}")).is_ok())
+        .count();
+    let missing = format!("wgpu:{gpus}");
+    println!("{gpus} GPU adapter(s): {found:?}");
+    // Planning needs no adapter (a Spark driver may have none): the model loads, its first
+    // batch says what is missing.
+    let model = load_model("EfficientNetLite0", &missing).unwrap();
+    let err = model
+        .features(golden("input_chelsea"), 1)
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("device `wgpu` needs a GPU adapter") && err.contains("wgpu found"),
+        err.contains(&format!("device `{missing}` needs")) && err.contains("wgpu found"),
         "{err}"
     );
-    let err = DeepImageFeaturizer::new()
-        .with_device("wgpu")
+    let df = DeepImageFeaturizer::new()
+        .with_device(&missing)
         .transform(common::images(&SessionContext::new(), "test", 0.01))
+        .unwrap();
+    let err = df.collect().await.unwrap_err().to_string();
+    assert!(err.contains("GPU adapter"), "{err}");
+    let err = load_model("EfficientNetLite0", "wgpu:x")
         .unwrap_err()
         .to_string();
-    assert!(err.contains("needs a GPU adapter"), "{err}");
+    assert!(err.contains("unknown device `wgpu:x`"), "{err}");
 }

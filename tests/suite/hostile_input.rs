@@ -1163,3 +1163,33 @@ async fn a_network_whose_outputs_disagree_with_its_manifest_is_an_error() {
         assert_eq!(features.value_length(), 3, "{mode}");
     }
 }
+
+/// Planning reads the manifest only (a Spark driver or Connect client plans without the weights):
+/// a corrupt weight file plans, and the first batch fails naming the model.
+#[tokio::test]
+async fn planning_reads_no_weights_and_the_first_batch_reports_a_corrupt_file() {
+    let models = tempfile::tempdir().unwrap();
+    let folder = models.path().join("efficientnet_lite0");
+    std::fs::create_dir(&folder).unwrap();
+    let bundled = deep_pipelines::models::model_dir().join("efficientnet_lite0");
+    std::fs::copy(bundled.join("manifest.json"), folder.join("manifest.json")).unwrap();
+    std::fs::write(folder.join("weights.safetensors"), b"not safetensors").unwrap();
+    let images = small_images();
+    let ctx = SessionContext::new();
+    let df = read_images(&ctx, images.path(), ReadImagesOptions::default()).unwrap();
+    let stage = DeepImageFeaturizer::new().with_model_dir(models.path().display().to_string());
+    let planned = stage.transform(df).unwrap();
+    let field = planned
+        .schema()
+        .field_with_unqualified_name("features")
+        .unwrap();
+    assert!(
+        matches!(
+            field.data_type(),
+            datafusion::arrow::datatypes::DataType::FixedSizeList(_, 1280)
+        ),
+        "{field:?}"
+    );
+    let err = query_error(planned).await;
+    assert!(err.contains("EfficientNetLite0"), "{err}");
+}

@@ -436,12 +436,13 @@ fn full_size_models_load_torchvision_names_and_give_manifest_dimensions() {
         let mut rng = Values(7);
         let input: Vec<f32> = (0..3 * s * s).map(|_| rng.next()).collect();
         let x = Tensor::<4>::from_data(TensorData::new(input, [1, 3, s, s]), &device);
-        let map = model.network.feature_map(x);
+        let network = model.network().unwrap();
+        let map = network.feature_map(x);
         assert_eq!(map.dims()[0], 1, "{name} batch");
         assert_eq!(map.dims()[1..], want.feature_map, "{name} feature map");
-        let features = model.network.features(map.clone());
+        let features = network.features(map.clone());
         assert_eq!(features.dims(), [1, want.features], "{name} features");
-        let logits = model.network.logits(map).unwrap();
+        let logits = network.logits(map).unwrap();
         assert_eq!(logits.dims(), [1, want.logits], "{name} logits");
         let logits = logits.into_data().try_to_vec::<f32>().unwrap();
         assert!(

@@ -642,3 +642,20 @@ async fn string_indexer_skip_drops_rows_with_unseen_or_null_labels() {
     // The training rows themselves: only the null one goes.
     assert_eq!(indexer.transform(train).unwrap().count().await.unwrap(), 6);
 }
+
+/// `with_device` moves the network stages on one device and no other stage: a stage moved to
+/// a device this build lacks is an error naming it; a device no stage uses changes nothing.
+#[test]
+fn with_device_moves_the_network_stages_on_that_device() {
+    let featurizer: Arc<dyn Transformer> = Arc::new(DeepImageFeaturizer::new());
+    let model = PipelineModel::new("p", vec![featurizer]);
+    let same = model.with_device("wgpu", "nowhere").unwrap();
+    assert_eq!(same.network().unwrap().network_params().device, "cpu");
+    let err = model.with_device("cpu", "nowhere").unwrap_err().to_string();
+    assert!(
+        err.contains("unknown device `nowhere`") && err.contains("DeepImageFeaturizer"),
+        "{err}"
+    );
+    let moved = model.with_device("cpu", "cpu").unwrap();
+    assert_eq!(moved.network().unwrap().network_params().device, "cpu");
+}
