@@ -13,7 +13,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use tokio::runtime::Runtime;
 
 use crate::error::{Error, Result};
-use crate::image::{DecodeLimits, image_array};
+use crate::image::{DecodeLimits, image_array, is_bytes};
 use crate::pipeline::{PipelineModel, Transformer};
 
 /// The column a pipeline's first network stage reads images from.
@@ -26,8 +26,8 @@ pub fn image_input_col(model: &PipelineModel) -> Option<String> {
 /// A fitted pipeline (or one stage) applied to record batches as they come.
 ///
 /// The image column may arrive as another engine gives it (Spark's `ImageSchema` struct with
-/// its nullability, large binary data, or encoded bytes): it is made an image column first
-/// (see [`image_array`]).
+/// its nullability, large binary data): it is made an image column first (see
+/// [`image_array`]); encoded bytes go to the network stages as they are, which decode them.
 ///
 /// ```no_run
 /// # fn demo(batch: datafusion::arrow::array::RecordBatch) -> deep_pipelines::Result<()> {
@@ -111,6 +111,10 @@ impl BatchTransformer {
                 ),
             ));
         };
+        if is_bytes(batch.column(index).data_type()) {
+            // The network stages decode bytes themselves, keeping each bad row's reason.
+            return Ok(batch);
+        }
         let images = image_array(name, batch.column(index), &self.limits)?;
         let mut columns = batch.columns().to_vec();
         let mut fields: Vec<_> = batch.schema().fields().iter().cloned().collect();

@@ -12,14 +12,15 @@ use datafusion::functions::core::expr_fn::get_field;
 use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
-use datafusion::prelude::{DataFrame, ident, lit};
+use datafusion::prelude::{DataFrame, Expr, ident, lit};
 
 use super::decode::{DecodeLimits, ImageRow, decode_image};
+use super::problem::{ImageProblem, ProblemKind};
 use super::{image_fields, image_type};
 use crate::error::{Error, Result};
 
 /// Output type of the decoding UDFs: the image struct plus the error for rows that failed.
-fn decoded_type() -> DataType {
+pub(crate) fn decoded_type() -> DataType {
     DataType::Struct(decoded_fields())
 }
 
@@ -32,7 +33,7 @@ fn decoded_fields() -> Fields {
 }
 
 /// Builds the `{image, error}` struct array from per-row results (None = null input row).
-pub(super) fn decoded_array(rows: Vec<Option<std::result::Result<ImageRow, String>>>) -> ArrayRef {
+pub(super) fn decoded_array(rows: Vec<DecodedRow>) -> ArrayRef {
     let n = rows.len();
     let mut origin = StringBuilder::with_capacity(n, n * 32);
     let mut height = Int32Builder::with_capacity(n);
@@ -62,8 +63,8 @@ pub(super) fn decoded_array(rows: Vec<Option<std::result::Result<ImageRow, Strin
                 mode.append_value(0);
                 data.append_value([]);
                 match other {
-                    Some(Err(message)) => error.append_value(message),
-                    _ => error.append_null(),
+                    Some(Err(problem)) => error.append_value(problem.to_string()),
+                    _ => error.append_value(null_input().to_string()),
                 }
                 valid.push(false);
             }
@@ -136,7 +137,13 @@ impl ScalarUDFImpl for DecodeImageUdf {
     }
 }
 
-type DecodedRow = Option<std::result::Result<ImageRow, String>>;
+/// One decoded row: None where the input was null.
+pub(super) type DecodedRow = Option<std::result::Result<ImageRow, ImageProblem>>;
+
+/// The reason of a row whose input is null.
+fn null_input() -> ImageProblem {
+    ImageProblem::new(ProblemKind::NullInput, "the value is null")
+}
 
 /// Decodes a binary array of encoded images in parallel, one result per row (None = null).
 fn decode_bytes<'a>(
@@ -238,6 +245,21 @@ fn binary_values(array: &ArrayRef) -> datafusion::common::Result<Vec<Option<&[u8
         DataType::BinaryView => array.as_binary_view().iter().collect(),
         other => return exec_err!("image bytes must be a binary column, got {other}"),
     })
+}
+
+/// `{image, error}` for each row of `bytes` (a Binary, LargeBinary or BinaryView column):
+/// the decoded image, or null and the reason ([`ImageProblem`]).
+pub(crate) fn decode_expr(bytes: Expr, limits: DecodeLimits) -> Expr {
+    ScalarUDF::new_from_impl(DecodeImageUdf::new(limits))
+        .call(vec![bytes, lit(ScalarValue::Utf8(None))])
+}
+
+/// Whether a column of this type holds encoded images.
+pub(crate) fn is_bytes(data_type: &DataType) -> bool {
+    matches!(
+        data_type,
+        DataType::Binary | DataType::LargeBinary | DataType::BinaryView
+    )
 }
 
 /// Name of the temporary `{image, error}` column the decoding UDF adds.

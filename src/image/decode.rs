@@ -4,6 +4,7 @@ use std::io::Cursor;
 
 use image::ImageDecoder;
 
+use super::problem::{ImageProblem, ProblemKind};
 use super::{MODE_BGR8, MODE_BGRA8, MODE_GRAY8};
 
 /// Guards against decompression bombs and absurd inputs.
@@ -38,20 +39,28 @@ pub struct ImageRow {
 
 /// Decodes encoded bytes (PNG, JPEG, GIF, BMP, WebP) into `ImageSchema` layout.
 ///
-/// The error is a readable sentence suitable for the `image_error` column.
+/// The error says why, in the reasons' vocabulary ([`ImageProblem`]): empty, unsupported
+/// format, truncated, over the decode limits or undecodable.
 pub fn decode_image(
     bytes: &[u8],
     origin: &str,
     limits: &DecodeLimits,
-) -> std::result::Result<ImageRow, String> {
+) -> std::result::Result<ImageRow, ImageProblem> {
+    use ProblemKind as K;
     if bytes.is_empty() {
-        return Err("empty file (0 bytes)".to_string());
+        return Err(ImageProblem::new(K::Empty, "0 bytes"));
     }
     let reader = image::ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(|e| format!("cannot read: {e}"))?;
+        .map_err(|e| ImageProblem::new(K::Undecodable, e.to_string()))?;
     if reader.format().is_none() {
-        return Err("not a recognised image format (PNG, JPEG, GIF, BMP, WebP)".to_string());
+        return Err(ImageProblem::new(
+            K::UnsupportedFormat,
+            format!(
+                "{} bytes of no image format read here (PNG, JPEG, GIF, BMP, WebP)",
+                bytes.len()
+            ),
+        ));
     }
     let mut reader = reader;
     let mut image_limits = image::Limits::default();
@@ -59,31 +68,31 @@ pub fn decode_image(
     image_limits.max_image_height = Some(limits.max_side);
     image_limits.max_alloc = Some(limits.max_decoded_bytes);
     reader.limits(image_limits);
-    let over_limits = |e: image::ImageError| match e {
-        image::ImageError::Limits(e) => format!(
-            "over the decode limits ({} px per side, {} bytes decoded): {e}",
-            limits.max_side, limits.max_decoded_bytes
-        ),
-        e => format!("cannot decode: {}", e.to_string().trim_end()),
-    };
+    let problem = |e: image::ImageError| decode_problem(e, limits);
     // The header is read and checked against the limits before any pixel buffer exists.
-    let mut decoder = reader.into_decoder().map_err(over_limits)?;
+    let mut decoder = reader.into_decoder().map_err(problem)?;
     let (width, height) = decoder.dimensions();
     if decoder.total_bytes() > limits.max_decoded_bytes {
-        return Err(format!(
-            "image is {width}x{height}: {} bytes decoded, over the limit of {} bytes",
-            decoder.total_bytes(),
-            limits.max_decoded_bytes
+        return Err(ImageProblem::new(
+            K::OverLimits,
+            format!(
+                "image is {width}x{height}: {} bytes decoded, over the limit of {} bytes",
+                decoder.total_bytes(),
+                limits.max_decoded_bytes
+            ),
         ));
     }
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut decoded = image::DynamicImage::from_decoder(decoder).map_err(over_limits)?;
+    let mut decoded = image::DynamicImage::from_decoder(decoder).map_err(problem)?;
     decoded.apply_orientation(orientation);
     let (width, height) = (decoded.width(), decoded.height());
     if width == 0 || height == 0 {
-        return Err(format!("image has no pixels ({width}x{height})"));
+        return Err(ImageProblem::new(
+            K::Undecodable,
+            format!("image has no pixels ({width}x{height})"),
+        ));
     }
     let (mode, channels, data) = if decoded.color().has_alpha() {
         let mut px = decoded.into_rgba8().into_raw();
@@ -104,6 +113,32 @@ pub fn decode_image(
         mode,
         data,
     })
+}
+
+/// The problem a decoder error means: over the limits, cut short, or otherwise undecodable.
+fn decode_problem(e: image::ImageError, limits: &DecodeLimits) -> ImageProblem {
+    use ProblemKind as K;
+    let text = e.to_string();
+    let text = text.trim_end();
+    match &e {
+        image::ImageError::Limits(_) => ImageProblem::new(
+            K::OverLimits,
+            format!(
+                "{text} (limits: {} px per side, {} bytes decoded)",
+                limits.max_side, limits.max_decoded_bytes
+            ),
+        ),
+        image::ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            ImageProblem::new(K::Truncated, text)
+        }
+        _ if ["end of file", "unexpected eof", "not enough bytes"]
+            .iter()
+            .any(|cut| text.to_ascii_lowercase().contains(cut)) =>
+        {
+            ImageProblem::new(K::Truncated, text)
+        }
+        _ => ImageProblem::new(K::Undecodable, text),
+    }
 }
 
 /// An 8-bit RGB image: `data.len() == width * height * 3`.
@@ -177,45 +212,54 @@ impl<'a> ImageView<'a> {
         mode: i32,
         data: &'a [u8],
         limits: &DecodeLimits,
-    ) -> std::result::Result<Self, String> {
+    ) -> std::result::Result<Self, ImageProblem> {
+        let invalid = |detail: String| ImageProblem::new(ProblemKind::InvalidStruct, detail);
+        let over = |detail: String| ImageProblem::new(ProblemKind::OverLimits, detail);
+        if (mode, height, width, channels) == (-1, -1, -1, -1) {
+            return Err(invalid(
+                "Spark's image source could not decode this file (its row for one: mode -1); \
+                 read the files with binaryFile instead to learn why"
+                    .to_string(),
+            ));
+        }
         let layout = match mode {
             MODE_GRAY8 => PixelLayout::Grey,
             MODE_BGR8 => PixelLayout::Bgr,
             MODE_BGRA8 => PixelLayout::Bgra,
             other => {
-                return Err(format!(
+                return Err(invalid(format!(
                     "unsupported image mode {other} (expected 0 = CV_8UC1, 16 = CV_8UC3, 24 = CV_8UC4)"
-                ));
+                )));
             }
         };
         let expected = layout.channels();
         if i64::from(channels) != expected as i64 {
-            return Err(format!(
+            return Err(invalid(format!(
                 "nChannels {channels} does not match mode {mode} ({expected} channels)"
-            ));
+            )));
         }
         if height <= 0 || width <= 0 {
-            return Err(format!("image has no pixels ({width}x{height})"));
+            return Err(invalid(format!("image has no pixels ({width}x{height})")));
         }
         let (width, height) = (width as u32, height as u32);
         if width.max(height) > limits.max_side {
-            return Err(format!(
+            return Err(over(format!(
                 "image is {width}x{height}, over the limit of {} px per side",
                 limits.max_side
-            ));
+            )));
         }
         let bytes = u64::from(width) * u64::from(height) * expected as u64;
         if bytes > limits.max_decoded_bytes {
-            return Err(format!(
+            return Err(over(format!(
                 "image is {width}x{height}x{expected}: {bytes} bytes, over the limit of {} bytes",
                 limits.max_decoded_bytes
-            ));
+            )));
         }
         if data.len() as u64 != bytes {
-            return Err(format!(
+            return Err(invalid(format!(
                 "data has {} bytes, expected {width}x{height}x{expected} = {bytes}",
                 data.len()
-            ));
+            )));
         }
         Ok(ImageView {
             width,
@@ -301,17 +345,24 @@ pub fn to_rgb8(
 pub(super) fn decode_file(
     path: &str,
     limits: &DecodeLimits,
-) -> std::result::Result<ImageRow, String> {
-    let len = std::fs::metadata(path)
-        .map_err(|e| format!("cannot read file: {e}"))?
-        .len();
+) -> std::result::Result<ImageRow, ImageProblem> {
+    let unreadable = |e: std::io::Error| {
+        ImageProblem::new(
+            ProblemKind::Undecodable,
+            format!("cannot read the file: {e}"),
+        )
+    };
+    let len = std::fs::metadata(path).map_err(unreadable)?.len();
     // An encoded image is never larger than its decoded form by more than a small factor.
     if len > limits.max_decoded_bytes {
-        return Err(format!(
-            "file is {len} bytes, over the limit of {} bytes",
-            limits.max_decoded_bytes
+        return Err(ImageProblem::new(
+            ProblemKind::OverLimits,
+            format!(
+                "file is {len} bytes, over the limit of {} bytes",
+                limits.max_decoded_bytes
+            ),
         ));
     }
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read file: {e}"))?;
+    let bytes = std::fs::read(path).map_err(unreadable)?;
     decode_image(&bytes, path, limits)
 }

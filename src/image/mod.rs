@@ -33,15 +33,18 @@
 
 mod column;
 mod decode;
+mod problem;
 mod read;
 mod scan;
 
 use datafusion::arrow::datatypes::{DataType, Field, Fields};
 
 pub use column::{decode_binary_array, decode_image_column, image_array};
+pub(crate) use column::{decode_expr, decoded_type, is_bytes};
 pub use decode::{
     DecodeLimits, ImageRow, ImageView, PixelLayout, Rgb8, decode_image, decode_rgb8, to_rgb8,
 };
+pub use problem::{ImageProblem, ProblemKind};
 pub use read::{ReadImagesOptions, image_folder_table, list_image_files, read_images};
 pub use scan::{ImageFolderExec, ImageFolderTable, ScanMetrics, ScanStats};
 

@@ -84,7 +84,11 @@ impl ScanMetrics {
         }
     }
 
-    fn record(&self, outcome: &std::result::Result<super::ImageRow, String>, started: Instant) {
+    fn record(
+        &self,
+        outcome: &std::result::Result<super::ImageRow, super::ImageProblem>,
+        started: Instant,
+    ) {
         let c = &self.0;
         let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         c.decode_nanos.fetch_add(nanos, Ordering::Relaxed);

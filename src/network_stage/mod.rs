@@ -29,12 +29,12 @@ use std::path::Path;
 use datafusion::arrow::array::ArrayRef;
 use datafusion::arrow::datatypes::DataType;
 use datafusion::logical_expr::ScalarUDF;
-use datafusion::prelude::{DataFrame, ident};
+use datafusion::prelude::{DataFrame, cast, ident};
 use serde::{Deserialize, Serialize};
 
 use crate::columns::require_column;
 use crate::error::{Error, Result};
-use crate::image::{DecodeLimits, image_type};
+use crate::image::{DecodeLimits, decode_expr, image_type, is_bytes};
 use crate::models::{
     LoadedModel, available_models, device_label, load_model_in, manifest_in, parse_device,
 };
@@ -230,8 +230,12 @@ impl NetworkParams {
     }
 
     /// `df` plus `output_col`, a lazy column of `output(model)` for each image of `input_col`
-    /// (and `errorCol`, if set), counted in `metrics`. The model is loaded (and cached) now: a
-    /// missing or corrupt weight file fails here, not mid-query.
+    /// (and `errorCol`, if set), counted in `metrics`. The model's manifest is read now (a
+    /// missing weight file fails here); its weights load when the first batch runs.
+    ///
+    /// The input is an image struct or encoded bytes (decoded in the query, once per row). A
+    /// null row's reason is the decoder's for bytes and, for structs, `<inputCol>_error` when
+    /// the DataFrame has it (as `read_images` and `decode_image_column` add it).
     pub fn add_column<O: NetworkOutput>(
         &self,
         stage: &str,
@@ -240,7 +244,8 @@ impl NetworkParams {
         metrics: &NetworkMetrics,
         output: impl FnOnce(&LoadedModel) -> Result<O>,
     ) -> Result<DataFrame> {
-        require_image_column(&df, &self.input_col).map_err(|e| e.in_stage(stage))?;
+        let input_type =
+            require_image_input(&df, &self.input_col).map_err(|e| e.in_stage(stage))?;
         let model = load_model_in(&self.model_name, &self.device, self.model_folder())?;
         let output = output(&model)?;
         let rows = RowCheck {
@@ -248,12 +253,33 @@ impl NetworkParams {
             model,
             limits: DecodeLimits::default(),
         };
-        let input = || vec![ident(&self.input_col)];
+        // The decoded bytes, as a column of their own: decoded once for the output and the reason.
+        let decoded = format!("__{output_col}_decoded");
+        let (df, input) = if is_bytes(&input_type) {
+            let df = df.with_column(&decoded, decode_expr(ident(&self.input_col), rows.limits))?;
+            (df, vec![ident(&decoded)])
+        } else {
+            let reasons = format!("{}_error", self.input_col);
+            let mut input = vec![ident(&self.input_col)];
+            if df
+                .schema()
+                .field_with_unqualified_name(&reasons)
+                .is_ok_and(|f| {
+                    matches!(
+                        f.data_type(),
+                        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+                    )
+                })
+            {
+                input.push(cast(ident(&reasons), DataType::Utf8));
+            }
+            (df, input)
+        };
         let df = if self.error_col.is_empty() {
             df
         } else {
             let check = ScalarUDF::new_from_impl(ImageProblemUdf::new(rows.clone()));
-            df.with_column(&self.error_col, check.call(input()))?
+            df.with_column(&self.error_col, check.call(input.clone()))?
         };
         let udf = NetworkUdf::new(
             rows,
@@ -263,7 +289,12 @@ impl NetworkParams {
             &device_label(&self.device),
         );
         let udf = ScalarUDF::new_from_impl(udf);
-        Ok(df.with_column(output_col, udf.call(input()))?)
+        let df = df.with_column(output_col, udf.call(input))?;
+        Ok(if is_bytes(&input_type) {
+            df.drop_columns(&[&decoded])?
+        } else {
+            df
+        })
     }
 
     /// What a network stage saves: its params plus a reference to its network (name + weight
@@ -321,17 +352,19 @@ struct ModelReference {
 }
 
 /// Checks that `column` exists and is an image struct.
-fn require_image_column(df: &DataFrame, column: &str) -> Result<()> {
+/// The type of `column`: an image struct or encoded bytes; else an error naming both.
+fn require_image_input(df: &DataFrame, column: &str) -> Result<DataType> {
     let found = require_column(df, column)?;
-    if found != image_type() {
+    if found != image_type() && !is_bytes(&found) {
         return Err(Error::column(
             column,
             format!(
-                "expected an image struct (ImageSchema: origin, height, width, nChannels, mode, data), got {found}"
+                "expected an image struct (ImageSchema: origin, height, width, nChannels, mode, data) \
+                 or encoded image bytes (Binary), got {found}"
             ),
         ));
     }
-    Ok(())
+    Ok(found)
 }
 
 /// The builder setters of [`NetworkParams`], for a stage or estimator whose `params` field is

@@ -11,23 +11,43 @@ use datafusion::arrow::array::{Array, ArrayRef, AsArray, StringArray, StructArra
 use datafusion::arrow::datatypes::{DataType, Int32Type};
 use datafusion::common::exec_err;
 use datafusion::logical_expr::{
-    ColumnarValue, ScalarFunctionArgs, ScalarUDFImpl, Signature, Volatility,
+    ColumnarValue, ScalarFunctionArgs, ScalarUDFImpl, Signature, TypeSignature, Volatility,
 };
 use rayon::prelude::*;
 
 use super::NetworkOutput;
 use super::metrics::{CallStats, NetworkMetrics};
 use crate::error::Result;
-use crate::image::{DecodeLimits, ImageView, image_type};
+use crate::image::{DecodeLimits, ImageProblem, ImageView, ProblemKind, decoded_type, image_type};
 use crate::models::{LoadedModel, model_error};
 use crate::preprocess::{PreprocessOptions, check_fits, preprocess_into};
 
-/// Why a row gets no network output: a short kind (counted in [`NetworkStats::null_rows`]) and
-/// the row's own sentence (its `errorCol` value).
-#[derive(Debug)]
-struct RowProblem {
-    kind: &'static str,
-    message: String,
+/// An image column as the UDFs get it: the structs and, for rows whose struct is null, the
+/// reason when the input has one (the decoder's, or the reader's `<inputCol>_error`).
+#[derive(Clone, Copy)]
+pub(super) struct ImageInput<'a> {
+    images: &'a StructArray,
+    reasons: Option<&'a StringArray>,
+}
+
+impl ImageInput<'_> {
+    fn len(&self) -> usize {
+        self.images.len()
+    }
+}
+
+/// The UDFs' signature: an image struct, optionally with the reasons of its null rows (Utf8),
+/// or the decoder's `{image, error}` struct (taken whole: reading its fields with `get_field`
+/// would let DataFusion's leaf-expression pushdown copy the decoding into each reader).
+pub(super) fn image_input_signature(volatility: Volatility) -> Signature {
+    Signature::one_of(
+        vec![
+            TypeSignature::Exact(vec![image_type()]),
+            TypeSignature::Exact(vec![image_type(), DataType::Utf8]),
+            TypeSignature::Exact(vec![decoded_type()]),
+        ],
+        volatility,
+    )
 }
 
 /// Which rows of an image column a network stage can take, and their network inputs.
@@ -43,14 +63,17 @@ impl RowCheck {
     /// preprocessing (no pixel read yet); the error is why its output is null.
     fn image<'a>(
         &self,
-        images: &'a StructArray,
+        input: ImageInput<'a>,
         row: usize,
-    ) -> std::result::Result<ImageView<'a>, RowProblem> {
-        let problem = |kind, message| RowProblem { kind, message };
+    ) -> std::result::Result<ImageView<'a>, ImageProblem> {
+        let images = input.images;
         if images.is_null(row) {
-            return Err(problem("null image", "image is null".into()));
+            return Err(match input.reasons.filter(|r| r.is_valid(row)) {
+                Some(reasons) => ImageProblem::from_reason(reasons.value(row)),
+                None => ImageProblem::new(ProblemKind::NullInput, "the image is null"),
+            });
         }
-        let invalid = |message| problem("invalid image struct", message);
+        let invalid = |detail| ImageProblem::new(ProblemKind::InvalidStruct, detail);
         let int = |name: &str| {
             images
                 .column_by_name(name)
@@ -70,10 +93,9 @@ impl RowCheck {
             int("mode")?,
             data,
             &self.limits,
-        )
-        .map_err(invalid)?;
+        )?;
         check_fits(&view, &self.model.manifest, &self.options)
-            .map_err(|message| problem("does not fit the input", message))?;
+            .map_err(|detail| ImageProblem::new(ProblemKind::DoesNotFit, detail))?;
         Ok(view)
     }
 
@@ -85,19 +107,19 @@ impl RowCheck {
 
     /// Writes the network input of `row` into `out`; the row must have passed
     /// [`RowCheck::image`].
-    fn input_into(&self, images: &StructArray, row: usize, out: &mut [f32]) -> Result<()> {
+    fn input_into(&self, images: ImageInput<'_>, row: usize, out: &mut [f32]) -> Result<()> {
         let broken = |e: String| {
             model_error(
                 &self.model.manifest.name,
                 format!("row {row} passed its checks, then failed: {e}"),
             )
         };
-        let image = self.image(images, row).map_err(|p| broken(p.message))?;
+        let image = self.image(images, row).map_err(|p| broken(p.to_string()))?;
         preprocess_into(&image, &self.model.manifest, &self.options, out).map_err(broken)
     }
 
     /// The network inputs of `rows` (which passed [`RowCheck::image`]), made in parallel.
-    fn inputs(&self, images: &StructArray, rows: &[usize]) -> Result<Vec<f32>> {
+    fn inputs(&self, images: ImageInput<'_>, rows: &[usize]) -> Result<Vec<f32>> {
         let input_len = self.input_len();
         let mut inputs = vec![0.0f32; rows.len() * input_len];
         inputs
@@ -155,11 +177,11 @@ impl<O: NetworkOutput> NetworkUdf<O> {
             metrics,
             device: device.to_string(),
             // Volatile: an expensive call the optimiser must never duplicate or inline twice.
-            signature: Signature::exact(vec![image_type()], Volatility::Volatile),
+            signature: image_input_signature(Volatility::Volatile),
         }
     }
 
-    fn compute(&self, images: &StructArray) -> Result<ArrayRef> {
+    fn compute(&self, images: ImageInput<'_>) -> Result<ArrayRef> {
         self.metrics.started(Instant::now());
         let mut call = CallStats {
             rows: images.len() as u64,
@@ -182,7 +204,7 @@ impl<O: NetworkOutput> NetworkUdf<O> {
     /// the flat values (zeros for null rows) and the validity of each row.
     fn run_batched(
         &self,
-        images: &StructArray,
+        images: ImageInput<'_>,
         width: usize,
         call: &mut CallStats,
     ) -> Result<(Vec<f32>, Vec<bool>)> {
@@ -191,7 +213,7 @@ impl<O: NetworkOutput> NetworkUdf<O> {
             match self.rows.image(images, row) {
                 Ok(_) => valid.push(true),
                 Err(problem) => {
-                    call.nulls.push(problem.kind);
+                    call.nulls.push(problem.kind.as_str());
                     valid.push(false);
                 }
             }
@@ -215,7 +237,7 @@ impl<O: NetworkOutput> NetworkUdf<O> {
     /// second copy of the inputs is kept for the retry).
     fn forward(
         &self,
-        images: &StructArray,
+        images: ImageInput<'_>,
         rows: &[usize],
         call: &mut CallStats,
     ) -> Result<Vec<f32>> {
@@ -262,27 +284,35 @@ impl<O: NetworkOutput> NetworkUdf<O> {
     }
 }
 
-/// What both network-stage UDFs do with their call: `compute` on the image struct argument,
-/// under `catch_panics` (a panic is a query error naming the UDF).
+/// What both network-stage UDFs do with their call: `compute` on the image struct argument
+/// (and the reasons, when given), under `catch_panics` (a panic is a query error naming the UDF).
 fn on_images(
     name: &str,
     args: &ScalarFunctionArgs,
-    compute: impl FnOnce(&StructArray) -> Result<ArrayRef>,
+    compute: impl FnOnce(ImageInput<'_>) -> Result<ArrayRef>,
 ) -> datafusion::common::Result<ColumnarValue> {
     crate::error::catch_panics(name, || {
         let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-        let Some(images) = arrays.first().and_then(|a| a.as_struct_opt()) else {
+        let Some(first) = arrays.first().and_then(|a| a.as_struct_opt()) else {
             return exec_err!("{name} input must be an image struct");
         };
-        let array = compute(images)
+        let decoded = first
+            .column_by_name("image")
+            .and_then(|a| a.as_struct_opt());
+        let (images, reasons) = match decoded {
+            Some(images) => (images, first.column_by_name("error")),
+            None => (first, arrays.get(1)),
+        };
+        let reasons = reasons.and_then(|a| a.as_string_opt::<i32>());
+        let array = compute(ImageInput { images, reasons })
             .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
         Ok(ColumnarValue::Array(array))
     })
 }
 
 /// The `errorCol` UDF: null where the network stage gives an output, else the reason it does
-/// not (null image, inconsistent fields, over the size limits, unsupported mode). Reads no
-/// pixel: cheap next to the network.
+/// not ([`ImageProblem`]: the input's own reason for a null image, else what the struct
+/// check finds). Reads no pixel: cheap next to the network.
 #[derive(Debug)]
 pub(super) struct ImageProblemUdf {
     rows: RowCheck,
@@ -295,7 +325,7 @@ impl ImageProblemUdf {
         ImageProblemUdf {
             name: format!("image_problem_{}", rows.model.manifest.name),
             rows,
-            signature: Signature::exact(vec![image_type()], Volatility::Immutable),
+            signature: image_input_signature(Volatility::Immutable),
         }
     }
 }
@@ -337,7 +367,7 @@ impl ScalarUDFImpl for ImageProblemUdf {
     ) -> datafusion::common::Result<ColumnarValue> {
         on_images(&self.name, &args, |images| {
             let problems: StringArray = (0..images.len())
-                .map(|row| self.rows.image(images, row).err().map(|p| p.message))
+                .map(|row| self.rows.image(images, row).err().map(|p| p.to_string()))
                 .collect();
             Ok(Arc::new(problems))
         })

@@ -859,15 +859,19 @@ async fn the_model_cache_reloads_a_replaced_weight_file() {
     let again = deep_pipelines::models::load_model_in("EfficientNetLite0", "cpu", Some(dir.path()))
         .unwrap();
     assert!(Arc::ptr_eq(&first, &again), "cached model not reused");
-    // Replace the weight file (new size and time): the next lookup loads, and fails loudly.
+    // Replace the weight file (new size and time): the next lookup is a new model, whose
+    // network fails loudly when it is built.
     let (m, _) = manifest("EfficientNetLite0").unwrap();
     std::thread::sleep(std::time::Duration::from_millis(20));
     std::fs::write(copy.join(&m.weights.file), b"not safetensors").unwrap();
-    let err =
-        match deep_pipelines::models::load_model_in("EfficientNetLite0", "cpu", Some(dir.path())) {
-            Ok(_) => panic!("the cache served a model whose weight file changed ({dir_str})"),
-            Err(e) => e.to_string(),
-        };
+    let replaced =
+        deep_pipelines::models::load_model_in("EfficientNetLite0", "cpu", Some(dir.path()))
+            .unwrap();
+    assert!(
+        !Arc::ptr_eq(&first, &replaced),
+        "the cache served a model whose weight file changed ({dir_str})"
+    );
+    let err = replaced.network().unwrap_err().to_string();
     println!("{err}");
 }
 

@@ -177,7 +177,8 @@ async fn a_network_stage_reports_rows_nulls_and_where_the_time_went() {
     let stats = featurizer.metrics();
     assert_eq!(stats.rows, 25);
     assert_eq!(stats.images, 24);
-    assert_eq!(stats.null_rows.get("null image"), Some(&1));
+    // The broken PNG: its reason comes from the scan's `image_error`.
+    assert_eq!(stats.null_rows.get("undecodable"), Some(&1), "{stats:?}");
     assert_eq!(stats.null_count(), 1);
     // 24 images in batches of 10, in however many record batches the scan made.
     assert!((3..=24).contains(&stats.forward_passes), "{stats:?}");
@@ -193,7 +194,7 @@ async fn a_network_stage_reports_rows_nulls_and_where_the_time_went() {
     assert_eq!(stats.batch_halvings, 0);
     let line = stats.to_string();
     assert!(
-        line.contains("24 images") && line.contains("null (null image): 1"),
+        line.contains("24 images") && line.contains("null (undecodable): 1"),
         "{line}"
     );
     featurizer.reset_metrics();

@@ -15,10 +15,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use burn::prelude::{Device, Tensor};
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, BinaryArray};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BinaryArray, RecordBatch};
 use datafusion::arrow::datatypes::Float32Type;
 use deep_pipelines::image::{
-    DecodeLimits, MODE_BGR8, MODE_BGRA8, MODE_GRAY8, decode_binary_array, decode_image, decode_rgb8,
+    DecodeLimits, MODE_BGR8, MODE_BGRA8, MODE_GRAY8, ProblemKind, decode_binary_array,
+    decode_image, decode_rgb8,
 };
 use deep_pipelines::models::{ImageNetwork, Manifest, load_model, manifest, register_network};
 use deep_pipelines::prelude::*;
@@ -479,7 +480,7 @@ async fn a_folder_of_hostile_files_featurizes_with_errors_per_row() {
         "{}",
         message("bomb.jpg")
     );
-    assert_eq!(message("empty.png"), "empty file (0 bytes)");
+    assert_eq!(message("empty.png"), "empty: 0 bytes");
     // Memory: `bombs_are_refused_before_any_large_allocation` measures what a bomb allocates.
 }
 
@@ -760,7 +761,7 @@ fn bombs_are_refused_before_any_large_allocation() {
         assert!(bytes.len() < 1000, "{name}: a small file");
         let (result, largest) = largest_allocation_in(|| decode_image(bytes, name, &limits));
         let err = result.unwrap_err();
-        assert!(err.contains("limit"), "{name}: {err}");
+        assert_eq!(err.kind, ProblemKind::OverLimits, "{name}: {err}");
         println!("{name}: largest allocation {largest} bytes: {err}");
         assert!(
             largest < LARGE,
@@ -801,13 +802,16 @@ fn limits_are_configurable_and_checked_before_decoding() {
     };
     let png = encode(&photo(40, 10), ImageFormat::Png);
     let err = decode_image(&png, "x", &small).unwrap_err();
-    assert!(err.contains("limit"), "{err}");
+    assert_eq!(err.kind, ProblemKind::OverLimits, "{err}");
     let tight = DecodeLimits {
         max_side: 1024,
         max_decoded_bytes: 40 * 10 * 3 - 1,
     };
     let err = decode_image(&png, "x", &tight).unwrap_err();
-    assert!(err.contains("limit"), "{err}");
+    assert!(
+        err.to_string().starts_with("over the decode limits: "),
+        "{err}"
+    );
     assert!(decode_image(&png, "x", &DecodeLimits::default()).is_ok());
 }
 
@@ -1192,4 +1196,116 @@ async fn planning_reads_no_weights_and_the_first_batch_reports_a_corrupt_file() 
     );
     let err = query_error(planned).await;
     assert!(err.contains("EfficientNetLite0"), "{err}");
+}
+
+/// The five files of a hostile folder: a PNG bomb, a photo cut after 60 bytes, an empty file,
+/// a text file, a good photo; with the kind each row's reason starts with (None: features).
+fn five_files() -> Vec<(&'static str, Vec<u8>, Option<&'static str>)> {
+    let photo = encode(&photo(64, 48), ImageFormat::Jpeg);
+    vec![
+        (
+            "bomb.png",
+            png_bomb(40_000, 40_000),
+            Some("over the decode limits: "),
+        ),
+        ("cut.jpg", photo[..60].to_vec(), Some("truncated: ")),
+        ("empty.png", Vec::new(), Some("empty: ")),
+        (
+            "notes.png",
+            b"a text file, not an image\n".to_vec(),
+            Some("unsupported format: "),
+        ),
+        ("photo.jpg", photo, None),
+    ]
+}
+
+/// Each row's reason in `errorCol` (None where the row has features), by file name.
+async fn reasons(df: DataFrame, names: &[String]) -> Vec<Option<String>> {
+    let out = common::collect(df).await;
+    let features = out.column_by_name("features").unwrap();
+    let why = out.column_by_name("why").unwrap().as_string::<i32>();
+    for row in 0..out.num_rows() {
+        assert_eq!(features.is_null(row), why.is_valid(row), "{}", names[row]);
+    }
+    (0..out.num_rows())
+        .map(|row| why.is_valid(row).then(|| why.value(row).to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn every_null_row_says_why_from_a_folder_and_from_bytes() {
+    let files = five_files();
+    let dir = tempfile::tempdir().unwrap();
+    for (name, bytes, _) in &files {
+        std::fs::write(dir.path().join(name), bytes).unwrap();
+    }
+    let names: Vec<String> = files.iter().map(|(n, _, _)| n.to_string()).collect();
+    let check = |path: &str, got: &[Option<String>]| {
+        for ((name, _, kind), reason) in files.iter().zip(got) {
+            println!("{path} {name}: {reason:?}");
+            match kind {
+                Some(kind) => assert!(
+                    reason.as_deref().is_some_and(|r| r.starts_with(kind)),
+                    "{path} {name}: {reason:?}, expected {kind}..."
+                ),
+                None => assert!(reason.is_none(), "{path} {name}: {reason:?}"),
+            }
+        }
+    };
+    let featurizer = DeepImageFeaturizer::new().with_error_col("why");
+
+    // A folder: the scan's `image_error` is the stage's reason.
+    let ctx = SessionContext::new();
+    let images = read_images(&ctx, dir.path(), ReadImagesOptions::default())
+        .unwrap()
+        .sort(vec![col("origin").sort(true, false)])
+        .unwrap();
+    let scanned = common::collect(images.clone()).await;
+    let image_error = scanned
+        .column_by_name("image_error")
+        .unwrap()
+        .as_string::<i32>();
+    let from_folder = reasons(featurizer.transform(images).unwrap(), &names).await;
+    check("folder", &from_folder);
+    for (row, reason) in from_folder.iter().enumerate() {
+        assert_eq!(
+            reason.as_deref(),
+            image_error.is_valid(row).then(|| image_error.value(row))
+        );
+    }
+
+    // Encoded bytes (Binary, LargeBinary, BinaryView): the decoder's reasons, the same words.
+    let column: Vec<Option<&[u8]>> = files.iter().map(|(_, b, _)| Some(b.as_slice())).collect();
+    let arrays: [ArrayRef; 3] = [
+        Arc::new(BinaryArray::from(column.clone())),
+        Arc::new(datafusion::arrow::array::LargeBinaryArray::from(
+            column.clone(),
+        )),
+        Arc::new(datafusion::arrow::array::BinaryViewArray::from(column)),
+    ];
+    for array in arrays {
+        let kind = array.data_type().to_string();
+        let batch = RecordBatch::try_from_iter([("content", array)]).unwrap();
+        let df = SessionContext::new().read_batch(batch).unwrap();
+        let stage = featurizer.clone().with_input_col("content");
+        let planned = stage.transform(df).unwrap();
+        // Decoded once per row, for both the features and the reason.
+        let plan = planned.clone().create_physical_plan().await.unwrap();
+        let plan = datafusion::physical_plan::displayable(plan.as_ref())
+            .indent(false)
+            .to_string();
+        assert_eq!(plan.matches("decode_image(").count(), 1, "{plan}");
+        let got = reasons(planned, &names).await;
+        check(&kind, &got);
+        assert_eq!(got, from_folder, "{kind}: the folder's words");
+    }
+    let stats = featurizer.metrics();
+    for kind in [
+        "over the decode limits",
+        "truncated",
+        "empty",
+        "unsupported format",
+    ] {
+        assert_eq!(stats.null_rows.get(kind), Some(&4), "{kind}: {stats:?}");
+    }
 }

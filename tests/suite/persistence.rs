@@ -479,11 +479,12 @@ async fn model_dir_param_gives_the_weights_and_a_manifest_that_overrides_the_bun
     let path = changed_lite0(&weights_only, false);
     let ctx = SessionContext::new();
     let images = read_images(&ctx, CHELSEA, ReadImagesOptions::default()).unwrap();
-    let err = DeepImageFeaturizer::new()
+    // (when the weights load: the first batch)
+    let planned = DeepImageFeaturizer::new()
         .with_model_dir(weights_only.to_str().unwrap())
         .transform(images)
-        .unwrap_err()
-        .to_string();
+        .unwrap();
+    let err = planned.collect().await.unwrap_err().to_string();
     let bundled_manifest: serde_json::Value = serde_json::from_slice(
         &std::fs::read(format!("{MODELS}/efficientnet_lite0/manifest.json")).unwrap(),
     )
