@@ -20,7 +20,7 @@ use clap::{Args, Parser, Subcommand};
 use datafusion::arrow::datatypes::DataType;
 use datafusion::config::TableParquetOptions;
 use datafusion::dataframe::DataFrameWriteOptions;
-use datafusion::logical_expr::cast;
+use datafusion::logical_expr::{Expr, cast};
 use datafusion::prelude::ParquetReadOptions;
 use deep_pipelines::evaluation::confusion_matrix;
 use deep_pipelines::image::{ScanMetrics, image_folder_table, image_type};
@@ -552,9 +552,31 @@ async fn read_input(
     }
 }
 
+/// `df` with its fixed-size list columns (features, logits) as plain lists. A null row of a
+/// fixed-size list is stored in Parquet as an empty list, which pyarrow before 26 refuses to
+/// read back as fixed-size ("Expected all lists to be of size=1280"); as lists, every reader
+/// opens the file: pyarrow from 15, pandas, Polars, DuckDB, Spark.
+fn with_plain_lists(df: DataFrame) -> Result<DataFrame> {
+    let columns: Vec<Expr> = df
+        .schema()
+        .iter()
+        .map(|(qualifier, field)| {
+            let column = Expr::from((qualifier, field));
+            match field.data_type() {
+                DataType::FixedSizeList(item, _) => {
+                    cast(column, DataType::List(Arc::clone(item))).alias(field.name())
+                }
+                _ => column,
+            }
+        })
+        .collect();
+    Ok(df.select(columns)?)
+}
+
 /// Writes `df` to one Parquet file, streaming batch by batch, under a temporary name renamed into
 /// place at the end: `path` never holds a partial file.
 async fn write_parquet(df: DataFrame, path: &Path) -> Result<()> {
+    let df = with_plain_lists(df)?;
     let name = path
         .file_name()
         .ok_or_else(|| Error::Fit(format!("{} is not a file name", path.display())))?;

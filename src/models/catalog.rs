@@ -18,7 +18,7 @@ use super::mobilenet_v3::MobileNetV3Config;
 use super::resnet::ResNetConfig;
 use super::squeezenet::SqueezeNetConfig;
 use super::vgg::VggConfig;
-use super::weights::load_weights;
+use super::weights::{WeightSource, load_weights_from};
 use super::{Architecture, ImageNetwork, model_error};
 use crate::error::Result;
 
@@ -77,6 +77,19 @@ pub(super) fn folder(name: &str) -> Option<&'static str> {
 }
 
 /// The manifest this crate ships for the model in `folder`.
+/// The weights built into this binary for model folder `folder`: EfficientNet-Lite0's, with the
+/// `embedded-model` feature (on by default), so an installed program has a model wherever it runs.
+pub(super) fn embedded_weights(folder: &str) -> Option<&'static [u8]> {
+    #[cfg(feature = "embedded-model")]
+    if folder == "efficientnet_lite0" {
+        return Some(include_bytes!(
+            "../../models/efficientnet_lite0/weights.safetensors"
+        ));
+    }
+    let _ = folder;
+    None
+}
+
 pub(super) fn bundled_manifest(folder: &str) -> Option<&'static str> {
     CATALOG
         .iter()
@@ -90,6 +103,18 @@ pub(super) fn bundled_manifest(folder: &str) -> Option<&'static str> {
 pub fn load_architecture(
     architecture: &str,
     weights: &Path,
+    sha256: Option<&str>,
+    device: &Device,
+    model: &str,
+) -> Result<Arc<dyn ImageNetwork>> {
+    let weights = WeightSource::File(weights.to_path_buf());
+    load_architecture_from(architecture, &weights, sha256, device, model)
+}
+
+/// [`load_architecture`] from a file or built-in bytes.
+pub(super) fn load_architecture_from(
+    architecture: &str,
+    weights: &WeightSource,
     sha256: Option<&str>,
     device: &Device,
     model: &str,
@@ -125,7 +150,7 @@ pub(super) fn trainable_names() -> Vec<&'static str> {
 /// `DeepImageClassifier` fine-tunes; `None` when the architecture is not one it can.
 pub(super) fn load_trainable(
     architecture: &str,
-    weights: &Path,
+    weights: &WeightSource,
     sha256: Option<&str>,
     model: &str,
 ) -> Result<Option<InvertedResidualNet>> {
@@ -139,7 +164,7 @@ pub(super) fn load_trainable(
 trait LoadArchitecture {
     fn load(
         &self,
-        weights: &Path,
+        weights: &WeightSource,
         sha256: Option<&str>,
         device: &Device,
         model: &str,
@@ -151,7 +176,7 @@ trait LoadArchitecture {
     /// The folded network on the CPU, if it [`fine_tunes`](Self::fine_tunes).
     fn load_trainable(
         &self,
-        weights: &Path,
+        weights: &WeightSource,
         sha256: Option<&str>,
         model: &str,
     ) -> Result<Option<InvertedResidualNet>>;
@@ -160,12 +185,12 @@ trait LoadArchitecture {
 impl<A: Architecture> LoadArchitecture for A {
     fn load(
         &self,
-        weights: &Path,
+        weights: &WeightSource,
         sha256: Option<&str>,
         device: &Device,
         model: &str,
     ) -> Result<Arc<dyn ImageNetwork>> {
-        let network = load_weights(
+        let network = load_weights_from(
             self.init(device),
             weights,
             &self.weight_names(),
@@ -181,7 +206,7 @@ impl<A: Architecture> LoadArchitecture for A {
 
     fn load_trainable(
         &self,
-        weights: &Path,
+        weights: &WeightSource,
         sha256: Option<&str>,
         model: &str,
     ) -> Result<Option<InvertedResidualNet>> {
@@ -192,7 +217,7 @@ impl<A: Architecture> LoadArchitecture for A {
         let Ok(network) = network.downcast::<InvertedResidualNet>() else {
             return Ok(None);
         };
-        let network = load_weights(*network, weights, &self.weight_names(), sha256, model)?;
+        let network = load_weights_from(*network, weights, &self.weight_names(), sha256, model)?;
         Ok(Some(network.fold_batch_norms()))
     }
 }

@@ -1,14 +1,15 @@
 //! A model loaded on a device ([`LoadedModel`]): runs preprocessed batches to features or
 //! logits, checking every output against the manifest; and its class names.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use burn::prelude::*;
 
-use super::catalog::load_architecture;
+use super::catalog::{load_architecture, load_architecture_from};
 use super::layers::flatten;
 use super::manifest::{FeatureMode, Manifest};
+use super::weights::WeightSource;
 use super::{ImageNetwork, model_error};
 use crate::error::Result;
 
@@ -35,7 +36,7 @@ enum NetworkSource {
     Built(Built),
     /// Weights and a device name, built once on first use (a failed build is tried again).
     Deferred {
-        weights: PathBuf,
+        weights: WeightSource,
         device: String,
         built: Mutex<Option<Built>>,
     },
@@ -102,7 +103,7 @@ impl LoadedModel {
     /// first runs; the manifest and class names (from `dir`) are read now.
     pub(super) fn deferred(
         manifest: Manifest,
-        weights: PathBuf,
+        weights: WeightSource,
         dir: &Path,
         device: &str,
     ) -> Result<Self> {
@@ -131,7 +132,7 @@ impl LoadedModel {
                     return Ok(b.clone());
                 }
                 let device = super::runtime::device(device)?;
-                let network = load_architecture(
+                let network = load_architecture_from(
                     &self.manifest.architecture,
                     weights,
                     self.manifest.weights.expected_sha256(),

@@ -28,17 +28,32 @@ pub fn add_model_dir(dir: impl Into<PathBuf>) {
 
 /// The folders searched, in order, for a model whose `modelDir` is empty:
 /// `$DEEP_PIPELINES_MODEL_DIR` (if set), `models` in the current directory (the repository's
-/// models when run from its root), then those added with [`add_model_dir`]. Found at run
-/// time, on the machine that runs the model: nothing built from this crate (a wheel, a
-/// deployed binary, a saved pipeline) carries a folder of the machine that built it.
+/// models when run from its root), the user's data folder ([`user_model_dir`]), then those
+/// added with [`add_model_dir`]. Found at run time, on the machine that runs the model: nothing
+/// built from this crate (a wheel, a deployed binary, a saved pipeline) carries a folder of the
+/// machine that built it. When none holds a model's weights, the weights built into the binary
+/// (EfficientNet-Lite0, with the default `embedded-model` feature) are used.
 pub fn model_dirs() -> Vec<PathBuf> {
     let env = std::env::var_os(MODEL_DIR_ENV).filter(|d| !d.is_empty());
     let added = ADDED_DIRS.read().map(|d| d.clone()).unwrap_or_default();
     env.map(PathBuf::from)
         .into_iter()
         .chain([PathBuf::from("models")])
+        .chain(user_model_dir())
         .chain(added)
         .collect()
+}
+
+/// The user's model folder: `$XDG_DATA_HOME/deep-pipelines/models`, else
+/// `~/.local/share/deep-pipelines/models` (None without a home folder).
+pub fn user_model_dir() -> Option<PathBuf> {
+    let env = |name| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let data = env("XDG_DATA_HOME").or_else(|| env("HOME").map(|h| h.join(".local/share")))?;
+    Some(data.join("deep-pipelines").join("models"))
 }
 
 /// The first folder of [`model_dirs`].

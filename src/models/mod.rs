@@ -44,7 +44,7 @@ pub use catalog::load_architecture;
 pub use loaded::{LoadedModel, imagenet_labels};
 pub use manifest::{
     FeatureMode, MODEL_DIR_ENV, Manifest, PreprocessSpec, ResizeFilter, WeightsSpec, add_model_dir,
-    model_dir, model_dirs,
+    model_dir, model_dirs, user_model_dir,
 };
 pub use network::{Architecture, ImageNetwork};
 pub(crate) use runtime::parse_device;
@@ -53,8 +53,8 @@ pub use runtime::{
     load_trainable, manifest, manifest_in, register_network, replace_network, trainable_models,
 };
 pub use weights::{
-    check_safetensors_header, load_pytorch, load_safetensors, load_safetensors_bytes, load_weights,
-    max_weight_bytes, read_weight_file,
+    WeightSource, check_safetensors_header, load_pytorch, load_safetensors, load_safetensors_bytes,
+    load_weights, load_weights_from, max_weight_bytes, read_weight_file,
 };
 
 pub(crate) fn model_error(model: &str, message: impl Into<String>) -> Error {

@@ -12,6 +12,7 @@ use super::catalog;
 use super::inverted_residual::InvertedResidualNet;
 use super::loaded::LoadedModel;
 use super::manifest::{MODEL_DIR_ENV, Manifest, model_dirs, read_manifest, resolve_dir};
+use super::weights::WeightSource;
 use super::{ImageNetwork, model_error};
 use crate::error::{Error, Result};
 
@@ -132,15 +133,37 @@ impl LoadedModel {
     /// Loads a named model from `dir` (or the default directory).
     pub fn load_from(name: &str, dir: Option<&Path>, device: &Device) -> Result<Self> {
         let (manifest, folder) = manifest_in(name, dir)?;
-        let weights = weight_path(name, &manifest, &folder)?;
-        Self::from_weights(manifest, &weights, &folder, device)
+        let weights = weight_source(name, &manifest, &folder, dir)?;
+        let network = catalog::load_architecture_from(
+            &manifest.architecture,
+            &weights,
+            manifest.weights.expected_sha256(),
+            device,
+            &manifest.name,
+        )?;
+        Self::new(manifest, network, device, &folder)
     }
 }
 
-/// The weight file of a model's manifest in `folder`; an error saying where to get it when it
-/// is not there.
-fn weight_path(name: &str, manifest: &Manifest, folder: &Path) -> Result<PathBuf> {
+/// The weights of a model's manifest: the file in `folder`; else, when no `modelDir` was
+/// given (`dir`), the weights built into this binary for that model; else an error saying
+/// where to get them.
+fn weight_source(
+    name: &str,
+    manifest: &Manifest,
+    folder: &Path,
+    dir: Option<&Path>,
+) -> Result<WeightSource> {
     let weights = folder.join(&manifest.weights.file);
+    let searched = dir.is_none_or(|d| d.as_os_str().is_empty());
+    let built_in = folder
+        .file_name()
+        .and_then(|f| f.to_str())
+        .and_then(catalog::embedded_weights)
+        .filter(|_| searched && !weights.is_file());
+    if let Some(bytes) = built_in {
+        return Ok(WeightSource::Embedded(bytes));
+    }
     if !weights.is_file() {
         return Err(model_error(
             name,
@@ -163,7 +186,7 @@ fn weight_path(name: &str, manifest: &Manifest, folder: &Path) -> Result<PathBuf
             ),
         ));
     }
-    Ok(weights)
+    Ok(WeightSource::File(weights))
 }
 
 /// A named model as the network `DeepImageClassifier` fine-tunes: weights loaded on the CPU,
@@ -184,7 +207,7 @@ pub fn load_trainable(name: &str, dir: Option<&Path>) -> Result<(Manifest, Inver
         return Err(unsupported());
     }
     let (manifest, folder) = manifest_in(name, dir)?;
-    let weights = weight_path(name, &manifest, &folder)?;
+    let weights = weight_source(name, &manifest, &folder, dir)?;
     let network = catalog::load_trainable(
         &manifest.architecture,
         &weights,
@@ -204,7 +227,10 @@ pub fn trainable_models() -> Vec<&'static str> {
 /// different stamp on the next lookup (the file was replaced) loads the model again.
 type Stamp = Option<(u64, std::time::SystemTime)>;
 
-fn stamp(path: &Path) -> Stamp {
+fn stamp(weights: &WeightSource) -> Stamp {
+    let WeightSource::File(path) = weights else {
+        return None;
+    };
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.len(), meta.modified().ok()?))
 }
@@ -232,6 +258,9 @@ pub fn load_model_in(
     }
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
+    let explicit = dir
+        .filter(|d| !d.as_os_str().is_empty())
+        .map(Path::to_path_buf);
     let dir = resolve_dir(dir, catalog::folder(name).unwrap_or_default());
     let key = (name.to_string(), device_name.to_string(), dir.clone());
     // The map's lock is held only to find the entry; the entry's lock while loading makes
@@ -245,7 +274,7 @@ pub fn load_model_in(
     );
     let mut entry = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let (manifest, folder) = manifest_in(name, Some(&dir))?;
-    let weights = weight_path(name, &manifest, &folder)?;
+    let weights = weight_source(name, &manifest, &folder, explicit.as_deref())?;
     parse_device("models", device_name)?;
     let now = stamp(&weights);
     if let Some((loaded, model)) = entry.as_ref()

@@ -3,7 +3,7 @@
 //! that name tensors as the file spells them.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 use burn::store::{
@@ -297,15 +297,62 @@ impl FileNames {
     }
 }
 
+/// Where a model's weights are: a file, or safetensors bytes built into this binary (the
+/// default model, with the `embedded-model` feature).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightSource {
+    File(PathBuf),
+    Embedded(&'static [u8]),
+}
+
+impl WeightSource {
+    /// The file, or `<built-in weights>`, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            WeightSource::File(path) => path.display().to_string(),
+            WeightSource::Embedded(_) => "<built-in weights>".to_string(),
+        }
+    }
+}
+
 /// Loads weights into `module` from a safetensors file or a PyTorch checkpoint (by extension:
 /// `.pth`, `.pt`, `.bin` are PyTorch), checking the sha256 when one is given.
 pub fn load_weights<M: ModuleSnapshot + Module>(
-    mut module: M,
+    module: M,
     path: &Path,
     names: &NameMap,
     sha256: Option<&str>,
     model: &str,
 ) -> Result<M> {
+    load_weights_from(
+        module,
+        &WeightSource::File(path.to_path_buf()),
+        names,
+        sha256,
+        model,
+    )
+}
+
+/// [`load_weights`] from a file or from built-in bytes (safetensors).
+pub fn load_weights_from<M: ModuleSnapshot + Module>(
+    mut module: M,
+    source: &WeightSource,
+    names: &NameMap,
+    sha256: Option<&str>,
+    model: &str,
+) -> Result<M> {
+    let path = match source {
+        WeightSource::File(path) => path,
+        WeightSource::Embedded(bytes) => {
+            names.check().map_err(|e| model_error(model, e))?;
+            let what = source.describe();
+            if let Some(sha) = sha256 {
+                check_sha256(Sha256::digest(bytes), Path::new(&what), sha, model)?;
+            }
+            load_safetensors_bytes(&mut module, bytes.to_vec(), &what, &names.0, model)?;
+            return Ok(module);
+        }
+    };
     require_file(path, model)?;
     names.check().map_err(|e| model_error(model, e))?;
     let extension = path

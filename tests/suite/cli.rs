@@ -213,11 +213,11 @@ async fn featurize_writes_features_and_a_reason_per_broken_file() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let batch = read_parquet(&output).await;
     assert_eq!(batch.num_rows(), 3);
-    let features = batch
-        .column_by_name("features")
-        .unwrap()
-        .as_fixed_size_list();
-    assert_eq!(features.value_length(), 1280);
+    // Written as a plain list (every Parquet reader opens a null row of one).
+    let features = batch.column_by_name("features").unwrap().as_list::<i32>();
+    for r in (0..3).filter(|&r| features.is_valid(r)) {
+        assert_eq!(features.value_length(r), 1280);
+    }
     let decode_errors = strings(&batch, "image_error");
     let origins = strings(&batch, "origin");
     for r in 0..3 {
@@ -293,39 +293,96 @@ fn models_and_errors_name_what_is_wrong() {
     assert_eq!(usage.status.code(), Some(2));
 }
 
-/// Run from a folder without `models/` and no `$DEEP_PIPELINES_MODEL_DIR`: the error names the
-/// folders searched; `--model-dir` (or the variable) points at the weights.
+/// From a folder outside the repository, with no `$DEEP_PIPELINES_MODEL_DIR` and an empty
+/// home: the binary's built-in EfficientNet-Lite0 featurizes and predicts. Then the lookup
+/// order, each folder holding a broken copy in turn: `--model-dir`, the variable, `./models`
+/// and the user's data folder are each searched before the built-in weights.
 #[tokio::test]
-async fn from_another_folder_the_model_is_found_through_model_dir() {
+async fn from_any_folder_the_built_in_model_runs_after_the_model_folders() {
     let work = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
     let images = common::few_per_class(work.path(), "test", 1);
-    let run = |extra: &[&str]| {
-        Command::new(common::cli_binary())
-            .args([
-                "featurize",
-                images.to_str().unwrap(),
-                "-o",
-                "f.parquet",
-                "-q",
-            ])
+    let run = |command: &str, env: &[(&str, &std::path::Path)], extra: &[&str]| {
+        let mut cmd = Command::new(common::cli_binary());
+        cmd.args([command, images.to_str().unwrap(), "-o", "out.parquet", "-q"])
             .args(extra)
             .current_dir(work.path())
             .env_remove(deep_pipelines::models::MODEL_DIR_ENV)
-            .output()
-            .unwrap()
+            .env_remove("XDG_DATA_HOME")
+            .env("HOME", home.path());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
     };
-    let out = run(&[]);
+    let features = || async {
+        let batch = read_parquet(&work.path().join("out.parquet")).await;
+        assert_eq!(batch.num_rows(), 10);
+        let column = batch.column_by_name("features").unwrap();
+        assert_eq!(column.null_count(), 0);
+        column.clone()
+    };
+    let out = run("featurize", &[], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let built_in = features().await;
+    let models = concat!(env!("CARGO_MANIFEST_DIR"), "/models");
+    let out = run("featurize", &[], &["--model-dir", models]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        &built_in,
+        &features().await,
+        "built-in weights = the repository's"
+    );
+    let out = run("predict", &[], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let batch = read_parquet(&work.path().join("out.parquet")).await;
+    assert_eq!(batch.num_rows(), 10);
+
+    // A broken copy (the manifest, garbage weights) in a folder: found there, so it fails
+    // naming that folder, before the built-in weights are tried.
+    let broken = |root: &std::path::Path| {
+        let folder = root.join("efficientnet_lite0");
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::write(folder.join("weights.safetensors"), b"garbage").unwrap();
+        root.to_path_buf()
+    };
+    let fails_in = |out: Output, root: &std::path::Path| {
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = text(&out.stderr);
+        assert!(stderr.contains(&root.display().to_string()), "{stderr}");
+    };
+    let user = broken(&home.path().join(".local/share/deep-pipelines/models"));
+    fails_in(run("featurize", &[], &[]), &user);
+    let xdg = tempfile::tempdir().unwrap();
+    let xdg_models = broken(&xdg.path().join("deep-pipelines/models"));
+    fails_in(
+        run("featurize", &[("XDG_DATA_HOME", xdg.path())], &[]),
+        &xdg_models,
+    );
+    let local = broken(&work.path().join("models"));
+    fails_in(
+        run("featurize", &[], &[]),
+        std::path::Path::new("models/efficientnet_lite0"),
+    );
+    let env = tempfile::tempdir().unwrap();
+    let env_models = broken(env.path());
+    let variable = [(deep_pipelines::models::MODEL_DIR_ENV, env_models.as_path())];
+    fails_in(run("featurize", &variable, &[]), &env_models);
+    // The variable pointing at good weights wins over the broken ./models and data folder.
+    let good = [(
+        deep_pipelines::models::MODEL_DIR_ENV,
+        std::path::Path::new(models),
+    )];
+    let out = run("featurize", &good, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::remove_dir_all(&local).unwrap();
+
+    // A model with no built-in weights: the error names the folders searched.
+    let out = run("featurize", &[], &["--model", "SqueezeNet1_1"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
     assert!(
-        stderr.contains("weights.safetensors not found")
-            && stderr.contains("searched in order: models"),
+        stderr.contains("not found") && stderr.contains("searched in order: models"),
         "{stderr}"
     );
-    let models = concat!(env!("CARGO_MANIFEST_DIR"), "/models");
-    let out = run(&["--model-dir", models]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let batch = read_parquet(&work.path().join("f.parquet")).await;
-    assert_eq!(batch.num_rows(), 10);
-    assert_eq!(batch.column_by_name("features").unwrap().null_count(), 0);
 }

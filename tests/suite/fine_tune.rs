@@ -139,12 +139,15 @@ fn quick_classifier() -> DeepImageClassifier {
 fn vectors(batch: &RecordBatch, column: &str) -> Vec<Vec<u64>> {
     let lists = batch
         .column_by_name(column)
-        .unwrap_or_else(|| panic!("no column {column}"))
-        .as_fixed_size_list();
+        .unwrap_or_else(|| panic!("no column {column}"));
+    // In memory a fixed-size list; read back from the CLI's Parquet, a plain list.
+    let value = |row| match lists.as_fixed_size_list_opt() {
+        Some(fixed) => fixed.value(row),
+        None => lists.as_list::<i32>().value(row),
+    };
     (0..lists.len())
         .map(|row| {
-            lists
-                .value(row)
+            value(row)
                 .as_primitive::<Float64Type>()
                 .values()
                 .iter()

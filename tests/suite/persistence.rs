@@ -591,16 +591,19 @@ const CHILD_MODEL_SEARCH_OUT: &str = "DP_TEST_MODEL_SEARCH_OUT";
 const CHILD_ADDED_DIR: &str = "DP_TEST_ADDED_DIR";
 
 /// The search for a model without `modelDir`, in a process whose working directory has no
-/// `models/`: `$DEEP_PIPELINES_MODEL_DIR` (when set), `./models`, then the folders added with
-/// `models::add_model_dir` (what the Python package does with the models it ships).
+/// `models/` and whose home is empty: `$DEEP_PIPELINES_MODEL_DIR` (when set), `./models`, the
+/// user's data folder, the folders added with `models::add_model_dir` (what the Python package
+/// does with the models it ships), then the weights built into the binary.
 #[tokio::test]
 async fn without_model_dir_the_env_var_then_models_then_added_folders_are_searched() {
     let root = tempfile::tempdir().unwrap();
     let changed = root.path().join("changed");
     changed_lite0(&changed, true);
     let work = root.path().join("work");
+    let home = root.path().join("home");
     std::fs::create_dir(&work).unwrap();
-    let run = |env: Option<&Path>| {
+    std::fs::create_dir(&home).unwrap();
+    let run = |env: Option<&Path>, added: &Path| {
         let out = root.path().join("child.txt");
         let mut child = Command::new(std::env::current_exe().unwrap());
         child
@@ -611,28 +614,34 @@ async fn without_model_dir_the_env_var_then_models_then_added_folders_are_search
             ])
             .current_dir(&work)
             .env_remove(deep_pipelines::models::MODEL_DIR_ENV)
+            .env_remove("XDG_DATA_HOME")
+            .env("HOME", &home)
             .env(CHILD_MODEL_SEARCH_OUT, &out)
-            .env(CHILD_ADDED_DIR, MODELS);
+            .env(CHILD_ADDED_DIR, added);
         if let Some(dir) = env {
             child.env(deep_pipelines::models::MODEL_DIR_ENV, dir);
         }
         assert!(child.status().unwrap().success());
         std::fs::read_to_string(&out).unwrap()
     };
-    // Nothing found: the error names the folders searched; then the added one has the model.
-    let got = run(None);
+    let user = home.join(".local/share/deep-pipelines/models");
+    // No folder has the model: the built-in weights; then an added folder's come first.
+    let got = run(None, &changed);
     let got: Vec<&str> = got.lines().collect();
-    assert!(
-        got[0].contains("not found") && got[0].contains("searched in order: models"),
-        "{got:?}"
+    assert_eq!(got[0], "loaded", "the built-in weights");
+    assert_eq!(got[1], format!("models,{}", user.display()));
+    assert_eq!(
+        got[2], "0",
+        "class 0 wins with the added folder's changed weights"
     );
-    assert_eq!(got[1], "models");
-    assert_eq!(got[2], "282", "tiger cat, from the added folder");
     // The variable's folder comes first: its changed weights win over the added folder's.
-    let got = run(Some(&changed));
+    let got = run(Some(&changed), Path::new(MODELS));
     let got: Vec<&str> = got.lines().collect();
     assert_eq!(got[0], "loaded");
-    assert_eq!(got[1], format!("{},models", changed.display()));
+    assert_eq!(
+        got[1],
+        format!("{},models,{}", changed.display(), user.display())
+    );
     assert_eq!(got[2], "0", "class 0 wins with the changed weights");
 }
 
