@@ -16,7 +16,9 @@
 //! makes) or the raw encoded bytes of an image (`Binary`, e.g. a Parquet column of file
 //! contents), and runs the fitted pipeline on each record batch at once: the network sees
 //! `batchSize` images per forward pass and is loaded once per process. Null or undecodable
-//! inputs give NULL. `EXPLAIN` shows the function as `name[stages]`, naming the network.
+//! inputs give NULL; `image_error(x)`, registered with them, says why in the reasons' words
+//! ([`crate::image::ImageProblem`]). `EXPLAIN` shows the function as `name[stages]`, naming the
+//! network.
 //!
 //! The pipeline is planned once, when the function is made; each batch only runs that plan, on
 //! the calling thread (no thread, runtime or session per batch).
@@ -51,7 +53,10 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use crate::batch::{image_input_col, run_blocking};
 use crate::error::{Error, Result};
 use crate::featurizer::DeepImageFeaturizer;
-use crate::image::{DecodeLimits, ReadImagesOptions, image_array, image_folder_table, image_type};
+use crate::image::{
+    DecodeLimits, ReadImagesOptions, image_array, image_error_function, image_folder_table,
+    image_type,
+};
 use crate::pipeline::{PipelineModel, Transformer};
 
 /// DataFusion's option that, when on (its default), moves each `get_field` of a struct-valued
@@ -211,6 +216,7 @@ pub fn register_images_table(
     options: ReadImagesOptions,
 ) -> Result<()> {
     ctx.register_table(name, Arc::new(image_folder_table(path, options)?))?;
+    ctx.register_udf(image_error_function());
     Ok(())
 }
 
@@ -222,6 +228,7 @@ pub fn register_featurizer(
 ) -> Result<()> {
     let model = PipelineModel::of(Arc::new(featurizer.clone()));
     ctx.register_udf(model_function(name, &model)?);
+    ctx.register_udf(image_error_function());
     one_call_per_row(ctx);
     Ok(())
 }
@@ -239,6 +246,7 @@ pub fn register_featurizer(
 /// runs once per row however many fields of its result a query reads.
 pub fn register_model(ctx: &SessionContext, name: &str, model: &PipelineModel) -> Result<()> {
     ctx.register_udf(model_function(name, model)?);
+    ctx.register_udf(image_error_function());
     one_call_per_row(ctx);
     Ok(())
 }

@@ -19,7 +19,7 @@ cluster between modules, import them in conftest.py instead):
   end in the same SparkSession object, with the same settings. So a module must not use both.
 
 Skipped (with the reason) without Linux, root, ``unshare``, ``java`` or a venv, unless
-``DEEP_PIPELINES_REQUIRE_CLUSTER=1``, which turns the skip into a failure (CI).
+``DEEP_PIPELINES_REQUIRE_ALL=1``, which turns the skip into a failure (CI).
 """
 
 from __future__ import annotations
@@ -503,7 +503,7 @@ def _resume_session(suspended) -> None:
 def cluster(request):
     reason = unavailable()
     if reason is not None:
-        if os.environ.get("DEEP_PIPELINES_REQUIRE_CLUSTER") == "1":
+        if os.environ.get("DEEP_PIPELINES_REQUIRE_ALL") == "1":
             pytest.fail(f"the Spark cluster tests cannot run here: {reason}")
         pytest.skip(f"Spark cluster: {reason}")
     failed_before = request.session.testsfailed

@@ -146,7 +146,7 @@ def test_metrics_count_rows_images_and_null_reasons(few_images):
     stage.transform(table)
     metrics = stage.metrics()
     assert metrics["rows"] == 65 and metrics["images"] == 64, metrics
-    assert metrics["nullRows"] == {"null image": 1}, metrics
+    assert metrics["nullRows"] == {"truncated": 1}, metrics
     # Each record batch's valid images, 16 per forward pass.
     passes = sum(-(-(b.num_rows - b["image"].null_count) // 16) for b in table.to_batches())
     assert metrics["forwardPasses"] == passes and metrics["device"] == "cpu", metrics

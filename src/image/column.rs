@@ -6,7 +6,7 @@ use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BinaryBuilder, Int32Builder, StringArray, StringBuilder, StructArray,
 };
 use datafusion::arrow::buffer::NullBuffer;
-use datafusion::arrow::datatypes::{DataType, Field, Fields};
+use datafusion::arrow::datatypes::{DataType, Field, Fields, Int32Type};
 use datafusion::common::{ScalarValue, exec_err};
 use datafusion::functions::core::expr_fn::get_field;
 use datafusion::logical_expr::{
@@ -14,7 +14,7 @@ use datafusion::logical_expr::{
 };
 use datafusion::prelude::{DataFrame, Expr, ident, lit};
 
-use super::decode::{DecodeLimits, ImageRow, decode_image};
+use super::decode::{DecodeLimits, ImageRow, ImageView, decode_image};
 use super::problem::{ImageProblem, ProblemKind};
 use super::{image_fields, image_type};
 use crate::error::{Error, Result};
@@ -313,5 +313,96 @@ pub fn decode_image_column(
         df.filter(ident(output_col).is_not_null())?
     } else {
         df
+    })
+}
+
+/// `image_error(x)`: why a row has no usable image, in the reasons' words (`<kind>: <detail>`),
+/// or NULL where it has one. `x` is encoded bytes (decoded, as a network stage would) or an
+/// image struct, ours or Spark's (its fields checked against each other and the limits, no
+/// pixel read).
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct ImageErrorUdf {
+    limits: DecodeLimits,
+    signature: Signature,
+}
+
+impl ScalarUDFImpl for ImageErrorUdf {
+    fn name(&self) -> &str {
+        "image_error"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> datafusion::common::Result<DataType> {
+        Ok(DataType::Utf8)
+    }
+
+    fn invoke_with_args(
+        &self,
+        args: ScalarFunctionArgs,
+    ) -> datafusion::common::Result<ColumnarValue> {
+        crate::error::catch_panics(self.name(), || {
+            let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+            let input = &arrays[0];
+            let reasons: StringArray = if is_bytes(input.data_type()) {
+                decode_bytes(input, std::iter::repeat(None), &self.limits)?
+                    .into_iter()
+                    .map(|row| match row {
+                        Some(Ok(_)) => None,
+                        Some(Err(problem)) => Some(problem.to_string()),
+                        None => Some(null_input().to_string()),
+                    })
+                    .collect()
+            } else {
+                let images = image_array("image_error", input, &self.limits)
+                    .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+                struct_problems(images.as_struct(), &self.limits)
+            };
+            Ok(ColumnarValue::Array(Arc::new(reasons)))
+        })
+    }
+}
+
+/// Each row's problem as [`ImageView::from_row`] finds it (NULL: none).
+fn struct_problems(images: &StructArray, limits: &DecodeLimits) -> StringArray {
+    let int = |name: &str| {
+        images
+            .column_by_name(name)
+            .map(|c| c.as_primitive::<Int32Type>())
+    };
+    let (Some(height), Some(width), Some(channels), Some(mode)) =
+        (int("height"), int("width"), int("nChannels"), int("mode"))
+    else {
+        return (0..images.len())
+            .map(|_| Some("invalid image struct"))
+            .collect();
+    };
+    let data = images.column_by_name("data").map(|c| c.as_binary::<i32>());
+    (0..images.len())
+        .map(|row| {
+            if images.is_null(row) {
+                return Some(null_input().to_string());
+            }
+            let data = data.map_or(&[][..], |d| d.value(row));
+            let (h, w, c, m) = (
+                height.value(row),
+                width.value(row),
+                channels.value(row),
+                mode.value(row),
+            );
+            ImageView::from_row(h, w, c, m, data, limits)
+                .err()
+                .map(|p| p.to_string())
+        })
+        .collect()
+}
+
+/// The `image_error` SQL function (see [`ImageErrorUdf`]), with the default limits.
+pub fn image_error_function() -> ScalarUDF {
+    ScalarUDF::new_from_impl(ImageErrorUdf {
+        limits: DecodeLimits::default(),
+        signature: Signature::any(1, Volatility::Immutable),
     })
 }

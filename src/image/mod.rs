@@ -39,7 +39,7 @@ mod scan;
 
 use datafusion::arrow::datatypes::{DataType, Field, Fields};
 
-pub use column::{decode_binary_array, decode_image_column, image_array};
+pub use column::{decode_binary_array, decode_image_column, image_array, image_error_function};
 pub(crate) use column::{decode_expr, decoded_type, is_bytes};
 pub use decode::{
     DecodeLimits, ImageRow, ImageView, PixelLayout, Rgb8, decode_image, decode_rgb8, to_rgb8,

@@ -19,10 +19,9 @@ pub struct NetworkStats {
     pub forward_passes: u64,
     /// Forward passes retried with half the batch after the device failed to allocate.
     pub batch_halvings: u64,
-    /// Rows with a null output, by reason: `null image` (no image: a file that did not decode,
-    /// a null input), `invalid image struct` (fields that disagree, over the size limits, an
-    /// unsupported mode), `does not fit the input` (too extreme an aspect ratio). `errorCol`
-    /// gives each row's own sentence.
+    /// Rows with a null output, by the kind of their problem ([`crate::image::ProblemKind`]:
+    /// `null input`, `empty`, `truncated`, `over the decode limits`, `invalid image struct`,
+    /// ...). `errorCol` gives each row's own sentence.
     pub null_rows: std::collections::BTreeMap<String, u64>,
     /// Seconds spent resizing and normalising, summed over the threads that did it.
     pub preprocess_seconds: f64,

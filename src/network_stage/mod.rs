@@ -167,7 +167,7 @@ const NETWORK_DOCS: &[(&str, &str)] = &[
     ),
     (
         "errorCol",
-        "column to add with the reason of each null output (null image, inconsistent or oversized struct); empty = none",
+        "column to add with the reason of each null output (`<kind>: <detail>`: empty, truncated, over the decode limits, invalid image struct, ...); empty = none",
     ),
 ];
 

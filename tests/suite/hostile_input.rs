@@ -1286,7 +1286,7 @@ async fn every_null_row_says_why_from_a_folder_and_from_bytes() {
     for array in arrays {
         let kind = array.data_type().to_string();
         let batch = RecordBatch::try_from_iter([("content", array)]).unwrap();
-        let df = SessionContext::new().read_batch(batch).unwrap();
+        let df = SessionContext::new().read_batch(batch.clone()).unwrap();
         let stage = featurizer.clone().with_input_col("content");
         let planned = stage.transform(df).unwrap();
         // Decoded once per row, for both the features and the reason.
@@ -1298,6 +1298,21 @@ async fn every_null_row_says_why_from_a_folder_and_from_bytes() {
         let got = reasons(planned, &names).await;
         check(&kind, &got);
         assert_eq!(got, from_folder, "{kind}: the folder's words");
+        // SQL's image_error(bytes): the same words, without a network.
+        let ctx = SessionContext::new();
+        ctx.register_udf(deep_pipelines::image::image_error_function());
+        ctx.register_batch("files", batch).unwrap();
+        let out = common::collect(
+            ctx.sql("SELECT image_error(content) FROM files")
+                .await
+                .unwrap(),
+        )
+        .await;
+        let sql = out.column(0).as_string::<i32>();
+        let sql: Vec<Option<String>> = (0..sql.len())
+            .map(|r| sql.is_valid(r).then(|| sql.value(r).to_string()))
+            .collect();
+        assert_eq!(sql, from_folder, "{kind}: SQL image_error");
     }
     let stats = featurizer.metrics();
     for kind in [
