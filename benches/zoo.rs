@@ -38,8 +38,8 @@ fn network(name: &str) -> Option<(usize, Arc<dyn ImageNetwork>)> {
             224,
             load_model("EfficientNetLite0", "cpu")
                 .expect("bundled model loads")
-                .network
-                .clone(),
+                .network()
+                .expect("bundled weights build"),
         ),
         "resnet18" => (224, build(ResNetConfig::resnet18(), &device)),
         "resnet50" => (224, build(ResNetConfig::resnet50(), &device)),

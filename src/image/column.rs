@@ -365,38 +365,48 @@ impl ScalarUDFImpl for ImageErrorUdf {
     }
 }
 
-/// Each row's problem as [`ImageView::from_row`] finds it (NULL: none).
+/// Each row's problem as [`struct_image`] finds it (NULL: none).
 fn struct_problems(images: &StructArray, limits: &DecodeLimits) -> StringArray {
-    let int = |name: &str| {
-        images
-            .column_by_name(name)
-            .map(|c| c.as_primitive::<Int32Type>())
-    };
-    let (Some(height), Some(width), Some(channels), Some(mode)) =
-        (int("height"), int("width"), int("nChannels"), int("mode"))
-    else {
-        return (0..images.len())
-            .map(|_| Some("invalid image struct"))
-            .collect();
-    };
-    let data = images.column_by_name("data").map(|c| c.as_binary::<i32>());
     (0..images.len())
         .map(|row| {
-            if images.is_null(row) {
-                return Some(null_input().to_string());
-            }
-            let data = data.map_or(&[][..], |d| d.value(row));
-            let (h, w, c, m) = (
-                height.value(row),
-                width.value(row),
-                channels.value(row),
-                mode.value(row),
-            );
-            ImageView::from_row(h, w, c, m, data, limits)
+            struct_image(images, row, limits)
                 .err()
                 .map(|p| p.to_string())
         })
         .collect()
+}
+
+/// Row `row` of an image struct column, its fields checked against each other and `limits`
+/// (no pixel read); the problem when it is null or they disagree.
+pub(crate) fn struct_image<'a>(
+    images: &'a StructArray,
+    row: usize,
+    limits: &DecodeLimits,
+) -> std::result::Result<ImageView<'a>, ImageProblem> {
+    if images.is_null(row) {
+        return Err(null_input());
+    }
+    let invalid = |detail| ImageProblem::new(ProblemKind::InvalidStruct, detail);
+    let int = |name: &str| {
+        images
+            .column_by_name(name)
+            .and_then(|c| c.as_primitive_opt::<Int32Type>())
+            .map(|a| a.value(row))
+            .ok_or_else(|| invalid(format!("image struct has no Int32 field `{name}`")))
+    };
+    let data = images
+        .column_by_name("data")
+        .and_then(|c| c.as_binary_opt::<i32>())
+        .map(|a| a.value(row))
+        .ok_or_else(|| invalid("image struct has no Binary field `data`".into()))?;
+    ImageView::from_row(
+        int("height")?,
+        int("width")?,
+        int("nChannels")?,
+        int("mode")?,
+        data,
+        limits,
+    )
 }
 
 /// The `image_error` SQL function (see [`ImageErrorUdf`]), with the default limits.

@@ -40,7 +40,7 @@ mod scan;
 use datafusion::arrow::datatypes::{DataType, Field, Fields};
 
 pub use column::{decode_binary_array, decode_image_column, image_array, image_error_function};
-pub(crate) use column::{decode_expr, decoded_type, is_bytes};
+pub(crate) use column::{decode_expr, decoded_type, is_bytes, struct_image};
 pub use decode::{
     DecodeLimits, ImageRow, ImageView, PixelLayout, Rgb8, decode_image, decode_rgb8, to_rgb8,
 };

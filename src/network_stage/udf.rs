@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, StringArray, StructArray};
-use datafusion::arrow::datatypes::{DataType, Int32Type};
+use datafusion::arrow::datatypes::DataType;
 use datafusion::common::exec_err;
 use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDFImpl, Signature, TypeSignature, Volatility,
@@ -18,7 +18,9 @@ use rayon::prelude::*;
 use super::NetworkOutput;
 use super::metrics::{CallStats, NetworkMetrics};
 use crate::error::Result;
-use crate::image::{DecodeLimits, ImageProblem, ImageView, ProblemKind, decoded_type, image_type};
+use crate::image::{
+    DecodeLimits, ImageProblem, ImageView, ProblemKind, decoded_type, image_type, struct_image,
+};
 use crate::models::{LoadedModel, model_error};
 use crate::preprocess::{PreprocessOptions, check_fits, preprocess_into};
 
@@ -67,33 +69,13 @@ impl RowCheck {
         row: usize,
     ) -> std::result::Result<ImageView<'a>, ImageProblem> {
         let images = input.images;
-        if images.is_null(row) {
-            return Err(match input.reasons.filter(|r| r.is_valid(row)) {
-                Some(reasons) => ImageProblem::from_reason(reasons.value(row)),
-                None => ImageProblem::new(ProblemKind::NullInput, "the image is null"),
-            });
+        if let Some(reasons) = input
+            .reasons
+            .filter(|r| images.is_null(row) && r.is_valid(row))
+        {
+            return Err(ImageProblem::from_reason(reasons.value(row)));
         }
-        let invalid = |detail| ImageProblem::new(ProblemKind::InvalidStruct, detail);
-        let int = |name: &str| {
-            images
-                .column_by_name(name)
-                .and_then(|c| c.as_primitive_opt::<Int32Type>())
-                .map(|a| a.value(row))
-                .ok_or_else(|| invalid(format!("image struct has no Int32 field `{name}`")))
-        };
-        let data = images
-            .column_by_name("data")
-            .and_then(|c| c.as_binary_opt::<i32>())
-            .map(|a| a.value(row))
-            .ok_or_else(|| invalid("image struct has no Binary field `data`".into()))?;
-        let view = ImageView::from_row(
-            int("height")?,
-            int("width")?,
-            int("nChannels")?,
-            int("mode")?,
-            data,
-            &self.limits,
-        )?;
+        let view = struct_image(images, row, &self.limits)?;
         check_fits(&view, &self.model.manifest, &self.options)
             .map_err(|detail| ImageProblem::new(ProblemKind::DoesNotFit, detail))?;
         Ok(view)

@@ -1224,8 +1224,8 @@ async fn reasons(df: DataFrame, names: &[String]) -> Vec<Option<String>> {
     let out = common::collect(df).await;
     let features = out.column_by_name("features").unwrap();
     let why = out.column_by_name("why").unwrap().as_string::<i32>();
-    for row in 0..out.num_rows() {
-        assert_eq!(features.is_null(row), why.is_valid(row), "{}", names[row]);
+    for (row, name) in names.iter().enumerate() {
+        assert_eq!(features.is_null(row), why.is_valid(row), "{name}");
     }
     (0..out.num_rows())
         .map(|row| why.is_valid(row).then(|| why.value(row).to_string()))
