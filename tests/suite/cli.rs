@@ -315,12 +315,20 @@ async fn from_any_folder_the_built_in_model_runs_after_the_model_folders() {
         }
         cmd.output().unwrap()
     };
+    // Each image's features, by origin (the two partitions finish in any order).
     let features = || async {
         let batch = read_parquet(&work.path().join("out.parquet")).await;
         assert_eq!(batch.num_rows(), 10);
-        let column = batch.column_by_name("features").unwrap();
+        let column = batch.column_by_name("features").unwrap().as_list::<i32>();
         assert_eq!(column.null_count(), 0);
-        column.clone()
+        let origins = strings(&batch, "origin");
+        (0..batch.num_rows())
+            .map(|r| {
+                let values = column.value(r);
+                let values = values.as_primitive::<datafusion::arrow::datatypes::Float32Type>();
+                (origins[r].clone().unwrap(), values.values().to_vec())
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
     };
     let out = run("featurize", &[], &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
