@@ -48,17 +48,19 @@ pub trait Params: Serialize + DeserializeOwned + Default + Clone {
         value
     }
 
-    /// All params with their current and default values, in declaration order.
+    /// All params with their current and default values, in declaration order. A param left
+    /// out of the JSON (an optional string saved only when set) explains as `""`.
     fn explain_params(&self) -> Vec<ParamInfo> {
         let value = self.to_json();
         let default = Self::default().to_json();
+        let empty = || serde_json::Value::from("");
         Self::docs()
             .iter()
             .map(|(name, doc)| ParamInfo {
                 name: name.to_string(),
                 doc,
-                value: value.get(name).cloned().unwrap_or_default(),
-                default: default.get(name).cloned().unwrap_or_default(),
+                value: value.get(name).cloned().unwrap_or_else(empty),
+                default: default.get(name).cloned().unwrap_or_else(empty),
             })
             .collect()
     }

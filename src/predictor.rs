@@ -95,8 +95,20 @@ impl NetworkStageParams for DeepImagePredictorParams {
         if classes == 0 {
             return Err(Error::param(
                 Self::STAGE,
-                "modelName",
-                format!("model `{}` has no classifier head", self.network.model_name),
+                if self.network.model_file.is_empty() {
+                    "modelName"
+                } else {
+                    "modelFile"
+                },
+                format!(
+                    "model `{}` has no classifier head{}",
+                    model.manifest.name,
+                    if self.network.model_file.is_empty() {
+                        ""
+                    } else {
+                        " (name the logits output in onnx.logits of its description)"
+                    }
+                ),
             ));
         }
         Ok(Predictions {

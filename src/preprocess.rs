@@ -6,7 +6,7 @@ use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 
 use crate::image::{ImageView, Rgb8};
-use crate::models::{Manifest, ResizeFilter};
+use crate::models::{Layout, Manifest, ResizeFilter};
 
 crate::params::choice! {
     /// `resizeMode`: how an image of any aspect ratio becomes the network's square input.
@@ -259,13 +259,31 @@ pub fn fit_to_input(
     })
 }
 
-/// Writes `(pixel - mean) / std` in CHW order into `out` (length 3 x size x size).
+/// Writes `(pixel - mean) / std` into `out` (length 3 x size x size) in the manifest's channel
+/// order (RGB or BGR) and layout (CHW, or HWC for an NHWC model).
 pub fn normalise_into(image: &Rgb8, manifest: &Manifest, out: &mut [f32]) {
     let plane = (image.width * image.height) as usize;
     let (mean, std) = (manifest.preprocess.mean, manifest.preprocess.std);
-    for (i, px) in image.data.chunks_exact(3).enumerate() {
-        for c in 0..3 {
-            out[c * plane + i] = (f32::from(px[c]) - mean[c]) / std[c];
+    // Output channel c reads source channel `from[c]`.
+    let from = if manifest.preprocess.channel_order == "BGR" {
+        [2, 1, 0]
+    } else {
+        [0, 1, 2]
+    };
+    match manifest.input_layout() {
+        Layout::Nchw => {
+            for (i, px) in image.data.chunks_exact(3).enumerate() {
+                for c in 0..3 {
+                    out[c * plane + i] = (f32::from(px[from[c]]) - mean[c]) / std[c];
+                }
+            }
+        }
+        Layout::Nhwc => {
+            for (dst, px) in out.chunks_exact_mut(3).zip(image.data.chunks_exact(3)) {
+                for c in 0..3 {
+                    dst[c] = (f32::from(px[from[c]]) - mean[c]) / std[c];
+                }
+            }
         }
     }
 }

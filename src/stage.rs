@@ -54,7 +54,7 @@ pub trait Transformer: Send + Sync + Debug + Any {
         let uid = self.uid();
         let class = uid.rsplit_once('_').map_or(uid, |(class, _)| class);
         match self.network() {
-            Some(network) => format!("{class}({})", network.network_params().model_name),
+            Some(network) => format!("{class}({})", network.network_params().model_label()),
             None => class.to_string(),
         }
     }

@@ -181,6 +181,14 @@ struct NetworkArgs {
     /// `deep-pipelines models`.
     #[arg(long, default_value = "")]
     model_dir: String,
+    /// An ONNX model file to run instead of `--model` (described by `<name>.json` next to it,
+    /// else by its graph with ImageNet preprocessing).
+    #[arg(long, default_value = "")]
+    model_file: String,
+    /// JSON in the manifest schema over the model file's description, e.g.
+    /// '{"input_size": 224, "labels": "classes.txt"}'.
+    #[arg(long, default_value = "")]
+    model_manifest: String,
 }
 
 impl NetworkArgs {
@@ -202,6 +210,8 @@ impl NetworkArgs {
             resize_mode,
             alpha_background: self.alpha_background.clone(),
             model_dir: self.model_dir.clone(),
+            model_file: self.model_file.clone(),
+            model_manifest: self.model_manifest.clone(),
             ..NetworkParams::default()
         })
     }

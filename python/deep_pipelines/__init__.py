@@ -43,6 +43,33 @@ MODEL_DIR_ENV = _native.MODEL_DIR_ENV
 _native.add_model_dir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "models"))
 
 
+def _find_onnxruntime() -> None:
+    """Points model files (``modelFile``) at the ``onnxruntime`` package installed beside this
+    one (its wheel ships ``capi/libonnxruntime.so.*``), found without importing it; the
+    ``ORT_DYLIB_PATH`` environment variable wins over it."""
+    import glob
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("onnxruntime")
+    except (ImportError, ValueError):
+        return
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        names = ("libonnxruntime.so*", "libonnxruntime*.dylib", "onnxruntime.dll")
+        found = sorted(
+            p
+            for n in names
+            for p in glob.glob(os.path.join(folder, "capi", n))
+            if "providers" not in os.path.basename(p)
+        )
+        if found:
+            _native.set_onnxruntime_library(found[-1])
+            return
+
+
+_find_onnxruntime()
+
+
 def model_dirs() -> List[str]:
     """The folders searched, in order, for a model when a stage's ``modelDir`` is empty:
     ``$DEEP_PIPELINES_MODEL_DIR`` (when set), ``./models``, then the models shipped in this

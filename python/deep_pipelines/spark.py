@@ -159,6 +159,21 @@ def _model_folder(digest: str, files: Dict[str, bytes]) -> str:
     return folder
 
 
+def _carried(native) -> Tuple[str, Dict[str, bytes]]:
+    """A native stage saved into memory (its files by relative path) and their digest: what
+    the executors rebuild it from (:func:`_model_folder`)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="deep-pipelines-stage-") as tmp:
+        folder = os.path.join(tmp, "stage")
+        native.save(folder)
+        files = _model_files(folder)
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + files[name])
+    return digest.hexdigest()[:32], files
+
+
 def _task_gpu() -> Optional[int]:
     """The GPU Spark gave the running task (the first address of its ``gpu`` resource, as
     ``spark.task.resource.gpu.amount`` asks), or None: on the driver, or with no GPU scheduled."""
@@ -350,7 +365,29 @@ class _ConnectSafeOverwrite:
 
 
 class _StageWriter(_ConnectSafeOverwrite, DefaultParamsWriter):
-    """The Python stages' DefaultParamsWriter, overwrite working under Connect."""
+    """The Python stages' DefaultParamsWriter, overwrite working under Connect. A network
+    stage with a ``modelFile`` also saves its native stage under ``native/``: the model file
+    is copied in (with its sha256), so the saved stage runs on another machine."""
+
+    def saveImpl(self, path: str) -> None:
+        super().saveImpl(path)
+        stage = self.instance
+        if isinstance(stage, _NetworkTransformer) and stage.getOrDefault("modelFile"):
+            native = _native.Transformer.stage(*json.loads(stage._spec()))
+            native.save(os.path.join(_local_path(path), "native"))
+
+
+class _StageReader(DefaultParamsReader):
+    """Reads what :class:`_StageWriter` wrote: a saved model file is checked and used from a
+    local copy, not from the path it was saved from."""
+
+    def load(self, path: str):
+        stage = super().load(path)
+        native = os.path.join(_local_path(path), "native")
+        if os.path.isdir(native):
+            params = json.loads(_native.Transformer.load(native).params_json)
+            stage._set(modelFile=params["modelFile"], modelManifest="")
+        return stage
 
 
 class _NativeStage(Params):
@@ -448,10 +485,19 @@ class _NetworkTransformer(_NativeStage, Transformer, DefaultParamsReadable, Defa
         threads = self.getOrDefault("numThreads")
         native = _cached("stage", spec, threads)
         self._metrics = _new_metrics(df)
+        if self.getOrDefault("modelFile"):
+            # The model file travels with the task, as a saved stage (the file, its description
+            # and class names, sha256-checked), never as a path of the driver's.
+            digest, files = _carried(native)
+            return _apply(df, "files", digest, native, threads, files, metrics=self._metrics)
         return _apply(df, "stage", spec, native, threads, metrics=self._metrics)
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
         return self._run(dataset)
+
+    @classmethod
+    def read(cls) -> MLReader:
+        return _StageReader(cls)
 
 
 @_native_params

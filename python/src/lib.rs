@@ -266,6 +266,13 @@ impl Transformer {
         })
     }
 
+    /// Saves the pipeline to `path` (replacing what is there), as the Rust API does: a stage's
+    /// model file is copied in, so the folder runs anywhere.
+    fn save(&self, py: Python<'_>, path: String) -> PyResult<()> {
+        py.detach(|| self.inner.model().save_overwrite(&path))
+            .map_err(py_err)
+    }
+
     /// A one-stage network pipeline's params, defaults filled in, as JSON (Spark names); None
     /// for other pipelines.
     #[getter]
@@ -523,6 +530,12 @@ fn available_models() -> Vec<String> {
     deep_pipelines::models::available_models()
 }
 
+/// ONNX Runtime's library for model files (`modelFile`), when `ORT_DYLIB_PATH` is not set.
+#[pyfunction]
+fn set_onnxruntime_library(path: String) {
+    deep_pipelines::models::set_onnxruntime_library(path);
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -540,5 +553,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(network_stage_classes, m)?)?;
     m.add_function(wrap_pyfunction!(add_model_dir, m)?)?;
     m.add_function(wrap_pyfunction!(model_dirs, m)?)?;
+    m.add_function(wrap_pyfunction!(set_onnxruntime_library, m)?)?;
     Ok(())
 }

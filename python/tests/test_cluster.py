@@ -147,6 +147,25 @@ def test_a_rust_saved_pipeline_gives_the_local_apis_rows(cluster_spark, few_imag
             assert np.abs(np.array(row[col]) - np.array(expected)).max() <= tolerance, col
 
 
+def test_a_model_file_reaches_the_executors_through_spark(cluster_spark, tmp_path):
+    """An ONNX modelFile given on the driver runs on executors that share nothing with it: the
+    model travels with the task (the file is gone from the driver's folder before the job
+    runs), and the features are PyTorch's."""
+    from test_onnx import EXPECTED, ONNX, assert_like_torch, by_image, model_copy
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in EXPECTED["images"]:
+        (images / name).write_bytes((ONNX / name).read_bytes())
+    source = model_copy(tmp_path / "source", "tiny_vit")
+    df = cluster_spark.read.format("image").load(str(images)).repartition(2)
+    out = DeepImageFeaturizer(modelFile=source, outputFormat="array").transform(df)
+    for f in (tmp_path / "source").iterdir():
+        f.unlink()
+    rows = out.select("image.origin", "features").collect()
+    assert_like_torch("tiny_vit", by_image([r[0] for r in rows], [r[1] for r in rows]))
+
+
 # The flow of examples/spark/transfer_learning.py (test_spark.py's `fitted`), on the cluster.
 def test_transfer_learning_reaches_084_and_predicts_the_same_after_save_and_load(cluster_spark, tmp_path):
     spark = cluster_spark

@@ -189,6 +189,17 @@ impl Params for DeepImageClassifierParams {
     fn validate(&self) -> Result<()> {
         let s = Self::STAGE;
         self.network.validate(s)?;
+        if !self.network.model_file.is_empty() {
+            return Err(Error::param(
+                s,
+                "modelFile",
+                format!(
+                    "fine-tuning runs the built-in networks ({}); for a model file fit a \
+                     LogisticRegression on DeepImageFeaturizer's features",
+                    crate::models::trainable_models().join(", ")
+                ),
+            ));
+        }
         for (name, value) in [
             ("labelCol", &self.label_col),
             ("predictionCol", &self.prediction_col),

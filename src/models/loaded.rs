@@ -1,13 +1,13 @@
 //! A model loaded on a device ([`LoadedModel`]): runs preprocessed batches to features or
 //! logits, checking every output against the manifest; and its class names.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use burn::prelude::*;
 
 use super::catalog::{load_architecture, load_architecture_from};
-use super::layers::flatten;
+use super::engine::{BurnEngine, Engine, Head, Layout};
 use super::manifest::{FeatureMode, Manifest};
 use super::weights::WeightSource;
 use super::{ImageNetwork, model_error};
@@ -24,22 +24,26 @@ pub struct LoadedModel {
     network: NetworkSource,
 }
 
-/// A network and the device it runs on.
-#[derive(Debug, Clone)]
-struct Built {
-    network: Arc<dyn ImageNetwork>,
-    device: Device,
-}
-
 #[derive(Debug)]
 enum NetworkSource {
-    Built(Built),
-    /// Weights and a device name, built once on first use (a failed build is tried again).
+    Built(Arc<dyn Engine>),
+    /// What the engine is made from and a device name, built once on first use (a failed
+    /// build is tried again).
     Deferred {
-        weights: WeightSource,
+        source: EngineSource,
         device: String,
-        built: Mutex<Option<Built>>,
+        built: Mutex<Option<Arc<dyn Engine>>>,
     },
+}
+
+/// What a deferred model's engine is built from.
+#[derive(Debug, Clone)]
+pub(crate) enum EngineSource {
+    /// The manifest's architecture with these weights (burn).
+    Weights(WeightSource),
+    /// An ONNX model file (ONNX Runtime), checked before it is opened.
+    #[cfg_attr(not(feature = "onnx"), allow(dead_code))]
+    Onnx(PathBuf),
 }
 
 /// The 1000 ILSVRC-2012 class names (torchvision's spelling), index = class.
@@ -55,6 +59,16 @@ fn read_labels(manifest: &Manifest, dir: &Path) -> Result<Option<Arc<Vec<String>
         None => return Ok(None),
         Some("imagenet") => imagenet_labels(),
         Some(file) => {
+            // A model file's description is untrusted: its labels must be in its folder.
+            let outside = Path::new(file)
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)));
+            if manifest.architecture == "onnx" && outside {
+                return Err(model_error(
+                    &manifest.name,
+                    format!("labels `{file}` must be a file in the model's folder"),
+                ));
+            }
             let path = dir.join(file);
             std::fs::read_to_string(&path)
                 .map_err(|e| {
@@ -89,21 +103,22 @@ impl LoadedModel {
         labels_dir: &Path,
     ) -> Result<Self> {
         let labels = read_labels(&manifest, labels_dir)?;
+        let engine = BurnEngine {
+            network,
+            device: device.clone(),
+        };
         Ok(LoadedModel {
             manifest,
             labels,
-            network: NetworkSource::Built(Built {
-                network,
-                device: device.clone(),
-            }),
+            network: NetworkSource::Built(Arc::new(engine)),
         })
     }
 
-    /// A model whose network is built from `weights` on the device named `device` when a batch
+    /// A model whose engine is built from `source` on the device named `device` when a batch
     /// first runs; the manifest and class names (from `dir`) are read now.
-    pub(super) fn deferred(
+    pub(crate) fn deferred(
         manifest: Manifest,
-        weights: WeightSource,
+        source: EngineSource,
         dir: &Path,
         device: &str,
     ) -> Result<Self> {
@@ -112,25 +127,30 @@ impl LoadedModel {
             manifest,
             labels,
             network: NetworkSource::Deferred {
-                weights,
+                source,
                 device: device.to_string(),
                 built: Mutex::new(None),
             },
         })
     }
 
-    fn built(&self) -> Result<Built> {
-        match &self.network {
-            NetworkSource::Built(built) => Ok(built.clone()),
+    /// The engine, built now if it was deferred (an unreadable weight or model file or a
+    /// missing device is an error here).
+    pub fn engine(&self) -> Result<Arc<dyn Engine>> {
+        let (source, device, built) = match &self.network {
+            NetworkSource::Built(engine) => return Ok(Arc::clone(engine)),
             NetworkSource::Deferred {
-                weights,
+                source,
                 device,
                 built,
-            } => {
-                let mut built = built.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(b) = built.as_ref() {
-                    return Ok(b.clone());
-                }
+            } => (source, device, built),
+        };
+        let mut built = built.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(engine) = built.as_ref() {
+            return Ok(Arc::clone(engine));
+        }
+        let engine: Arc<dyn Engine> = match source {
+            EngineSource::Weights(weights) => {
                 let device = super::runtime::device(device)?;
                 let network = load_architecture_from(
                     &self.manifest.architecture,
@@ -139,20 +159,43 @@ impl LoadedModel {
                     &device,
                     &self.manifest.name,
                 )?;
-                Ok(built.insert(Built { network, device }).clone())
+                Arc::new(BurnEngine { network, device })
             }
-        }
+            #[cfg(feature = "onnx")]
+            EngineSource::Onnx(path) => {
+                Arc::new(super::onnx::OnnxEngine::open(path, &self.manifest, device)?)
+            }
+            #[cfg(not(feature = "onnx"))]
+            EngineSource::Onnx(path) => {
+                return Err(model_error(
+                    &self.manifest.name,
+                    format!("{}: {}", path.display(), super::NO_ONNX),
+                ));
+            }
+        };
+        Ok(Arc::clone(built.insert(engine)))
     }
 
-    /// The network, built now if it was deferred (an unreadable weight file or a missing
-    /// device is an error here).
+    /// The burn network and its device, built now if deferred; an error for an ONNX model.
+    fn burn(&self) -> Result<(Arc<dyn ImageNetwork>, Device)> {
+        self.engine()?
+            .burn_network()
+            .ok_or_else(|| model_error(&self.manifest.name, "an ONNX model has no burn network"))
+    }
+
+    /// The burn network (built now if it was deferred; an ONNX model has none).
     pub fn network(&self) -> Result<Arc<dyn ImageNetwork>> {
-        self.built().map(|b| b.network)
+        self.burn().map(|(network, _)| network)
     }
 
-    /// The device the network runs on (resolved now if it was deferred).
+    /// The burn device the network runs on (resolved now if it was deferred).
     pub fn device(&self) -> Result<Device> {
-        self.built().map(|b| b.device)
+        self.burn().map(|(_, device)| device)
+    }
+
+    /// The layout the network input is written in.
+    pub fn layout(&self) -> Layout {
+        self.manifest.input_layout()
     }
 
     /// Builds the manifest's architecture with the weights in `weights` (labels from `dir`).
@@ -179,28 +222,25 @@ impl LoadedModel {
 
     /// Runs a batch to the pooled features or the flattened feature map.
     pub fn run(&self, inputs: Vec<f32>, batch: usize, mode: FeatureMode) -> Result<Vec<f32>> {
-        let (network, map) = self.feature_map(inputs, batch)?;
-        let out = match mode {
-            FeatureMode::Pooled => network.features(map),
-            FeatureMode::Flattened => flatten(map),
-        };
-        self.output(out, batch, self.manifest.output_dim(mode), "features")
+        let dim = self.manifest.output_dim(mode);
+        self.forward(inputs, batch, Head::Features(mode), dim, "features")
     }
 
     /// Runs a batch of preprocessed inputs to class logits.
     pub fn logits(&self, inputs: Vec<f32>, batch: usize) -> Result<Vec<f32>> {
-        let (network, map) = self.feature_map(inputs, batch)?;
-        let logits = network.logits(map).ok_or_else(|| {
-            model_error(&self.manifest.name, "this network has no classifier head")
-        })?;
-        self.output(logits, batch, self.manifest.num_classes, "logits")
+        let dim = self.manifest.num_classes;
+        self.forward(inputs, batch, Head::Logits, dim, "logits")
     }
 
-    fn feature_map(
+    /// One forward pass, its input and output checked against the manifest.
+    fn forward(
         &self,
         inputs: Vec<f32>,
         batch: usize,
-    ) -> Result<(Arc<dyn ImageNetwork>, Tensor<4>)> {
+        head: Head,
+        dim: usize,
+        what: &str,
+    ) -> Result<Vec<f32>> {
         let s = self.manifest.input_size as usize;
         if inputs.len() != batch * 3 * s * s {
             return Err(model_error(
@@ -211,24 +251,18 @@ impl LoadedModel {
                 ),
             ));
         }
-        let Built { network, device } = self.built()?;
-        let x = Tensor::from_data(TensorData::new(inputs, [batch, 3, s, s]), &device);
-        Ok((Arc::clone(&network), network.feature_map(x)))
-    }
-
-    /// Reads an output tensor, checking it has the size the manifest promises.
-    fn output(&self, t: Tensor<2>, batch: usize, dim: usize, what: &str) -> Result<Vec<f32>> {
-        let dims = t.dims();
-        if dims != [batch, dim] {
+        let (values, width) = self
+            .engine()?
+            .run(inputs, batch, s, head)
+            .map_err(|e| model_error(&self.manifest.name, e))?;
+        if width != dim || values.len() != batch * dim {
             return Err(model_error(
                 &self.manifest.name,
                 format!(
-                    "the network returned {what} of shape {dims:?}, the manifest says [{batch}, {dim}]"
+                    "the network returned {what} of shape [{batch}, {width}], the manifest says [{batch}, {dim}]"
                 ),
             ));
         }
-        t.into_data()
-            .try_to_vec::<f32>()
-            .map_err(|e| model_error(&self.manifest.name, format!("reading output: {e:?}")))
+        Ok(values)
     }
 }

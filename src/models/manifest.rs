@@ -6,6 +6,7 @@ use std::sync::RwLock;
 
 use serde::{Deserialize, Serialize};
 
+use super::engine::Layout;
 use super::model_error;
 use crate::error::Result;
 
@@ -92,7 +93,7 @@ pub struct PreprocessSpec {
     pub filter: ResizeFilter,
     /// `center` (the only crop so far) after the shorter-side resize.
     pub crop: String,
-    /// Channel order the network expects (`RGB`).
+    /// Channel order the network expects: `RGB`, or `BGR` (Caffe- and OpenCV-trained models).
     pub channel_order: String,
     /// Per-channel `(pixel - mean) / std`, pixel in 0..=255.
     pub mean: [f32; 3],
@@ -145,9 +146,32 @@ pub struct Manifest {
     #[serde(default)]
     pub labels: Option<String>,
     pub weights: WeightsSpec,
+    /// For an ONNX model file: its input and output names and the input layout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub onnx: Option<OnnxSpec>,
+}
+
+/// Which of an ONNX graph's inputs and outputs a model file's manifest uses.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OnnxSpec {
+    /// The image input (its only input when empty).
+    pub input: String,
+    /// The output that gives features: `[N, D]`, or a feature map `[N, C, h, w]` (pooled by
+    /// global average, or flattened).
+    pub features: String,
+    /// The output that gives class logits `[N, classes]`; empty: none.
+    pub logits: String,
+    /// The input's layout: `NCHW` (PyTorch's) or `NHWC`.
+    pub layout: Layout,
 }
 
 impl Manifest {
+    /// The layout the network input is written in (NCHW unless an ONNX manifest says NHWC).
+    pub fn input_layout(&self) -> Layout {
+        self.onnx.as_ref().map_or(Layout::Nchw, |o| o.layout)
+    }
+
     /// Checks what preprocessing and the output columns rely on.
     pub fn validate(&self) -> std::result::Result<(), String> {
         let p = &self.preprocess;
@@ -160,11 +184,14 @@ impl Manifest {
             )
         } else if p.resize_shorter_side != 0 && p.crop != "center" {
             format!("unsupported crop `{}` (only `center`)", p.crop)
-        } else if p.channel_order != "RGB" {
+        } else if p.channel_order != "RGB" && p.channel_order != "BGR" {
             format!(
-                "unsupported channel_order `{}` (only `RGB`)",
+                "unsupported channel_order `{}` (`RGB` or `BGR`)",
                 p.channel_order
             )
+        } else if self.onnx.is_none() && self.architecture == "onnx" {
+            "an `onnx` manifest needs its `onnx` section (input, features, logits, layout)"
+                .to_string()
         } else if p.std.iter().any(|s| !s.is_finite() || *s == 0.0)
             || p.mean.iter().any(|m| !m.is_finite())
         {

@@ -30,32 +30,47 @@ pub mod squeezenet;
 pub mod vgg;
 
 mod catalog;
+mod engine;
 #[cfg(feature = "wgpu")]
 mod gpu;
 mod loaded;
 mod manifest;
 mod network;
+#[cfg(feature = "onnx")]
+mod onnx;
 mod runtime;
 mod weights;
 
 use crate::error::Error;
 
 pub use catalog::load_architecture;
+pub use engine::{BurnEngine, Engine, Head, Layout};
 pub use loaded::{LoadedModel, imagenet_labels};
 pub use manifest::{
-    FeatureMode, MODEL_DIR_ENV, Manifest, PreprocessSpec, ResizeFilter, WeightsSpec, add_model_dir,
-    model_dir, model_dirs, user_model_dir,
+    FeatureMode, MODEL_DIR_ENV, Manifest, OnnxSpec, PreprocessSpec, ResizeFilter, WeightsSpec,
+    add_model_dir, model_dir, model_dirs, user_model_dir,
 };
 pub use network::{Architecture, ImageNetwork};
+#[cfg(feature = "onnx")]
+pub use onnx::{
+    ORT_DYLIB_ENV, OnnxEngine, model_file_manifest, onnx_file_to_save, onnxruntime_library,
+    set_onnxruntime_library,
+};
 pub(crate) use runtime::parse_device;
 pub use runtime::{
-    available_devices, available_models, device, device_label, load_model, load_model_in,
-    load_trainable, manifest, manifest_in, register_network, replace_network, trainable_models,
+    available_devices, available_models, device, device_label, load_model, load_model_file,
+    load_model_in, load_trainable, manifest, manifest_in, register_network, replace_network,
+    trainable_models,
 };
 pub use weights::{
     WeightSource, check_safetensors_header, load_pytorch, load_safetensors, load_safetensors_bytes,
     load_weights, load_weights_from, max_weight_bytes, read_weight_file,
 };
+
+/// What a build without the `onnx` feature says of a model file.
+#[cfg(not(feature = "onnx"))]
+pub(crate) const NO_ONNX: &str =
+    "this build runs no ONNX model files: build deep-pipelines with the `onnx` feature";
 
 pub(crate) fn model_error(model: &str, message: impl Into<String>) -> Error {
     Error::Model {

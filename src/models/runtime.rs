@@ -10,7 +10,7 @@ use burn::prelude::*;
 
 use super::catalog;
 use super::inverted_residual::InvertedResidualNet;
-use super::loaded::LoadedModel;
+use super::loaded::{EngineSource, LoadedModel};
 use super::manifest::{MODEL_DIR_ENV, Manifest, model_dirs, read_manifest, resolve_dir};
 use super::weights::WeightSource;
 use super::{ImageNetwork, model_error};
@@ -284,7 +284,7 @@ pub fn load_model_in(
     }
     let model = Arc::new(LoadedModel::deferred(
         manifest,
-        weights,
+        EngineSource::Weights(weights),
         &folder,
         device_name,
     )?);
@@ -375,4 +375,66 @@ fn add_network(
     }
     models.insert(model.manifest.name.clone(), Arc::new(model));
     Ok(())
+}
+
+/// An ONNX model file as a model, once per process for each file, description and device (a
+/// replaced file or `<name>.json` loads again). The manifest comes from
+/// [`model_file_manifest`](super::onnx::model_file_manifest) now; the file is checked and
+/// opened in ONNX Runtime when the first batch runs. Class names (`labels`) are read from the
+/// file's folder. ONNX models run on `cpu`.
+pub fn load_model_file(
+    path: &Path,
+    overrides: &str,
+    device_name: &str,
+) -> Result<Arc<LoadedModel>> {
+    let stem = path
+        .file_stem()
+        .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+    if device_name != "cpu" {
+        return Err(model_error(
+            &stem,
+            format!("ONNX model files run on `cpu` here, not `{device_name}`"),
+        ));
+    }
+    #[cfg(not(feature = "onnx"))]
+    {
+        let _ = overrides;
+        Err(model_error(
+            &stem,
+            format!("{}: {}", path.display(), super::NO_ONNX),
+        ))
+    }
+    #[cfg(feature = "onnx")]
+    {
+        type FileCache = Mutex<HashMap<(PathBuf, String, Stamp, Stamp), Arc<LoadedModel>>>;
+        static CACHE: OnceLock<FileCache> = OnceLock::new();
+        let file = |p: &Path| {
+            let meta = std::fs::metadata(p).ok()?;
+            Some((meta.len(), meta.modified().ok()?))
+        };
+        let key = (
+            path.to_path_buf(),
+            overrides.to_string(),
+            file(path),
+            file(&path.with_extension("json")),
+        );
+        let cache = CACHE.get_or_init(Default::default);
+        if let Some(model) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(Arc::clone(model));
+        }
+        let manifest = super::onnx::model_file_manifest(path, overrides)?;
+        let folder = path.parent().unwrap_or(Path::new("."));
+        let source = EngineSource::Onnx(path.to_path_buf());
+        let model = Arc::new(LoadedModel::deferred(
+            manifest,
+            source,
+            folder,
+            device_name,
+        )?);
+        cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, Arc::clone(&model));
+        Ok(model)
+    }
 }

@@ -19,12 +19,14 @@
 //! the capability.
 
 mod metrics;
+mod model_file;
 mod udf;
 
 use std::any::Any;
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::path::Path;
+use std::sync::Arc;
 
 use datafusion::arrow::array::ArrayRef;
 use datafusion::arrow::datatypes::DataType;
@@ -36,7 +38,8 @@ use crate::columns::require_column;
 use crate::error::{Error, Result};
 use crate::image::{DecodeLimits, decode_expr, image_type, is_bytes};
 use crate::models::{
-    LoadedModel, available_models, device_label, load_model_in, manifest_in, parse_device,
+    LoadedModel, available_models, device_label, load_model_file, load_model_in, manifest_in,
+    parse_device,
 };
 use crate::params::{AnyParams, Params, Rejected, check};
 use crate::persistence::SavedStage;
@@ -119,6 +122,16 @@ pub struct NetworkParams {
     pub alpha_background: String,
     /// Column to add with the reason for each null output; empty = none.
     pub error_col: String,
+    /// An ONNX model file (`.onnx`) to run instead of `modelName`, described by `<name>.json`
+    /// next to it (the manifest schema), else by its graph and ImageNet preprocessing. Left out
+    /// of the saved JSON when empty (as it is for a named model), so such a saved stage reads
+    /// as it did before model files existed.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub model_file: String,
+    /// JSON in the manifest schema over the model file's description (e.g.
+    /// `{"input_size": 224, "labels": "classes.txt"}`); empty = none (and not saved).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub model_manifest: String,
     /// A `resizeMode` string the setter could not parse, reported by `validate`.
     #[serde(skip)]
     #[doc(hidden)]
@@ -136,6 +149,8 @@ impl Default for NetworkParams {
             resize_mode: ResizeMode::Crop,
             alpha_background: "white".into(),
             error_col: String::new(),
+            model_file: String::new(),
+            model_manifest: String::new(),
             rejected: Rejected::default(),
         }
     }
@@ -169,6 +184,14 @@ const NETWORK_DOCS: &[(&str, &str)] = &[
         "errorCol",
         "column to add with the reason of each null output (`<kind>: <detail>`: empty, truncated, over the decode limits, invalid image struct, ...); empty = none",
     ),
+    (
+        "modelFile",
+        "an ONNX model file (.onnx) run instead of modelName, described by <name>.json next to it (the manifest schema) or by its graph; empty = none",
+    ),
+    (
+        "modelManifest",
+        "JSON in the manifest schema over the model file's description (input_size, preprocess, onnx outputs, labels, ...); empty = none",
+    ),
 ];
 
 impl NetworkParams {
@@ -189,7 +212,14 @@ impl NetworkParams {
     /// Checks the shared params, naming `stage` and the param in the error.
     pub fn validate(&self, stage: &str) -> Result<()> {
         check::non_empty(stage, "inputCol", &self.input_col)?;
-        if !available_models().contains(&self.model_name) {
+        if !self.model_manifest.is_empty() && self.model_file.is_empty() {
+            return Err(Error::param(
+                stage,
+                "modelManifest",
+                "describes a modelFile; set modelFile too",
+            ));
+        }
+        if self.model_file.is_empty() && !available_models().contains(&self.model_name) {
             return Err(Error::param(
                 stage,
                 "modelName",
@@ -229,6 +259,29 @@ impl NetworkParams {
         (!self.model_dir.is_empty()).then(|| Path::new(&self.model_dir))
     }
 
+    /// What the model is called in logs: the model file, or the model name.
+    pub fn model_label(&self) -> &str {
+        if self.model_file.is_empty() {
+            &self.model_name
+        } else {
+            &self.model_file
+        }
+    }
+
+    /// The model these params name: `modelFile` if set, else `modelName` (from `modelDir`),
+    /// loaded once per process; its network is built when the first batch runs.
+    pub fn model(&self) -> Result<Arc<LoadedModel>> {
+        if self.model_file.is_empty() {
+            load_model_in(&self.model_name, &self.device, self.model_folder())
+        } else {
+            load_model_file(
+                Path::new(&self.model_file),
+                &self.model_manifest,
+                &self.device,
+            )
+        }
+    }
+
     /// `df` plus `output_col`, a lazy column of `output(model)` for each image of `input_col`
     /// (and `errorCol`, if set), counted in `metrics`. The model's manifest is read now (a
     /// missing weight file fails here); its weights load when the first batch runs.
@@ -246,7 +299,7 @@ impl NetworkParams {
     ) -> Result<DataFrame> {
         let input_type =
             require_image_input(&df, &self.input_col).map_err(|e| e.in_stage(stage))?;
-        let model = load_model_in(&self.model_name, &self.device, self.model_folder())?;
+        let model = self.model()?;
         let output = output(&model)?;
         let rows = RowCheck {
             options: self.preprocess_options(stage)?,
@@ -298,8 +351,11 @@ impl NetworkParams {
     }
 
     /// What a network stage saves: its params plus a reference to its network (name + weight
-    /// sha256; the weights are not copied).
+    /// sha256; a built-in model's weights are not copied, a model file is: see `model_file`).
     pub fn save<P: Params>(&self, class: &str, uid: &str, params: &P) -> Result<SavedStage> {
+        if !self.model_file.is_empty() {
+            return model_file::save(self, SavedStage::of(class, uid, params));
+        }
         let (manifest, _) = manifest_in(&self.model_name, self.model_folder())?;
         let reference = ModelReference {
             sha256: manifest.weights.expected_sha256().map(str::to_string),
@@ -321,6 +377,14 @@ impl NetworkParams {
         if let Some(map) = json.as_object_mut() {
             map.entry("alphaBackground")
                 .or_insert_with(|| serde_json::Value::from("none"));
+        }
+        if json
+            .get("modelFile")
+            .and_then(|f| f.as_str())
+            .is_some_and(|f| !f.is_empty())
+        {
+            model_file::restore(saved, &mut json)?;
+            return P::from_json(json);
         }
         let params = P::from_json(json)?;
         let network = params.as_ref();
@@ -429,6 +493,18 @@ macro_rules! network_setters {
         /// Column for the reason of each null output; empty = none.
         pub fn with_error_col(mut self, v: impl Into<String>) -> Self {
             self.network_mut().error_col = v.into();
+            self
+        }
+
+        /// An ONNX model file (`.onnx`) to run instead of `modelName`.
+        pub fn with_model_file(mut self, v: impl Into<String>) -> Self {
+            self.network_mut().model_file = v.into();
+            self
+        }
+
+        /// JSON in the manifest schema over the model file's own description.
+        pub fn with_model_manifest(mut self, v: impl Into<String>) -> Self {
+            self.network_mut().model_manifest = v.into();
             self
         }
 

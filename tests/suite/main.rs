@@ -18,6 +18,8 @@ mod gpu;
 mod hostile_input;
 mod logistic_sklearn_parity;
 mod model_zoo;
+#[cfg(feature = "onnx")]
+mod onnx;
 mod own_stage;
 mod persistence;
 mod pipeline_semantics;
@@ -25,3 +27,5 @@ mod readme;
 mod saved_v0_1;
 mod sql;
 mod tuning;
+#[cfg(not(feature = "onnx"))]
+mod without_onnx;
