@@ -277,7 +277,11 @@ impl Transformer {
     /// for other pipelines.
     #[getter]
     fn params_json(&self) -> Option<String> {
-        self.network_params(|p| p.json())
+        // Every param, the optional ones left out of saved JSON included.
+        self.network_params(|p| {
+            let all = p.explain().into_iter().map(|i| (i.name, i.value));
+            serde_json::Value::Object(all.collect())
+        })
     }
 
     /// A one-stage network pipeline's params as JSON `[{name, doc, value, default}]`, in the

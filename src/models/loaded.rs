@@ -251,8 +251,18 @@ impl LoadedModel {
                 ),
             ));
         }
-        let (values, width) = self
-            .engine()?
+        let engine = self.engine()?;
+        if engine.layout() != self.layout() {
+            return Err(model_error(
+                &self.manifest.name,
+                format!(
+                    "the network reads {:?} input, the manifest says {:?}",
+                    engine.layout(),
+                    self.layout()
+                ),
+            ));
+        }
+        let (values, width) = engine
             .run(inputs, batch, s, head)
             .map_err(|e| model_error(&self.manifest.name, e))?;
         if width != dim || values.len() != batch * dim {

@@ -74,6 +74,15 @@ fn rows_by_image(batch: &RecordBatch, column: &str) -> Vec<(String, Vec<f32>)> {
     rows
 }
 
+async fn read_parquet(path: &Path) -> RecordBatch {
+    let ctx = SessionContext::new();
+    let df = ctx
+        .read_parquet(path.to_str().unwrap(), Default::default())
+        .await
+        .unwrap();
+    collect(df).await
+}
+
 fn floats(v: &Value) -> Vec<f32> {
     v.as_array()
         .unwrap()
@@ -180,14 +189,13 @@ async fn a_model_file_without_a_description_is_described_by_its_graph() {
     assert!(e.contains("modelManifest"), "{e}");
 }
 
-/// The error of running the model file `path` (its first batch: where the file is opened).
-async fn run_error(path: &Path) -> String {
+/// The error of running the model file `path` described by `overrides` (at planning, or on
+/// its first batch: where the file is opened).
+async fn run_error_with(path: &Path, overrides: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let images = image_folder(dir.path());
     let ctx = SessionContext::new();
     let df = read_images(&ctx, &images, ReadImagesOptions::default()).unwrap();
-    let overrides = r#"{"input_size": 64, "feature_dim": 4, "num_classes": 0,
-        "onnx": {"features": "features"}}"#;
     let planned = DeepImageFeaturizer::new()
         .with_model_file(path.to_str().unwrap())
         .with_model_manifest(overrides)
@@ -196,6 +204,13 @@ async fn run_error(path: &Path) -> String {
         Err(e) => e.to_string(),
         Ok(df) => df.collect().await.unwrap_err().to_string(),
     }
+}
+
+/// [`run_error_with`] a description that needs nothing from the graph.
+async fn run_error(path: &Path) -> String {
+    let overrides = r#"{"input_size": 64, "feature_dim": 4, "num_classes": 0,
+        "onnx": {"features": "features"}}"#;
+    run_error_with(path, overrides).await
 }
 
 #[tokio::test]
@@ -263,19 +278,6 @@ async fn hostile_model_files_are_refused_naming_the_file_and_opening_nothing_out
     assert!(e.contains("sha256"), "{e}");
 }
 
-async fn run_error_with(path: &Path, overrides: &str) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let images = image_folder(dir.path());
-    let ctx = SessionContext::new();
-    let df = read_images(&ctx, &images, ReadImagesOptions::default()).unwrap();
-    let df = DeepImageFeaturizer::new()
-        .with_model_file(path.to_str().unwrap())
-        .with_model_manifest(overrides)
-        .transform(df)
-        .unwrap();
-    df.collect().await.unwrap_err().to_string()
-}
-
 #[tokio::test]
 async fn a_saved_pipeline_carries_its_model_file_and_checks_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -317,16 +319,11 @@ async fn a_saved_pipeline_carries_its_model_file_and_checks_it() {
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    let ctx = SessionContext::new();
-    let df = ctx
-        .read_parquet(out.to_str().unwrap(), Default::default())
-        .await
-        .unwrap();
-    let rows = rows_by_image(&collect(df).await, "features");
+    let rows = rows_by_image(&read_parquet(&out).await, "features");
     assert!(max_abs_diff(&rows[3].1, &want) < 1e-4);
 
     // A model file changed after saving is refused on load.
-    let file = std::fs::read_dir(&saved.join("stages"))
+    let file = std::fs::read_dir(saved.join("stages"))
         .unwrap()
         .next()
         .unwrap()
@@ -357,15 +354,9 @@ fn the_command_line_featurizes_with_a_model_file() {
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let batch = rt.block_on(async {
-        let ctx = SessionContext::new();
-        let df = ctx
-            .read_parquet(out.to_str().unwrap(), Default::default())
-            .await
-            .unwrap();
-        collect(df).await
-    });
+    let batch = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(read_parquet(&out));
     let rows = rows_by_image(&batch, "features");
     let want = floats(&expected()["models"]["tiny_vit"]["pooled"][2]);
     assert!(max_abs_diff(&rows[2].1, &want) < 1e-4);

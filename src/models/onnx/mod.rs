@@ -32,6 +32,7 @@ fn environment() -> std::result::Result<&'static Environment, String> {
         ort::init_from(&path)
             .map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", path.display()))?
             .with_name("deep-pipelines")
+            .with_telemetry(false)
             .build()
             .map_err(|e| format!("ONNX Runtime ({}): {e}", path.display()))
     })

@@ -65,27 +65,11 @@ impl Walk<'_> {
     }
 
     fn function(&mut self, bytes: &[u8], depth: usize) -> Result<(), String> {
-        for field in Fields::new(bytes) {
-            if let (7, Value::Bytes(node)) = {
-                let f = field?;
-                (f.number, f.value)
-            } {
-                self.node(node, depth)?;
-            }
-        }
-        Ok(())
+        each_message(bytes, 7, |node| self.node(node, depth))
     }
 
     fn node(&mut self, bytes: &[u8], depth: usize) -> Result<(), String> {
-        for field in Fields::new(bytes) {
-            if let (5, Value::Bytes(attribute)) = {
-                let f = field?;
-                (f.number, f.value)
-            } {
-                self.attribute(attribute, depth)?;
-            }
-        }
-        Ok(())
+        each_message(bytes, 5, |attribute| self.attribute(attribute, depth))
     }
 
     fn attribute(&mut self, bytes: &[u8], depth: usize) -> Result<(), String> {
@@ -142,6 +126,25 @@ impl Walk<'_> {
         }
         Ok(())
     }
+}
+
+/// Calls `f` on each length-delimited field `number` of a message.
+fn each_message(
+    bytes: &[u8],
+    number: u64,
+    mut f: impl FnMut(&[u8]) -> Result<(), String>,
+) -> Result<(), String> {
+    for field in Fields::new(bytes) {
+        if let Field {
+            number: n,
+            value: Value::Bytes(message),
+        } = field?
+            && n == number
+        {
+            f(message)?;
+        }
+    }
+    Ok(())
 }
 
 /// The `location` of an external-data entry (`StringStringEntryProto`), if that is its key.
