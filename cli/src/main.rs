@@ -219,6 +219,7 @@ impl NetworkArgs {
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
+    quiet_onnxruntime();
     let cli = Cli::parse();
     let outcome = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -249,6 +250,15 @@ fn limit_malloc_arenas() {
         unsafe {
             libc::mallopt(libc::M_ARENA_MAX, 2);
         }
+    }
+}
+
+/// ONNX Runtime (model files) writes a device id and telemetry under `~/.cache/Microsoft`
+/// unless `ORT_DISABLE_TELEMETRY` is set: a command line run leaves nothing behind.
+fn quiet_onnxruntime() {
+    if std::env::var_os("ORT_DISABLE_TELEMETRY").is_none() {
+        // SAFETY: called first in main, before any thread exists.
+        unsafe { std::env::set_var("ORT_DISABLE_TELEMETRY", "1") };
     }
 }
 

@@ -43,6 +43,11 @@ MODEL_DIR_ENV = _native.MODEL_DIR_ENV
 _native.add_model_dir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "models"))
 
 
+# ONNX Runtime (model files) writes a device id and telemetry under ~/.cache/Microsoft unless
+# this is set when it loads; a user who wants it sets the variable to 0 first.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+
 def _find_onnxruntime() -> None:
     """Points model files (``modelFile``) at the ``onnxruntime`` package installed beside this
     one (its wheel ships ``capi/libonnxruntime.so.*``), found without importing it; the

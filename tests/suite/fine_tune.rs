@@ -119,10 +119,14 @@ use crate::common::{collect, few_per_class, images};
 fn quick_pipeline(classifier: &DeepImageClassifier) -> Pipeline {
     Pipeline::new()
         .with_estimator(
+            // `keep`: a cross-validation fold's training half may lack a class of a small
+            // sample (folds are keyed on the rows' values, file paths included, so they differ
+            // from clone to clone); that class's rows in the other half get an index of their own.
             StringIndexer::new()
                 .with_input_col("label")
                 .with_output_col("labelIndex")
-                .with_string_order_type("alphabetAsc"),
+                .with_string_order_type("alphabetAsc")
+                .with_handle_invalid("keep"),
         )
         .with_estimator(classifier.clone())
 }

@@ -27,5 +27,3 @@ mod readme;
 mod saved_v0_1;
 mod sql;
 mod tuning;
-#[cfg(not(feature = "onnx"))]
-mod without_onnx;

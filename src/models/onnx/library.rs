@@ -17,7 +17,9 @@ pub fn set_onnxruntime_library(path: impl Into<PathBuf>) {
     *SET.write().unwrap_or_else(|p| p.into_inner()) = Some(path.into());
 }
 
-/// ONNX Runtime's shared library: `$ORT_DYLIB_PATH`; else the one set with
+/// ONNX Runtime's shared library (its environment is made with telemetry events off; ONNX
+/// Runtime also writes a device id under `~/.cache/Microsoft` unless `ORT_DISABLE_TELEMETRY` is
+/// set when it loads, which the command line and the Python package do): `$ORT_DYLIB_PATH`; else the one set with
 /// [`set_onnxruntime_library`]; else the `onnxruntime` Python package's
 /// (`onnxruntime/capi/libonnxruntime.so.*`) in the active virtual environment or of the
 /// `python3` on `PATH`; else an error saying how to get it.
