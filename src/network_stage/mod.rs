@@ -362,10 +362,7 @@ impl NetworkParams {
             name: manifest.name,
             weights_file: manifest.weights.file,
         };
-        Ok(
-            SavedStage::of(class, uid, params)
-                .with_extra(serde_json::json!({ "model": reference })),
-        )
+        Ok(SavedStage::of(class, uid, params).with_extra(reference.extra()))
     }
 
     /// A saved network stage's params, after checking that the model it was saved with is the
@@ -413,6 +410,13 @@ struct ModelReference {
     name: String,
     weights_file: String,
     sha256: Option<String>,
+}
+
+impl ModelReference {
+    /// As `extra` of a saved stage.
+    fn extra(&self) -> serde_json::Value {
+        serde_json::json!({ "model": self })
+    }
 }
 
 /// Checks that `column` exists and is an image struct.

@@ -4,9 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use super::NetworkParams;
+use super::{ModelReference, NetworkParams};
 use crate::error::{Error, Result};
 use crate::persistence::{SavedStage, persistence_error, sha256_hex};
 
@@ -18,10 +18,10 @@ const LABELS: &str = "labels.txt";
 /// names as data files, and `modelFile` naming the saved copy.
 pub(super) fn save(params: &NetworkParams, saved: SavedStage) -> Result<SavedStage> {
     let path = Path::new(&params.model_file);
-    #[cfg(feature = "onnx")]
-    crate::models::onnx_file_to_save(path)?;
     let model = params.model()?;
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    #[cfg(feature = "onnx")]
+    crate::models::onnx_file_to_save(path, &bytes)?;
     let sha256 = sha256_hex(&bytes);
     let mut manifest = model.manifest.clone();
     manifest.weights.file = MODEL.into();
@@ -37,9 +37,13 @@ pub(super) fn save(params: &NetworkParams, saved: SavedStage) -> Result<SavedSta
         p.insert("modelFile".into(), Value::from(MODEL));
         p.remove("modelManifest");
     }
-    let reference = json!({ "name": manifest.name, "weightsFile": MODEL, "sha256": sha256 });
+    let reference = ModelReference {
+        name: manifest.name.clone(),
+        weights_file: MODEL.into(),
+        sha256: Some(sha256),
+    };
     Ok(saved
-        .with_extra(json!({ "model": reference }))
+        .with_extra(reference.extra())
         .with_data(MODEL, bytes)
         .with_data(DESCRIPTION, description))
 }
@@ -49,11 +53,7 @@ pub(super) fn save(params: &NetworkParams, saved: SavedStage) -> Result<SavedSta
 pub(super) fn restore(saved: &SavedStage, json: &mut Value) -> Result<()> {
     let bytes = saved.data_file(MODEL)?;
     let sha256 = sha256_hex(bytes);
-    let expected: Option<String> = saved
-        .extra
-        .pointer("/model/sha256")
-        .and_then(Value::as_str)
-        .map(str::to_string);
+    let expected = saved.extra_field::<ModelReference>("model")?.sha256;
     if expected.as_deref() != Some(sha256.as_str()) {
         return Err(Error::Persistence(format!(
             "{} `{}`: the saved model file has sha256 {sha256}, the metadata says {}",

@@ -11,7 +11,6 @@ use std::process::{Command, Output};
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::DataType;
-use deep_pipelines::prelude::*;
 
 fn cli(args: &[&str]) -> Output {
     Command::new(common::cli_binary())
@@ -31,15 +30,6 @@ fn strings(batch: &RecordBatch, name: &str) -> Vec<Option<String>> {
     (0..column.len())
         .map(|r| column.is_valid(r).then(|| column.value(r).to_string()))
         .collect()
-}
-
-async fn read_parquet(path: &Path) -> RecordBatch {
-    let ctx = SessionContext::new();
-    let df = ctx
-        .read_parquet(path.to_str().unwrap(), Default::default())
-        .await
-        .unwrap();
-    common::collect(df).await
 }
 
 #[tokio::test]
@@ -91,7 +81,7 @@ async fn fit_with_test_then_apply_the_saved_model() {
         "--quiet printed {}",
         text(&out.stderr)
     );
-    let batch = read_parquet(&predictions).await;
+    let batch = common::read_parquet(&predictions).await;
     assert_eq!(batch.num_rows(), 500);
     let origins = strings(&batch, "origin");
     let labels = strings(&batch, "predictedLabel");
@@ -129,7 +119,7 @@ async fn fit_with_test_then_apply_the_saved_model() {
         via_sql.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let sql_labels = strings(&read_parquet(&via_sql).await, "label");
+    let sql_labels = strings(&common::read_parquet(&via_sql).await, "label");
     let expected: Vec<Option<String>> = labels.iter().take(12).cloned().collect();
     assert_eq!(sql_labels, expected);
 }
@@ -175,7 +165,7 @@ async fn fit_fine_tune_reports_epochs_and_the_model_applies() {
         "--quiet",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let batch = read_parquet(&predictions).await;
+    let batch = common::read_parquet(&predictions).await;
     assert_eq!(batch.num_rows(), 20);
     assert!(
         strings(&batch, "predictedLabel")
@@ -211,7 +201,7 @@ async fn featurize_writes_features_and_a_reason_per_broken_file() {
         "float16",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let batch = read_parquet(&output).await;
+    let batch = common::read_parquet(&output).await;
     assert_eq!(batch.num_rows(), 3);
     // Written as a plain list (every Parquet reader opens a null row of one).
     let features = batch.column_by_name("features").unwrap().as_list::<i32>();
@@ -317,7 +307,7 @@ async fn from_any_folder_the_built_in_model_runs_after_the_model_folders() {
     };
     // Each image's features, by origin (the two partitions finish in any order).
     let features = || async {
-        let batch = read_parquet(&work.path().join("out.parquet")).await;
+        let batch = common::read_parquet(&work.path().join("out.parquet")).await;
         assert_eq!(batch.num_rows(), 10);
         let column = batch.column_by_name("features").unwrap().as_list::<i32>();
         assert_eq!(column.null_count(), 0);
@@ -343,7 +333,7 @@ async fn from_any_folder_the_built_in_model_runs_after_the_model_folders() {
     );
     let out = run("predict", &[], &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let batch = read_parquet(&work.path().join("out.parquet")).await;
+    let batch = common::read_parquet(&work.path().join("out.parquet")).await;
     assert_eq!(batch.num_rows(), 10);
 
     // A broken copy (the manifest, garbage weights) in a folder: found there, so it fails

@@ -68,6 +68,16 @@ pub async fn collect(df: DataFrame) -> RecordBatch {
     datafusion::arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
 }
 
+/// A Parquet file (or folder) read back whole.
+pub async fn read_parquet(path: &Path) -> RecordBatch {
+    let ctx = SessionContext::new();
+    let df = ctx
+        .read_parquet(path.to_str().unwrap(), Default::default())
+        .await
+        .unwrap();
+    collect(df).await
+}
+
 /// Every f32 tensor of a safetensors file: name -> (shape, values).
 pub fn read_tensors(path: &str) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}"));

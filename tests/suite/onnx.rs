@@ -12,7 +12,7 @@ use deep_pipelines::models::load_model_file;
 use deep_pipelines::prelude::*;
 use serde_json::Value;
 
-use super::common::{cli_binary, collect, max_abs_diff};
+use super::common::{cli_binary, collect, max_abs_diff, read_parquet};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/onnx");
 
@@ -74,13 +74,14 @@ fn rows_by_image(batch: &RecordBatch, column: &str) -> Vec<(String, Vec<f32>)> {
     rows
 }
 
-async fn read_parquet(path: &Path) -> RecordBatch {
-    let ctx = SessionContext::new();
-    let df = ctx
-        .read_parquet(path.to_str().unwrap(), Default::default())
-        .await
-        .unwrap();
-    collect(df).await
+/// Runs the command line with `args`, which must succeed.
+fn run_cli(args: &[&str]) {
+    let run = Command::new(cli_binary()).args(args).output().unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
 }
 
 fn floats(v: &Value) -> Vec<f32> {
@@ -304,21 +305,13 @@ async fn a_saved_pipeline_carries_its_model_file_and_checks_it() {
 
     // In a fresh process: the command line applies the saved pipeline.
     let out = dir.path().join("out.parquet");
-    let run = Command::new(cli_binary())
-        .args([
-            "apply",
-            saved.to_str().unwrap(),
-            images.to_str().unwrap(),
-            "-o",
-        ])
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    run_cli(&[
+        "apply",
+        saved.to_str().unwrap(),
+        images.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     let rows = rows_by_image(&read_parquet(&out).await, "features");
     assert!(max_abs_diff(&rows[3].1, &want) < 1e-4);
 
@@ -343,17 +336,14 @@ fn the_command_line_featurizes_with_a_model_file() {
     let dir = tempfile::tempdir().unwrap();
     let images = image_folder(dir.path());
     let out = dir.path().join("features.parquet");
-    let run = Command::new(cli_binary())
-        .args(["featurize", images.to_str().unwrap(), "-o"])
-        .arg(&out)
-        .args(["--model-file", &fixture("tiny_vit.onnx")])
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    run_cli(&[
+        "featurize",
+        images.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--model-file",
+        &fixture("tiny_vit.onnx"),
+    ]);
     let batch = tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(read_parquet(&out));

@@ -358,8 +358,7 @@ fn inferred(opened: &Opened, given: &Value) -> std::result::Result<Value, String
     };
     if h <= 0 || h != w {
         return Err(format!(
-            "the input's size is {h}x{w} in the graph: give input_size in {} or modelManifest",
-            "<name>.json"
+            "the input's size is {h}x{w} in the graph: give input_size in <name>.json or modelManifest"
         ));
     }
     let named = |key: &str| {
@@ -448,12 +447,11 @@ fn merge(into: &mut Value, more: Value) {
     }
 }
 
-/// Checks that a saved pipeline can carry the model file at `path` alone: an error names the
-/// external-data files it would need.
-pub fn onnx_file_to_save(path: &Path) -> Result<()> {
+/// Checks that a saved pipeline can carry the model file at `path` (its contents: `bytes`)
+/// alone: an error names the external-data files it would need.
+pub fn onnx_file_to_save(path: &Path, bytes: &[u8]) -> Result<()> {
     let folder = path.parent().unwrap_or(Path::new("."));
-    let bytes = std::fs::read(path).map_err(|e| crate::error::Error::io(path, e))?;
-    let facts = model_file::check(&bytes, folder)
+    let facts = model_file::check(bytes, folder)
         .map_err(|e| model_error("modelFile", format!("{}: {e}", path.display())))?;
     if !facts.external_files.is_empty() {
         return Err(model_error(
