@@ -38,11 +38,11 @@ pub fn level() -> Level {
 
 /// `a * b + c`: one fused instruction where the CPU has FMA, two roundings where it has not
 /// (a software `fma` call would be far slower than the separate multiply and add).
-trait MulAdd {
+pub(super) trait MulAdd {
     fn mul_add(a: f32, b: f32, c: f32) -> f32;
 }
 
-struct Fused;
+pub(super) struct Fused;
 impl MulAdd for Fused {
     #[inline(always)]
     fn mul_add(a: f32, b: f32, c: f32) -> f32 {
@@ -50,7 +50,7 @@ impl MulAdd for Fused {
     }
 }
 
-struct Separate;
+pub(super) struct Separate;
 impl MulAdd for Separate {
     #[inline(always)]
     fn mul_add(a: f32, b: f32, c: f32) -> f32 {
@@ -62,10 +62,10 @@ impl MulAdd for Separate {
 /// when the CPU has them, `$body::<Separate>` for the baseline otherwise. The body's loops over
 /// slices are what the compiler vectorises for each instruction set.
 macro_rules! multiversion {
-    ($(#[$meta:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) = $body:ident;) => {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) = $body:ident;) => {
         $(#[$meta])*
         #[allow(clippy::too_many_arguments)]
-        pub fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
@@ -90,6 +90,8 @@ macro_rules! multiversion {
         }
     };
 }
+
+pub(super) use multiversion;
 
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;
@@ -118,7 +120,7 @@ fn exp<M: MulAdd>(x: f32) -> f32 {
 
 #[inline(always)]
 #[allow(clippy::manual_clamp)] // max/min: one instruction each, and NaN does not panic
-fn activate<M: MulAdd>(v: &mut [f32], act: Option<Act>) {
+pub(super) fn activate<M: MulAdd>(v: &mut [f32], act: Option<Act>) {
     match act {
         None => {}
         Some(Act::Relu) => v.iter_mut().for_each(|x| *x = x.max(0.0)),

@@ -13,6 +13,7 @@
 //! grouped non-depthwise convolutions) runs through burn as before. The golden parity tests run
 //! both paths.
 
+pub mod gemm;
 pub mod kernels;
 mod pool;
 
@@ -25,6 +26,7 @@ use rayon::prelude::*;
 
 use super::ImageNetwork;
 use super::layers::{Act, ConvBn, FoldBatchNorms, SqueezeExcitation};
+use gemm::{Epilogue, PackedWeights};
 use kernels::Window;
 
 /// A batch of images, channels last: `data[((b * height + y) * width + x) * channels + c]`.
@@ -108,6 +110,27 @@ impl Drop for Nhwc {
 /// Why a plan could not run an input; the network then runs through burn.
 pub type PlanError = String;
 
+thread_local! {
+    /// Set while this thread runs one image of a batch on its own ([`Plan::run`]): its ops
+    /// then run serially, the other threads having images of their own.
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Threads an op may split its work over.
+fn op_threads() -> usize {
+    if SERIAL.with(|s| s.get()) {
+        1
+    } else {
+        rayon::current_num_threads().max(1)
+    }
+}
+
+/// The smallest piece a parallel iterator over an op's rows is split into: everything, when
+/// the op runs serially.
+fn min_split() -> usize {
+    if op_threads() == 1 { usize::MAX } else { 1 }
+}
+
 /// Padding as burn's `PaddingConfig2d` means it, resolved per input size.
 #[derive(Debug, Clone, Copy)]
 enum Padding {
@@ -172,11 +195,17 @@ pub struct Conv {
     kernel: [usize; 2],
     stride: [usize; 2],
     padding: Padding,
-    depthwise: bool,
-    /// Dense: `[kh, kw, C_in, C_out]`, the GEMM's right-hand side. Depthwise: `[kh, kw, C]`.
-    weight: Vec<f32>,
+    weights: ConvWeights,
     bias: Vec<f32>,
     act: Option<Act>,
+}
+
+#[derive(Debug, Clone)]
+enum ConvWeights {
+    /// `[kh * kw * C_in, C_out]`, the GEMM's right-hand side, packed once.
+    Dense(PackedWeights),
+    /// `[kh, kw, C]`.
+    Depthwise(Vec<f32>),
 }
 
 /// A tensor's values as `f32`, `None` for another dtype (the plan then is not built).
@@ -188,6 +217,22 @@ impl Conv {
     /// The plan's copy of a burn convolution followed by `act`; `None` for what the plan does
     /// not run (dilation, groups other than 1 or depthwise, a non-`f32` weight).
     pub fn from_burn(conv: &Conv2d, act: Option<Act>) -> Option<Conv> {
+        let (conv, weight) = Conv::unpacked(conv, act)?;
+        Some(match conv.weights {
+            ConvWeights::Depthwise(_) => conv,
+            ConvWeights::Dense(_) => {
+                let k = conv.kernel[0] * conv.kernel[1] * conv.input;
+                Conv {
+                    weights: ConvWeights::Dense(PackedWeights::new(&weight, k, conv.output)),
+                    ..conv
+                }
+            }
+        })
+    }
+
+    /// The plan's copy of `conv` with its dense weights `[kh, kw, C_in, C_out]` beside it, not
+    /// packed yet (an empty pack in the `Conv`).
+    fn unpacked(conv: &Conv2d, act: Option<Act>) -> Option<(Conv, Vec<f32>)> {
         let [output, per_group, kh, kw] = conv.weight.dims();
         let input = per_group * conv.groups;
         let depthwise = conv.groups > 1 && per_group == 1 && output == conv.groups;
@@ -223,17 +268,22 @@ impl Conv {
             Some(b) => floats(b.val())?,
             None => vec![0.0; output],
         };
-        Some(Conv {
+        let weights = if depthwise {
+            ConvWeights::Depthwise(std::mem::take(&mut weight))
+        } else {
+            ConvWeights::Dense(PackedWeights::new(&[], 0, 0))
+        };
+        let conv = Conv {
             input,
             output,
             kernel: [kh, kw],
             stride: conv.stride,
             padding,
-            depthwise,
-            weight,
+            weights,
             bias,
             act,
-        })
+        };
+        Some((conv, weight))
     }
 
     /// A folded conv + BatchNorm pair; `None` while the BatchNorm is still there.
@@ -300,16 +350,18 @@ impl Conv {
             return Err("shortcut and block output differ in shape".to_string());
         }
         let mut out = pool::take(rows * n);
-        if self.depthwise {
-            self.run_depthwise(x, win, oh, shortcut, &mut out);
-        } else {
-            self.run_dense(x, win, oh, shortcut, &mut out);
+        match &self.weights {
+            ConvWeights::Depthwise(weight) => {
+                self.run_depthwise(weight, x, win, oh, shortcut, &mut out)
+            }
+            ConvWeights::Dense(weight) => self.run_dense(weight, x, win, oh, shortcut, &mut out),
         }
         Ok(x.with(oh, ow, n, out))
     }
 
     fn run_depthwise(
         &self,
+        weight: &[f32],
         x: &Nhwc,
         win: Window,
         oh: usize,
@@ -318,22 +370,17 @@ impl Conv {
     ) {
         let row_len = win.out_width * self.output;
         out.par_chunks_mut(row_len)
+            .with_min_len(min_split())
             .enumerate()
             .for_each(|(r, row)| {
                 let (b, oy) = (r / oh, r % oh);
                 let image = x.image(b);
                 match shortcut {
-                    None => kernels::depthwise_row(
-                        image,
-                        &self.weight,
-                        &self.bias,
-                        win,
-                        oy,
-                        self.act,
-                        row,
-                    ),
+                    None => {
+                        kernels::depthwise_row(image, weight, &self.bias, win, oy, self.act, row)
+                    }
                     Some(s) => {
-                        kernels::depthwise_row(image, &self.weight, &self.bias, win, oy, None, row);
+                        kernels::depthwise_row(image, weight, &self.bias, win, oy, None, row);
                         let res = &s.data[r * row_len..][..row_len];
                         kernels::epilogue(row, self.output, None, Some(res), self.act);
                     }
@@ -343,6 +390,7 @@ impl Conv {
 
     fn run_dense(
         &self,
+        weight: &PackedWeights,
         x: &Nhwc,
         win: Window,
         oh: usize,
@@ -350,44 +398,21 @@ impl Conv {
         out: &mut [f32],
     ) {
         let n = self.output;
-        let k = self.kernel[0] * self.kernel[1] * self.input;
+        let k = weight.k();
         let rows = x.batch * oh * win.out_width;
         // A 1x1, stride-1, unpadded convolution reads the activations as the GEMM's left side.
         let direct = self.kernel == [1, 1]
             && self.stride == [1, 1]
             && win.out_width == x.width
             && oh == x.height;
-        let threads = rayon::current_num_threads().max(1);
-        // Rows per block: a block's im2col rows and results stay within ~4 MiB, while the
-        // weights (packed again by each GEMM call) are amortised over >= 256 rows.
-        let block = ((1 << 20) / (k + n)).max(256);
-        let blocks = rows.div_ceil(block);
-        if blocks < threads {
-            // Too few rows to split: one GEMM over all rows, threaded inside, then the epilogue.
-            let mut cols = Vec::new();
-            let a: &[f32] = if direct {
-                &x.data
-            } else {
-                cols = pool::take(rows * k);
-                cols.par_chunks_mut(k * 64)
-                    .enumerate()
-                    .for_each(|(i, chunk)| {
-                        kernels::im2col(&x.data, win, oh, i * 64, chunk);
-                    });
-                &cols
-            };
-            kernels::matmul(rows, n, k, a, k, &self.weight, out, n, threads);
-            pool::give(cols);
-            let per = rows.div_ceil(threads * 4).max(1) * n;
-            out.par_chunks_mut(per).enumerate().for_each(|(i, chunk)| {
-                let res = shortcut.map(|s| &s.data[i * per..][..chunk.len()]);
-                kernels::epilogue(chunk, n, Some(&self.bias), res, self.act);
-            });
-            return;
-        }
-        // Balance the blocks over the threads.
-        let block = rows.div_ceil(blocks.div_ceil(threads) * threads);
+        // Rows per block: a block's im2col rows and results stay within ~4 MiB; the blocks
+        // are balanced over the threads and whole micro-kernel tiles (8 rows).
+        let threads = op_threads();
+        let cap = ((1 << 20) / (k + n)).max(64);
+        let blocks = rows.div_ceil(cap).div_ceil(threads) * threads;
+        let block = rows.div_ceil(blocks).div_ceil(8) * 8;
         out.par_chunks_mut(block * n)
+            .with_min_len(min_split())
             .enumerate()
             .for_each(|(i, chunk)| {
                 let first = i * block;
@@ -400,10 +425,13 @@ impl Conv {
                     kernels::im2col(&x.data, win, oh, first, &mut cols);
                     &cols
                 };
-                kernels::matmul(m, n, k, a, k, &self.weight, chunk, n, 1);
+                let epilogue = Epilogue {
+                    bias: &self.bias,
+                    residual: shortcut.map(|s| &s.data[first * n..][..m * n]),
+                    act: self.act,
+                };
+                gemm::multiply(m, a, k, weight, chunk, n, epilogue);
                 pool::give(cols);
-                let res = shortcut.map(|s| &s.data[first * n..][..m * n]);
-                kernels::epilogue(chunk, n, Some(&self.bias), res, self.act);
             });
     }
 }
@@ -448,6 +476,7 @@ impl Pool {
         let row_len = ow * x.channels;
         let mut out = pool::take(x.batch * oh * row_len);
         out.par_chunks_mut(row_len)
+            .with_min_len(min_split())
             .enumerate()
             .for_each(|(r, row)| {
                 let (b, oy) = (r / oh, r % oh);
@@ -476,8 +505,9 @@ impl SqueezeExcite {
     pub fn from_burn(se: &SqueezeExcitation, act: Act, gate: Act) -> Option<SqueezeExcite> {
         // fc1, fc2 are 1x1 convolutions with bias: their dense weights are `[C_in, C_out]`.
         let fc = |conv: &Conv2d| {
-            let c = Conv::from_burn(conv, None)?;
-            (c.kernel == [1, 1] && !c.depthwise).then_some((c.weight, c.bias))
+            let (c, weight) = Conv::unpacked(conv, None)?;
+            let dense = matches!(c.weights, ConvWeights::Dense(_));
+            (c.kernel == [1, 1] && dense).then_some((weight, c.bias))
         };
         Some(SqueezeExcite {
             fc1: fc(&se.fc1)?,
@@ -495,21 +525,24 @@ impl SqueezeExcite {
         }
         let squeeze = self.fc1.1.len();
         let image_len = x.image_len();
-        x.data.par_chunks_mut(image_len).for_each(|image| {
-            let mut mean = vec![0.0; c];
-            let mut hidden = vec![0.0; squeeze];
-            let mut gate = vec![0.0; c];
-            kernels::channel_mean(image, c, &mut mean);
-            kernels::dense(&mean, &self.fc1.0, &self.fc1.1, Some(self.act), &mut hidden);
-            kernels::dense(
-                &hidden,
-                &self.fc2.0,
-                &self.fc2.1,
-                Some(self.gate),
-                &mut gate,
-            );
-            kernels::scale_channels(image, &gate);
-        });
+        x.data
+            .par_chunks_mut(image_len)
+            .with_min_len(min_split())
+            .for_each(|image| {
+                let mut mean = vec![0.0; c];
+                let mut hidden = vec![0.0; squeeze];
+                let mut gate = vec![0.0; c];
+                kernels::channel_mean(image, c, &mut mean);
+                kernels::dense(&mean, &self.fc1.0, &self.fc1.1, Some(self.act), &mut hidden);
+                kernels::dense(
+                    &hidden,
+                    &self.fc2.0,
+                    &self.fc2.1,
+                    Some(self.gate),
+                    &mut gate,
+                );
+                kernels::scale_channels(image, &gate);
+            });
         Ok(x)
     }
 }
@@ -578,6 +611,7 @@ impl Op {
             Op::Concat(branches) => {
                 let outs = branches
                     .par_iter()
+                    .with_min_len(min_split())
                     .map(|b| run_all(b, x))
                     .collect::<Result<Vec<_>, _>>()?;
                 concat(&outs)
@@ -611,10 +645,9 @@ fn concat(parts: &[Nhwc]) -> Result<Nhwc, PlanError> {
     let channels: usize = parts.iter().map(|p| p.channels).sum();
     let pixels = first.batch * first.height * first.width;
     let mut data = pool::take(pixels * channels);
-    let chunk = pixels
-        .div_ceil(rayon::current_num_threads().max(1) * 4)
-        .max(1);
+    let chunk = pixels.div_ceil(op_threads() * 4).max(1);
     data.par_chunks_mut(chunk * channels)
+        .with_min_len(min_split())
         .enumerate()
         .for_each(|(i, out)| {
             for (j, px) in out.chunks_exact_mut(channels).enumerate() {
@@ -641,9 +674,38 @@ impl Plan {
         Plan { ops }
     }
 
-    /// Runs the plan on an NHWC batch.
+    /// Runs the plan on an NHWC batch: one image per task when there are at least as many
+    /// images as threads, so that each image's activations stay in cache from layer to layer
+    /// (a whole batch's do not: 32 MobileNet images are 150 MB per layer).
     pub fn run(&self, x: &Nhwc) -> Result<Nhwc, PlanError> {
-        run_all(&self.ops, x)
+        let threads = rayon::current_num_threads();
+        if x.batch < 2 || x.batch < threads {
+            return run_all(&self.ops, x);
+        }
+        let outs = (0..x.batch)
+            .into_par_iter()
+            .map(|b| {
+                let mut data = pool::take(x.image_len());
+                data.copy_from_slice(x.image(b));
+                let image = Nhwc {
+                    batch: 1,
+                    height: x.height,
+                    width: x.width,
+                    channels: x.channels,
+                    data,
+                };
+                SERIAL.with(|s| s.set(true));
+                let out = run_all(&self.ops, &image);
+                SERIAL.with(|s| s.set(false));
+                out
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let first = &outs[0];
+        let mut data = pool::take(x.batch * first.image_len());
+        for (dst, out) in data.chunks_exact_mut(first.image_len()).zip(&outs) {
+            dst.copy_from_slice(&out.data);
+        }
+        Ok(x.with(first.height, first.width, first.channels, data))
     }
 
     /// The feature map of an NCHW `f32` tensor, as an NCHW tensor on the input's device.

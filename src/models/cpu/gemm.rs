@@ -1,0 +1,455 @@
+//! The plan's GEMM: `act(A · W + bias [+ residual])` with the weights `W` packed once, when the
+//! plan is built, into the micro-kernel's panels, and the epilogue applied to each tile while it
+//! is still in registers.
+//!
+//! Why not a general GEMM crate: it packs the weight matrix again on every call (a plan calls
+//! it once per block of rows, per image) and runs bias and activation as a second pass over
+//! memory. The narrow matrices of mobile networks (16 to 160 output channels) also waste most
+//! of a general kernel's lanes.
+//!
+//! A is read in place (activations or im2col rows, `lda` apart); each `MR x NR` tile of the
+//! output is accumulated over `KC`-deep slices of A and of one packed panel, which stay in L1/L2.
+
+use super::kernels::{Fused, Level, MulAdd, Separate, activate, level, multiversion};
+use crate::models::layers::Act;
+
+/// Depth of one slice of the product: `KC x NR` weights (32 KiB at NR = 32) stay in L1/L2.
+const KC: usize = 256;
+
+/// A `[k, n]` weight matrix in panels of `nr` columns (the last one padded with zeros), each
+/// `KC`-deep slice of a panel contiguous: the order the micro-kernel reads them in.
+#[derive(Debug, Clone)]
+pub struct PackedWeights {
+    k: usize,
+    n: usize,
+    nr: usize,
+    data: Vec<f32>,
+}
+
+/// Tile width for this CPU's vectors: two registers per row.
+fn panel_width() -> usize {
+    match level() {
+        Level::Avx512 => 32,
+        Level::Avx2 => 16,
+        Level::Baseline => 8,
+    }
+}
+
+impl PackedWeights {
+    /// Packs a row-major `[k, n]` matrix.
+    pub fn new(weight: &[f32], k: usize, n: usize) -> PackedWeights {
+        PackedWeights::with_width(weight, k, n, panel_width())
+    }
+
+    /// Packed for the micro-kernel of another level than this CPU's widest (tests).
+    fn with_width(weight: &[f32], k: usize, n: usize, nr: usize) -> PackedWeights {
+        assert_eq!(weight.len(), k * n, "weights are not [k, n]");
+        let panels = n.div_ceil(nr);
+        let mut data = vec![0.0; panels * nr * k];
+        for (p, row) in weight.chunks_exact(n.max(1)).enumerate().take(k) {
+            let (k0, kc) = slice_of(p, k);
+            let base = k0 * panels * nr + (p - k0) * nr;
+            for (col, &w) in row.iter().enumerate() {
+                data[base + (col / nr) * kc * nr + col % nr] = w;
+            }
+        }
+        PackedWeights { k, n, nr, data }
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+}
+
+/// First row and depth of the `KC`-slice holding row `p` of a `k`-deep product.
+fn slice_of(p: usize, k: usize) -> (usize, usize) {
+    let k0 = p / KC * KC;
+    (k0, KC.min(k - k0))
+}
+
+/// What is applied to each output tile after its last slice.
+#[derive(Debug, Clone, Copy)]
+pub struct Epilogue<'a> {
+    /// `n` values added to every row.
+    pub bias: &'a [f32],
+    /// Shaped as the output (`ldc` apart): added before the activation.
+    pub residual: Option<&'a [f32]>,
+    pub act: Option<Act>,
+}
+
+/// Where a tile's rows go and what happens to them: `rows x cols` of C from `c` (`ldc` apart),
+/// starting from zero on the first slice or from C's partial sums, with the bias (and residual,
+/// `ldc` apart) added after the last slice.
+#[derive(Clone, Copy)]
+struct Tile {
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    first: bool,
+    bias: Option<*const f32>,
+    residual: Option<*const f32>,
+}
+
+/// `C[rows x cols] (+)= A[rows x kc] · panel`: `a` rows `lda` apart, `panel` `kc x NR`.
+#[inline(always)]
+fn tile<M: MulAdd, const MR: usize, const NR: usize>(
+    a: &[f32],
+    lda: usize,
+    kc: usize,
+    panel: &[f32],
+    t: Tile,
+) {
+    assert!(t.rows <= MR && t.cols <= NR && t.rows > 0);
+    assert!(a.len() >= (t.rows - 1) * lda + kc && panel.len() >= kc * NR);
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: the asserts keep every read inside `a` and `panel`; the caller gives `c`,
+        // `bias` and `residual` for `rows x cols`. Panels are 32 wide only when `level()`
+        // found AVX-512, 16 wide only when it found AVX2 + FMA (`panel_width`).
+        unsafe {
+            let (a, b) = (a.as_ptr(), panel.as_ptr());
+            macro_rules! rows {
+                ($kernel:ident: $($r:literal)*) => {
+                    match t.rows {
+                        $($r => return x86::$kernel::<$r>(a, lda, kc, b, t),)*
+                        _ => {}
+                    }
+                };
+            }
+            match NR {
+                32 => rows!(avx512: 1 2 3 4 5 6 7 8),
+                16 => rows!(avx2: 1 2 3 4 5 6),
+                _ => {}
+            }
+        }
+    }
+    let mut acc = [[0.0f32; NR]; MR];
+    for (r, acc) in acc.iter_mut().enumerate().take(t.rows) {
+        // SAFETY: the caller gives `rows x cols` of C, bias and residual.
+        unsafe {
+            let c = std::slice::from_raw_parts_mut(t.c.add(r * t.ldc), t.cols);
+            if !t.first {
+                acc[..t.cols].copy_from_slice(c);
+            }
+            let row = &a[r * lda..][..kc];
+            for (x, b) in row.iter().zip(panel.chunks_exact(NR)) {
+                for j in 0..NR {
+                    acc[j] = M::mul_add(*x, b[j], acc[j]);
+                }
+            }
+            if let Some(bias) = t.bias {
+                let bias = std::slice::from_raw_parts(bias, t.cols);
+                acc.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+            }
+            if let Some(res) = t.residual {
+                let res = std::slice::from_raw_parts(res.add(r * t.ldc), t.cols);
+                acc.iter_mut().zip(res).for_each(|(x, s)| *x += s);
+            }
+            c.copy_from_slice(&acc[..t.cols]);
+        }
+    }
+}
+
+/// The micro-kernels: `R` rows of A broadcast against two vector registers of a panel row,
+/// `2 R` accumulators held in registers over the whole slice, then bias and residual added
+/// and the tile stored (masked where the panel is wider than C).
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::Tile;
+    use std::arch::x86_64::*;
+
+    /// `R <= 8` rows x 32 columns.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn avx512<const R: usize>(
+        a: *const f32,
+        lda: usize,
+        kc: usize,
+        b: *const f32,
+        t: Tile,
+    ) {
+        // SAFETY (the whole body): the caller guarantees R rows of `kc` values `lda` apart at
+        // `a`, `kc` rows of 32 at `b`, and `R x cols` at `t.c`, `t.bias`, `t.residual`.
+        unsafe {
+            let lanes = |from: usize| {
+                let n = t.cols.saturating_sub(from).min(16);
+                ((1u32 << n) - 1) as __mmask16
+            };
+            let masks = [lanes(0), lanes(16)];
+            let mut c = [[_mm512_setzero_ps(); 2]; R];
+            if !t.first {
+                for (r, c) in c.iter_mut().enumerate() {
+                    for h in 0..2 {
+                        c[h] = _mm512_maskz_loadu_ps(masks[h], t.c.add(r * t.ldc + 16 * h));
+                    }
+                }
+            }
+            for p in 0..kc {
+                let b0 = _mm512_loadu_ps(b.add(p * 32));
+                let b1 = _mm512_loadu_ps(b.add(p * 32 + 16));
+                for (r, c) in c.iter_mut().enumerate() {
+                    let x = _mm512_set1_ps(*a.add(r * lda + p));
+                    c[0] = _mm512_fmadd_ps(x, b0, c[0]);
+                    c[1] = _mm512_fmadd_ps(x, b1, c[1]);
+                }
+            }
+            if let Some(bias) = t.bias {
+                let bias = [0, 1].map(|h| _mm512_maskz_loadu_ps(masks[h], bias.add(16 * h)));
+                for c in c.iter_mut() {
+                    for h in 0..2 {
+                        c[h] = _mm512_add_ps(c[h], bias[h]);
+                    }
+                }
+            }
+            if let Some(res) = t.residual {
+                for (r, c) in c.iter_mut().enumerate() {
+                    for h in 0..2 {
+                        let s = _mm512_maskz_loadu_ps(masks[h], res.add(r * t.ldc + 16 * h));
+                        c[h] = _mm512_add_ps(c[h], s);
+                    }
+                }
+            }
+            for (r, c) in c.iter().enumerate() {
+                for h in 0..2 {
+                    _mm512_mask_storeu_ps(t.c.add(r * t.ldc + 16 * h), masks[h], c[h]);
+                }
+            }
+        }
+    }
+
+    /// `R <= 6` rows x 16 columns.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn avx2<const R: usize>(
+        a: *const f32,
+        lda: usize,
+        kc: usize,
+        b: *const f32,
+        t: Tile,
+    ) {
+        // SAFETY: as for `avx512`, with rows of 16.
+        unsafe {
+            let lanes = |from: usize| {
+                let n = t.cols.saturating_sub(from).min(8) as i32;
+                _mm256_setr_epi32(
+                    -((n > 0) as i32),
+                    -((n > 1) as i32),
+                    -((n > 2) as i32),
+                    -((n > 3) as i32),
+                    -((n > 4) as i32),
+                    -((n > 5) as i32),
+                    -((n > 6) as i32),
+                    -((n > 7) as i32),
+                )
+            };
+            let masks = [lanes(0), lanes(8)];
+            let mut c = [[_mm256_setzero_ps(); 2]; R];
+            if !t.first {
+                for (r, c) in c.iter_mut().enumerate() {
+                    for h in 0..2 {
+                        c[h] = _mm256_maskload_ps(t.c.add(r * t.ldc + 8 * h), masks[h]);
+                    }
+                }
+            }
+            for p in 0..kc {
+                let b0 = _mm256_loadu_ps(b.add(p * 16));
+                let b1 = _mm256_loadu_ps(b.add(p * 16 + 8));
+                for (r, c) in c.iter_mut().enumerate() {
+                    let x = _mm256_set1_ps(*a.add(r * lda + p));
+                    c[0] = _mm256_fmadd_ps(x, b0, c[0]);
+                    c[1] = _mm256_fmadd_ps(x, b1, c[1]);
+                }
+            }
+            if let Some(bias) = t.bias {
+                let bias = [0, 1].map(|h| _mm256_maskload_ps(bias.add(8 * h), masks[h]));
+                for c in c.iter_mut() {
+                    for h in 0..2 {
+                        c[h] = _mm256_add_ps(c[h], bias[h]);
+                    }
+                }
+            }
+            if let Some(res) = t.residual {
+                for (r, c) in c.iter_mut().enumerate() {
+                    for h in 0..2 {
+                        let s = _mm256_maskload_ps(res.add(r * t.ldc + 8 * h), masks[h]);
+                        c[h] = _mm256_add_ps(c[h], s);
+                    }
+                }
+            }
+            for (r, c) in c.iter().enumerate() {
+                for h in 0..2 {
+                    _mm256_maskstore_ps(t.c.add(r * t.ldc + 8 * h), masks[h], c[h]);
+                }
+            }
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn multiply_tiles<M: MulAdd, const MR: usize, const NR: usize>(
+    m: usize,
+    a: &[f32],
+    lda: usize,
+    w: &PackedWeights,
+    c: &mut [f32],
+    ldc: usize,
+    epilogue: Epilogue,
+) {
+    let (k, n) = (w.k, w.n);
+    let panels = n.div_ceil(NR);
+    let mut k0 = 0;
+    loop {
+        let kc = KC.min(k - k0);
+        let last = k0 + kc == k;
+        for j in 0..panels {
+            let panel = &w.data[k0 * panels * NR + j * kc * NR..][..kc * NR];
+            let c0 = j * NR;
+            let cols = NR.min(n - c0);
+            let mut i = 0;
+            while i < m {
+                let rows = MR.min(m - i);
+                let at = i * ldc + c0;
+                let t = Tile {
+                    // In bounds: `multiply` checked `c` and `residual` for `m x n`, `ldc` apart.
+                    c: c[at..].as_mut_ptr(),
+                    ldc,
+                    rows,
+                    cols,
+                    first: k0 == 0,
+                    bias: last.then(|| epilogue.bias[c0..].as_ptr()),
+                    residual: epilogue.residual.filter(|_| last).map(|r| r[at..].as_ptr()),
+                };
+                tile::<M, MR, NR>(&a[i * lda + k0..], lda, kc, panel, t);
+                if last && epilogue.act.is_some() {
+                    for r in 0..rows {
+                        activate::<M>(&mut c[at + r * ldc..][..cols], epilogue.act);
+                    }
+                }
+                i += MR;
+            }
+        }
+        k0 += kc;
+        if k0 >= k {
+            break;
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn multiply_body<M: MulAdd>(
+    m: usize,
+    a: &[f32],
+    lda: usize,
+    w: &PackedWeights,
+    c: &mut [f32],
+    ldc: usize,
+    epilogue: Epilogue,
+) {
+    match w.nr {
+        32 => multiply_tiles::<M, 8, 32>(m, a, lda, w, c, ldc, epilogue),
+        16 => multiply_tiles::<M, 6, 16>(m, a, lda, w, c, ldc, epilogue),
+        _ => multiply_tiles::<M, 4, 8>(m, a, lda, w, c, ldc, epilogue),
+    }
+}
+
+multiversion! {
+    /// The unchecked product; [`multiply`] checks the shapes.
+    fn multiply_unchecked(
+        m: usize,
+        a: &[f32],
+        lda: usize,
+        w: &PackedWeights,
+        c: &mut [f32],
+        ldc: usize,
+        epilogue: Epilogue,
+    ) = multiply_body;
+}
+
+/// `c[m x n] = act(a[m x k] · w + bias [+ residual])`, row-major: `a` rows `lda` apart, `c`
+/// (and `residual`) rows `ldc` apart. Serial: callers split rows over threads.
+pub fn multiply(
+    m: usize,
+    a: &[f32],
+    lda: usize,
+    w: &PackedWeights,
+    c: &mut [f32],
+    ldc: usize,
+    epilogue: Epilogue,
+) {
+    if m == 0 || w.n == 0 {
+        return;
+    }
+    let (k, n) = (w.k, w.n);
+    assert!(
+        lda >= k && a.len() >= (m - 1) * lda + k,
+        "gemm: lhs too short"
+    );
+    assert!(
+        ldc >= n && c.len() >= (m - 1) * ldc + n,
+        "gemm: dst too short"
+    );
+    assert!(epilogue.bias.len() >= n, "gemm: bias too short");
+    if let Some(res) = epilogue.residual {
+        assert!(res.len() >= (m - 1) * ldc + n, "gemm: residual too short");
+    }
+    multiply_unchecked(m, a, lda, w, c, ldc, epilogue);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every micro-kernel this CPU runs, not only its widest.
+    fn widths() -> Vec<usize> {
+        let mut widths = vec![8];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                widths.push(16);
+            }
+            if level() == Level::Avx512 {
+                widths.push(32);
+            }
+        }
+        widths
+    }
+
+    #[test]
+    fn matches_naive_over_tails_and_slices() {
+        // k over two slices, n over a padded panel, m over a partial tile; a residual, an act.
+        let shapes = [(37, 19, 23), (9, 40, 300), (1, 3, 1), (17, 33, 513)];
+        for ((m, n, k), nr) in shapes
+            .into_iter()
+            .flat_map(|s| widths().into_iter().map(move |w| (s, w)))
+        {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
+            let bias: Vec<f32> = (0..n).map(|i| i as f32 * 0.5).collect();
+            let res: Vec<f32> = (0..m * n).map(|i| (i % 5) as f32).collect();
+            let w = PackedWeights::with_width(&b, k, n, nr);
+            let mut c = vec![f32::NAN; m * n];
+            let epilogue = Epilogue {
+                bias: &bias,
+                residual: Some(&res),
+                act: Some(Act::Relu),
+            };
+            multiply(m, &a, k, &w, &mut c, n, epilogue);
+            for i in 0..m {
+                for j in 0..n {
+                    let dot: f32 = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+                    let want = (dot + bias[j] + res[i * n + j]).max(0.0);
+                    assert_eq!(
+                        c[i * n + j],
+                        want,
+                        "({m}, {n}, {k}) width {nr} at ({i}, {j})"
+                    );
+                }
+            }
+        }
+    }
+}
