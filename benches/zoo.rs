@@ -25,7 +25,7 @@ use deep_pipelines::models::mobilenet_v2::MobileNetV2Config;
 use deep_pipelines::models::mobilenet_v3::MobileNetV3Config;
 use deep_pipelines::models::resnet::ResNetConfig;
 use deep_pipelines::models::squeezenet::SqueezeNetConfig;
-use deep_pipelines::models::{Architecture, ImageNetwork, load_model};
+use deep_pipelines::models::{Architecture, BurnEngine, Engine, Head, ImageNetwork, load_model};
 
 /// The zoo's names (torchvision's), input sizes and networks, built on first use.
 fn network(name: &str) -> Option<(usize, Arc<dyn ImageNetwork>)> {
@@ -63,17 +63,16 @@ const MODELS: &[&str] = &[
     "inception_v3",
 ];
 
-/// One forward pass to logits, values read back (as the featurizer does).
-fn forward(net: &dyn ImageNetwork, inputs: &[f32], batch: usize, size: usize) -> Vec<f32> {
-    let x = Tensor::<4>::from_data(
-        TensorData::new(inputs.to_vec(), [batch, 3, size, size]),
-        &Device::flex(),
-    );
-    net.logits(net.feature_map(x))
-        .expect("has a head")
-        .into_data()
-        .try_to_vec::<f32>()
-        .expect("f32 logits")
+/// One forward pass to logits, through the engine the featurizer and predictor run.
+fn forward(net: &Arc<dyn ImageNetwork>, inputs: &[f32], batch: usize, size: usize) -> Vec<f32> {
+    let engine = BurnEngine {
+        network: Arc::clone(net),
+        device: Device::flex(),
+    };
+    engine
+        .run(inputs.to_vec(), batch, size, Head::Logits)
+        .expect("logits")
+        .0
 }
 
 fn gemm_gflops(size: usize) -> f64 {
@@ -106,7 +105,7 @@ fn serve() {
                     Some((size, net)) => {
                         let inputs = common::inputs(batch * 3 * *size * *size);
                         let start = Instant::now();
-                        std::hint::black_box(forward(net.as_ref(), &inputs, batch, *size));
+                        std::hint::black_box(forward(net, &inputs, batch, *size));
                         format!("{}", start.elapsed().as_secs_f64())
                     }
                     None => format!("error unknown model {name}"),
@@ -132,7 +131,7 @@ fn bench_zoo(c: &mut Criterion) {
             let inputs = common::inputs(batch * 3 * size * size);
             group.throughput(Throughput::Elements(batch as u64));
             group.bench_function(format!("{name}_batch{batch}_{size}"), |b| {
-                b.iter(|| forward(net.as_ref(), &inputs, batch, size))
+                b.iter(|| forward(&net, &inputs, batch, size))
             });
         }
     }

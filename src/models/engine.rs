@@ -8,9 +8,9 @@ use std::sync::Arc;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::ImageNetwork;
 use super::layers::flatten;
 use super::manifest::FeatureMode;
+use super::{ImageNetwork, cpu};
 
 /// How a batch of images lies in the input buffer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -72,8 +72,24 @@ impl Engine for BurnEngine {
         size: usize,
         head: Head,
     ) -> Result<(Vec<f32>, usize), String> {
-        let x = Tensor::from_data(TensorData::new(input, [batch, 3, size, size]), &self.device);
-        let map = self.network.feature_map(x);
+        let dims = [batch, 3, size, size];
+        let planned = match self.network.plan() {
+            Some(plan) if self.device == Device::flex() => match plan.run_nchw(&input, dims) {
+                Ok(map) => Some(map.to_tensor(&self.device)),
+                Err(e) => {
+                    cpu::warn_once(&e);
+                    None
+                }
+            },
+            _ => None,
+        };
+        let map = match planned {
+            Some(map) => map,
+            None => {
+                let x = Tensor::from_data(TensorData::new(input, dims), &self.device);
+                self.network.feature_map(x)
+            }
+        };
         let out = match head {
             Head::Features(FeatureMode::Pooled) => self.network.features(map),
             Head::Features(FeatureMode::Flattened) => flatten(map),

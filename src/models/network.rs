@@ -26,6 +26,12 @@ pub trait ImageNetwork: Send + Sync + std::fmt::Debug {
     fn logits(&self, _map: Tensor<4>) -> Option<Tensor<2>> {
         None
     }
+
+    /// The CPU plan that computes [`ImageNetwork::feature_map`] on the CPU device, if any: the
+    /// engine then hands it the input buffer itself, without a burn tensor in between.
+    fn plan(&self) -> Option<&cpu::Plan> {
+        None
+    }
 }
 
 /// A built-in architecture's configuration (`ResNetConfig::resnet50()`, a narrowed test

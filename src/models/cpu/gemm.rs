@@ -93,6 +93,8 @@ struct Tile {
     first: bool,
     bias: Option<*const f32>,
     residual: Option<*const f32>,
+    /// `(low, high)`: the activation, when it is a clamp (ReLU, ReLU6).
+    clamp: Option<(f32, f32)>,
 }
 
 /// `C[rows x cols] (+)= A[rows x kc] · panel`: `a` rows `lda` apart, `panel` `kc x NR`.
@@ -149,6 +151,9 @@ fn tile<M: MulAdd, const MR: usize, const NR: usize>(
             if let Some(res) = t.residual {
                 let res = std::slice::from_raw_parts(res.add(r * t.ldc), t.cols);
                 acc.iter_mut().zip(res).for_each(|(x, s)| *x += s);
+            }
+            if let Some((low, high)) = t.clamp {
+                acc.iter_mut().for_each(|x| *x = x.max(low).min(high));
             }
             c.copy_from_slice(&acc[..t.cols]);
         }
@@ -210,6 +215,14 @@ mod x86 {
                     for h in 0..2 {
                         let s = _mm512_maskz_loadu_ps(masks[h], res.add(r * t.ldc + 16 * h));
                         c[h] = _mm512_add_ps(c[h], s);
+                    }
+                }
+            }
+            if let Some((low, high)) = t.clamp {
+                let (low, high) = (_mm512_set1_ps(low), _mm512_set1_ps(high));
+                for c in c.iter_mut() {
+                    for h in 0..2 {
+                        c[h] = _mm512_min_ps(_mm512_max_ps(c[h], low), high);
                     }
                 }
             }
@@ -279,6 +292,14 @@ mod x86 {
                     }
                 }
             }
+            if let Some((low, high)) = t.clamp {
+                let (low, high) = (_mm256_set1_ps(low), _mm256_set1_ps(high));
+                for c in c.iter_mut() {
+                    for h in 0..2 {
+                        c[h] = _mm256_min_ps(_mm256_max_ps(c[h], low), high);
+                    }
+                }
+            }
             for (r, c) in c.iter().enumerate() {
                 for h in 0..2 {
                     _mm256_maskstore_ps(t.c.add(r * t.ldc + 8 * h), masks[h], c[h]);
@@ -305,37 +326,51 @@ fn multiply_tiles<M: MulAdd, const MR: usize, const NR: usize>(
     loop {
         let kc = KC.min(k - k0);
         let last = k0 + kc == k;
-        for j in 0..panels {
-            let panel = &w.data[k0 * panels * NR + j * kc * NR..][..kc * NR];
-            let c0 = j * NR;
-            let cols = NR.min(n - c0);
-            let mut i = 0;
-            while i < m {
-                let rows = MR.min(m - i);
-                let at = i * ldc + c0;
-                let t = Tile {
-                    // In bounds: `multiply` checked `c` and `residual` for `m x n`, `ldc` apart.
-                    c: c[at..].as_mut_ptr(),
-                    ldc,
-                    rows,
-                    cols,
-                    first: k0 == 0,
-                    bias: last.then(|| epilogue.bias[c0..].as_ptr()),
-                    residual: epilogue.residual.filter(|_| last).map(|r| r[at..].as_ptr()),
-                };
-                tile::<M, MR, NR>(&a[i * lda + k0..], lda, kc, panel, t);
-                if last && epilogue.act.is_some() {
-                    for r in 0..rows {
-                        activate::<M>(&mut c[at + r * ldc..][..cols], epilogue.act);
-                    }
+        // Rows per block: the block's slice of A and its rows of C (~256 KiB) stay in L2
+        // while every panel passes over them, and each row of C is written whole at once.
+        let mc = ((1 << 16) / (kc + n)).clamp(MR, 512) / MR * MR;
+        for i0 in (0..m).step_by(mc) {
+            let block = mc.min(m - i0);
+            for j in 0..panels {
+                let panel = &w.data[k0 * panels * NR + j * kc * NR..][..kc * NR];
+                let c0 = j * NR;
+                let cols = NR.min(n - c0);
+                for i in (i0..i0 + block).step_by(MR) {
+                    let rows = MR.min(i0 + block - i);
+                    let at = i * ldc + c0;
+                    let t = Tile {
+                        // In bounds: `multiply` checked `c` and `residual` for `m x n`.
+                        c: c[at..].as_mut_ptr(),
+                        ldc,
+                        rows,
+                        cols,
+                        first: k0 == 0,
+                        bias: last.then(|| epilogue.bias[c0..].as_ptr()),
+                        residual: epilogue.residual.filter(|_| last).map(|r| r[at..].as_ptr()),
+                        clamp: if last { clamp(epilogue.act) } else { None },
+                    };
+                    tile::<M, MR, NR>(&a[i * lda + k0..], lda, kc, panel, t);
                 }
-                i += MR;
+            }
+            if last && clamp(epilogue.act).is_none() && epilogue.act.is_some() {
+                for r in i0..i0 + block {
+                    activate::<M>(&mut c[r * ldc..][..n], epilogue.act);
+                }
             }
         }
         k0 += kc;
         if k0 >= k {
             break;
         }
+    }
+}
+
+/// The activations that are a clamp, applied by the micro-kernel in registers.
+fn clamp(act: Option<Act>) -> Option<(f32, f32)> {
+    match act {
+        Some(Act::Relu) => Some((0.0, f32::INFINITY)),
+        Some(Act::Relu6) => Some((0.0, 6.0)),
+        _ => None,
     }
 }
 

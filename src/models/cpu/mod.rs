@@ -46,13 +46,7 @@ impl Nhwc {
         let mut out = pool::take(batch * plane * channels);
         out.par_chunks_mut(plane * channels)
             .zip(data.par_chunks(plane * channels))
-            .for_each(|(dst, src)| {
-                for (p, px) in dst.chunks_exact_mut(channels).enumerate() {
-                    for (c, v) in px.iter_mut().enumerate() {
-                        *v = src[c * plane + p];
-                    }
-                }
-            });
+            .for_each(|(dst, src)| transpose_to_nhwc(src, channels, dst));
         Nhwc {
             batch,
             height,
@@ -79,6 +73,12 @@ impl Nhwc {
         out
     }
 
+    /// As an NCHW burn tensor on `device`.
+    pub fn to_tensor(&self, device: &Device) -> Tensor<4> {
+        let shape = [self.batch, self.channels, self.height, self.width];
+        Tensor::from_data(TensorData::new(self.to_nchw(), shape), device)
+    }
+
     fn image_len(&self) -> usize {
         self.height * self.width * self.channels
     }
@@ -96,6 +96,16 @@ impl Nhwc {
             width,
             channels,
             data,
+        }
+    }
+}
+
+/// One image from channels-first (`src`, `channels` planes) to channels-last (`dst`).
+fn transpose_to_nhwc(src: &[f32], channels: usize, dst: &mut [f32]) {
+    let plane = src.len() / channels.max(1);
+    for (p, px) in dst.chunks_exact_mut(channels).enumerate() {
+        for (c, v) in px.iter_mut().enumerate() {
+            *v = src[c * plane + p];
         }
     }
 }
@@ -674,50 +684,85 @@ impl Plan {
         Plan { ops }
     }
 
-    /// Runs the plan on an NHWC batch: one image per task when there are at least as many
-    /// images as threads, so that each image's activations stay in cache from layer to layer
-    /// (a whole batch's do not: 32 MobileNet images are 150 MB per layer).
+    /// Runs the plan on an NHWC batch.
     pub fn run(&self, x: &Nhwc) -> Result<Nhwc, PlanError> {
-        let threads = rayon::current_num_threads();
-        if x.batch < 2 || x.batch < threads {
-            return run_all(&self.ops, x);
+        let [c, h, w] = [x.channels, x.height, x.width];
+        self.run_batch(
+            x.batch,
+            x.image_len(),
+            |b, dst| dst.copy_from_slice(x.image(b)),
+            [c, h, w],
+        )
+    }
+
+    /// Runs the plan on an NCHW batch `[batch, channels, height, width]` (each image turned
+    /// channels-last by the task that runs it).
+    pub fn run_nchw(&self, data: &[f32], dims: [usize; 4]) -> Result<Nhwc, PlanError> {
+        let [batch, channels, height, width] = dims;
+        let len = channels * height * width;
+        if data.len() != batch * len {
+            return Err(format!("input has {} values, not {dims:?}", data.len()));
         }
-        let outs = (0..x.batch)
+        let image =
+            |b: usize, dst: &mut [f32]| transpose_to_nhwc(&data[b * len..][..len], channels, dst);
+        self.run_batch(batch, len, image, [channels, height, width])
+    }
+
+    /// Runs the plan over `batch` images that `fill(b, buffer)` writes channels-last: one image
+    /// per task when there are at least as many images as threads, so that each image's
+    /// activations stay in cache from layer to layer (a whole batch's do not: 32 MobileNet
+    /// images are 150 MB per layer); the whole batch at once, split inside each op, otherwise.
+    fn run_batch(
+        &self,
+        batch: usize,
+        image_len: usize,
+        fill: impl Fn(usize, &mut [f32]) + Sync,
+        [channels, height, width]: [usize; 3],
+    ) -> Result<Nhwc, PlanError> {
+        let input = |images: std::ops::Range<usize>| {
+            let mut data = pool::take(images.len() * image_len);
+            for (b, dst) in images.zip(data.chunks_exact_mut(image_len)) {
+                fill(b, dst);
+            }
+            Nhwc {
+                batch: data.len() / image_len.max(1),
+                height,
+                width,
+                channels,
+                data,
+            }
+        };
+        if batch < 2 || batch < rayon::current_num_threads() {
+            return run_all(&self.ops, &input(0..batch));
+        }
+        let outs = (0..batch)
             .into_par_iter()
             .map(|b| {
-                let mut data = pool::take(x.image_len());
-                data.copy_from_slice(x.image(b));
-                let image = Nhwc {
-                    batch: 1,
-                    height: x.height,
-                    width: x.width,
-                    channels: x.channels,
-                    data,
-                };
                 SERIAL.with(|s| s.set(true));
-                let out = run_all(&self.ops, &image);
+                let out = run_all(&self.ops, &input(b..b + 1));
                 SERIAL.with(|s| s.set(false));
                 out
             })
             .collect::<Result<Vec<_>, _>>()?;
         let first = &outs[0];
-        let mut data = pool::take(x.batch * first.image_len());
+        let mut data = pool::take(batch * first.image_len());
         for (dst, out) in data.chunks_exact_mut(first.image_len()).zip(&outs) {
             dst.copy_from_slice(&out.data);
         }
-        Ok(x.with(first.height, first.width, first.channels, data))
+        Ok(Nhwc {
+            batch,
+            height: first.height,
+            width: first.width,
+            channels: first.channels,
+            data,
+        })
     }
 
     /// The feature map of an NCHW `f32` tensor, as an NCHW tensor on the input's device.
     pub fn feature_map(&self, input: &Tensor<4>) -> Result<Tensor<4>, PlanError> {
         let dims = input.dims();
         let data = floats(input.clone()).ok_or("input is not f32")?;
-        let out = self.run(&Nhwc::from_nchw(&data, dims))?;
-        let shape = [out.batch, out.channels, out.height, out.width];
-        Ok(Tensor::from_data(
-            TensorData::new(out.to_nchw(), shape),
-            &input.device(),
-        ))
+        Ok(self.run_nchw(&data, dims)?.to_tensor(&input.device()))
     }
 }
 
@@ -754,11 +799,15 @@ impl<N: ImageNetwork> ImageNetwork for Planned<N> {
     fn logits(&self, map: Tensor<4>) -> Option<Tensor<2>> {
         self.network.logits(map)
     }
+
+    fn plan(&self) -> Option<&Plan> {
+        Some(&self.plan)
+    }
 }
 
 /// Says once per process that a plan refused an input (the network then runs through burn:
 /// the same values, more slowly).
-fn warn_once(reason: &str) {
+pub(crate) fn warn_once(reason: &str) {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         eprintln!(
