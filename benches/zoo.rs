@@ -7,7 +7,7 @@
 //! answers one request per line on stdin, so that `benches/compare_torchvision.py` can time
 //! ours between PyTorch and ONNX Runtime in one interleaved run:
 //! - `time <model> <batch>`: seconds of one forward pass (input to logits), on its own line;
-//! - `gemm <size>`: GFLOP/s of one `size`^3 f32 GEMM through the `gemm` crate on every thread;
+//! - `gemm <size>`: GFLOP/s of one `size`^3 f32 GEMM through the plan's GEMM on every thread;
 //! - `info`: the SIMD level the CPU plan's kernels run and the thread count.
 
 mod common;
@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use criterion::{Criterion, Throughput};
-use deep_pipelines::models::cpu::{inference_network, kernels};
+use deep_pipelines::models::cpu::{gemm, inference_network, kernels};
 use deep_pipelines::models::efficientnet::EfficientNetConfig;
 use deep_pipelines::models::inception_v3::InceptionV3Config;
 use deep_pipelines::models::mobilenet_v2::MobileNetV2Config;
@@ -26,6 +26,7 @@ use deep_pipelines::models::mobilenet_v3::MobileNetV3Config;
 use deep_pipelines::models::resnet::ResNetConfig;
 use deep_pipelines::models::squeezenet::SqueezeNetConfig;
 use deep_pipelines::models::{Architecture, BurnEngine, Engine, Head, ImageNetwork, load_model};
+use rayon::prelude::*;
 
 /// The zoo's names (torchvision's), input sizes and networks, built on first use.
 fn network(name: &str) -> Option<(usize, Arc<dyn ImageNetwork>)> {
@@ -75,15 +76,36 @@ fn forward(net: &Arc<dyn ImageNetwork>, inputs: &[f32], batch: usize, size: usiz
         .0
 }
 
+/// GFLOP/s of a `size`^3 product through the plan's GEMM (weights packed beforehand, as a plan
+/// does), blocks of rows split over every thread as the plan splits a convolution's.
 fn gemm_gflops(size: usize) -> f64 {
     let a = common::inputs(size * size);
-    let b = common::inputs(size * size);
+    let weights = gemm::PackedWeights::new(&common::inputs(size * size), size, size);
+    let bias = vec![0.0; size];
     let mut c = vec![0.0f32; size * size];
-    let threads = rayon::current_num_threads();
+    let rows = 256;
     let mut best = f64::INFINITY;
     for _ in 0..3 {
         let start = Instant::now();
-        kernels::matmul(size, size, size, &a, size, &b, &mut c, size, threads);
+        c.par_chunks_mut(rows * size)
+            .enumerate()
+            .for_each(|(i, block)| {
+                let epilogue = gemm::Epilogue {
+                    bias: &bias,
+                    residual: None,
+                    act: None,
+                };
+                let m = block.len() / size;
+                gemm::multiply(
+                    m,
+                    &a[i * rows * size..],
+                    size,
+                    &weights,
+                    block,
+                    size,
+                    epilogue,
+                );
+            });
         best = best.min(start.elapsed().as_secs_f64());
     }
     2.0 * (size as f64).powi(3) / best / 1e9

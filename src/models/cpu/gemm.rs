@@ -10,7 +10,7 @@
 //! A is read in place (activations or im2col rows, `lda` apart); each `MR x NR` tile of the
 //! output is accumulated over `KC`-deep slices of A and of one packed panel, which stay in L1/L2.
 
-use super::kernels::{Fused, Level, MulAdd, Separate, activate, level, multiversion};
+use super::kernels::{Fused, Level, MulAdd, Separate, activate, clamp_of, level, multiversion};
 use crate::models::layers::Act;
 
 /// Depth of one slice of the product: `KC x NR` weights (32 KiB at NR = 32) stay in L1/L2.
@@ -347,12 +347,12 @@ fn multiply_tiles<M: MulAdd, const MR: usize, const NR: usize>(
                         first: k0 == 0,
                         bias: last.then(|| epilogue.bias[c0..].as_ptr()),
                         residual: epilogue.residual.filter(|_| last).map(|r| r[at..].as_ptr()),
-                        clamp: if last { clamp(epilogue.act) } else { None },
+                        clamp: if last { clamp_of(epilogue.act) } else { None },
                     };
                     tile::<M, MR, NR>(&a[i * lda + k0..], lda, kc, panel, t);
                 }
             }
-            if last && clamp(epilogue.act).is_none() && epilogue.act.is_some() {
+            if last && clamp_of(epilogue.act).is_none() && epilogue.act.is_some() {
                 for r in i0..i0 + block {
                     activate::<M>(&mut c[r * ldc..][..n], epilogue.act);
                 }
@@ -362,15 +362,6 @@ fn multiply_tiles<M: MulAdd, const MR: usize, const NR: usize>(
         if k0 >= k {
             break;
         }
-    }
-}
-
-/// The activations that are a clamp, applied by the micro-kernel in registers.
-fn clamp(act: Option<Act>) -> Option<(f32, f32)> {
-    match act {
-        Some(Act::Relu) => Some((0.0, f32::INFINITY)),
-        Some(Act::Relu6) => Some((0.0, 6.0)),
-        _ => None,
     }
 }
 

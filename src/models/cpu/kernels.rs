@@ -1,6 +1,6 @@
 //! The CPU plan's inner loops over channels-last (NHWC) `f32` rows, compiled three times (AVX-512,
-//! AVX2 + FMA, baseline x86-64 / other targets) and picked once at run time, plus the GEMM every
-//! dense convolution becomes (the `gemm` crate, which picks its own kernels at run time).
+//! AVX2 + FMA, baseline x86-64 / other targets) and picked once at run time. Dense convolutions
+//! are GEMMs: see [`super::gemm`].
 //!
 //! Each kernel here is serial over the rows it is given: the callers split rows across rayon's
 //! threads, so a kernel never starts threads of its own.
@@ -24,6 +24,7 @@ pub fn level() -> Level {
         {
             if is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
             {
                 return Level::Avx512;
@@ -248,8 +249,17 @@ fn depthwise_body<M: MulAdd>(
     out: &mut [f32],
 ) {
     let c = win.channels;
+    let fast = interior(win, oy)
+        .filter(|xs| depthwise_interior(image, weight, bias, win, oy, xs.clone(), act, out))
+        .unwrap_or(0..0);
+    if !fast.is_empty() && clamp_of(act).is_none() {
+        activate::<M>(&mut out[fast.start * c..fast.end * c], act);
+    }
     let mut taps = Vec::with_capacity(win.kernel[0] * win.kernel[1]);
     for (ox, o) in out.chunks_exact_mut(c).enumerate().take(win.out_width) {
+        if fast.contains(&ox) {
+            continue;
+        }
         win.taps(oy, ox, &mut taps);
         // 64 channels at a time (4 AVX-512 / 8 AVX2 registers), then 16, then one by one.
         let mut start = 0;
@@ -266,6 +276,204 @@ fn depthwise_body<M: MulAdd>(
             start += 1;
         }
     }
+}
+
+/// The activations that are a clamp (ReLU, ReLU6): `(low, high)`.
+pub(super) fn clamp_of(act: Option<Act>) -> Option<(f32, f32)> {
+    match act {
+        Some(Act::Relu) => Some((0.0, f32::INFINITY)),
+        Some(Act::Relu6) => Some((0.0, 6.0)),
+        _ => None,
+    }
+}
+
+/// Output pixels `[start, end)` of row `oy` whose every tap lands on the image.
+fn interior(win: Window, oy: usize) -> Option<std::ops::Range<usize>> {
+    let [kh, kw] = win.kernel;
+    if Window::valid(oy, win.stride[0], win.pad[0], kh, win.height) != (0, kh) {
+        return None;
+    }
+    let start = win.pad[1].div_ceil(win.stride[1]);
+    let end = ((win.width + win.pad[1]).checked_sub(kw)? / win.stride[1] + 1).min(win.out_width);
+    (start < end).then_some(start..end)
+}
+
+/// Interior pixels `xs` of row `oy` of a 3x3 or 5x5 depthwise convolution through the SIMD
+/// kernels (conv + bias, then the activation if it is a clamp); `false` if none applies (the
+/// caller then runs them pixel by pixel).
+#[allow(clippy::too_many_arguments)]
+fn depthwise_interior(
+    image: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    win: Window,
+    oy: usize,
+    xs: std::ops::Range<usize>,
+    act: Option<Act>,
+    out: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let c = win.channels;
+        let k = win.kernel[0];
+        // AVX-512 vectors where the channels fill them, AVX2's (which AVX-512 CPUs run too)
+        // where they fill those.
+        let lanes = match level() {
+            Level::Avx512 if c.is_multiple_of(16) => 16,
+            Level::Avx512 | Level::Avx2 if c.is_multiple_of(8) => 8,
+            _ => return false,
+        };
+        if win.kernel[1] != k || !(k == 3 || k == 5) {
+            return false;
+        }
+        let iy = oy * win.stride[0] - win.pad[0];
+        let last = ((iy + k - 1) * win.width + (xs.end - 1) * win.stride[1] - win.pad[1] + k) * c;
+        assert!(
+            last <= image.len() && xs.end * c <= out.len(),
+            "depthwise: out of bounds"
+        );
+        assert!(
+            weight.len() >= k * k * c && bias.len() >= c,
+            "depthwise: weights too short"
+        );
+        let args = depthwise_x86::Args {
+            image: image[iy * win.width * c..].as_ptr(),
+            row: win.width * c,
+            c,
+            stride: win.stride[1],
+            left: xs.start * win.stride[1] - win.pad[1],
+            pixels: xs.len(),
+            weight: weight.as_ptr(),
+            bias: bias.as_ptr(),
+            clamp: clamp_of(act),
+            out: out[xs.start * c..].as_mut_ptr(),
+        };
+        // SAFETY: the asserts keep every tap of pixels `xs` inside `image` and every store
+        // inside `out`; `level()` found the instruction set each kernel is compiled for (an
+        // AVX-512 level implies AVX2 + FMA).
+        unsafe {
+            match (lanes, k) {
+                (16, 3) => depthwise_x86::avx512::<3>(args),
+                (16, _) => depthwise_x86::avx512::<5>(args),
+                (_, 3) => depthwise_x86::avx2::<3>(args),
+                _ => depthwise_x86::avx2::<5>(args),
+            }
+        }
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (image, weight, bias, win, oy, xs, act, out);
+        false
+    }
+}
+
+/// Depthwise `K x K` kernels over the interior of an output row: for each block of channels
+/// (one vector), its `K x K` weights stay in registers while 4 output pixels at a time (4
+/// independent chains of FMAs) pass over the row.
+#[cfg(target_arch = "x86_64")]
+mod depthwise_x86 {
+    use std::arch::x86_64::*;
+
+    #[derive(Clone, Copy)]
+    pub struct Args {
+        /// The first of the K input rows the output row reads.
+        pub image: *const f32,
+        /// Values per input row.
+        pub row: usize,
+        pub c: usize,
+        pub stride: usize,
+        /// Input column of the first pixel's first tap.
+        pub left: usize,
+        pub pixels: usize,
+        pub weight: *const f32,
+        pub bias: *const f32,
+        pub clamp: Option<(f32, f32)>,
+        /// The first pixel's output.
+        pub out: *mut f32,
+    }
+
+    macro_rules! kernel {
+        ($name:ident, $feature:literal, $lanes:literal, $v:ty, $load:ident, $store:ident,
+         $set1:ident, $fmadd:ident, $max:ident, $min:ident) => {
+            /// `a.c` a multiple of the vector's lanes; every tap and store inside the buffers.
+            #[target_feature(enable = $feature)]
+            pub unsafe fn $name<const K: usize>(a: Args) {
+                // SAFETY (the whole body): the caller's bounds, above.
+                unsafe {
+                    let (c, s) = (a.c, a.stride);
+                    for cb in (0..c).step_by($lanes) {
+                        let w: [$v; 25] = std::array::from_fn(|t| {
+                            if t < K * K {
+                                $load(a.weight.add(t * c + cb))
+                            } else {
+                                $set1(0.0)
+                            }
+                        });
+                        let bias = $load(a.bias.add(cb));
+                        let finish = |v: $v| match a.clamp {
+                            Some((lo, hi)) => $min($max(v, $set1(lo)), $set1(hi)),
+                            None => v,
+                        };
+                        let tap = |p: usize, ky: usize, kx: usize| {
+                            a.image.add(ky * a.row + (a.left + p * s + kx) * c + cb)
+                        };
+                        let mut p = 0;
+                        while p + 4 <= a.pixels {
+                            let mut acc = [bias; 4];
+                            for ky in 0..K {
+                                for kx in 0..K {
+                                    let w = w[ky * K + kx];
+                                    for (i, acc) in acc.iter_mut().enumerate() {
+                                        *acc = $fmadd($load(tap(p + i, ky, kx)), w, *acc);
+                                    }
+                                }
+                            }
+                            for (i, acc) in acc.iter().enumerate() {
+                                $store(a.out.add((p + i) * c + cb), finish(*acc));
+                            }
+                            p += 4;
+                        }
+                        while p < a.pixels {
+                            let mut acc = bias;
+                            for ky in 0..K {
+                                for kx in 0..K {
+                                    acc = $fmadd($load(tap(p, ky, kx)), w[ky * K + kx], acc);
+                                }
+                            }
+                            $store(a.out.add(p * c + cb), finish(acc));
+                            p += 1;
+                        }
+                    }
+                }
+            }
+        };
+    }
+
+    kernel!(
+        avx512,
+        "avx512f",
+        16,
+        __m512,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps,
+        _mm512_max_ps,
+        _mm512_min_ps
+    );
+    kernel!(
+        avx2,
+        "avx2,fma",
+        8,
+        __m256,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_set1_ps,
+        _mm256_fmadd_ps,
+        _mm256_max_ps,
+        _mm256_min_ps
+    );
 }
 
 multiversion! {
@@ -420,64 +628,6 @@ pub fn im2col(image_batch: &[f32], win: Window, out_height: usize, first: usize,
     }
 }
 
-/// `c[m x n] = a[m x k] · b[k x n]`, row-major: `a` rows `lda` apart, `b` contiguous, `c` rows
-/// `ldc` apart. `threads > 1` lets the `gemm` crate split the product over rayon's pool.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    lda: usize,
-    b: &[f32],
-    c: &mut [f32],
-    ldc: usize,
-    threads: usize,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(
-        k == 0 || (a.len() >= (m - 1) * lda + k && lda >= k),
-        "matmul: lhs too short"
-    );
-    assert!(b.len() >= k * n, "matmul: rhs too short");
-    assert!(
-        c.len() >= (m - 1) * ldc + n && ldc >= n,
-        "matmul: dst too short"
-    );
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the asserts above keep every index the strides reach inside the three slices,
-    // and `c` does not alias `a` or `b` (a `&mut` and two `&`).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            ldc as isize,
-            false,
-            a.as_ptr(),
-            1,
-            lda as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -516,16 +666,64 @@ mod tests {
     }
 
     #[test]
-    fn matmul_matches_naive() {
-        let (m, n, k) = (37, 19, 23);
-        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
-        let b: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
-        let mut c = vec![0.0; m * n];
-        matmul(m, n, k, &a, k, &b, &mut c, n, 2);
-        for i in 0..m {
-            for j in 0..n {
-                let want: f32 = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
-                assert_eq!(c[i * n + j], want);
+    fn depthwise_rows_match_naive() {
+        // Channel counts for each kernel (16 and 8 lanes, neither), 3x3 and 5x5 (the SIMD
+        // interior) and 7x7 (pixel by pixel), strides 1 and 2, clamp and other activations.
+        for (c, k, s, act) in [
+            (32, 3, 1, Some(Act::Relu6)),
+            (24, 3, 2, Some(Act::Relu)),
+            (16, 5, 1, Some(Act::Silu)),
+            (40, 5, 2, None),
+            (5, 3, 1, Some(Act::Relu6)),
+            (8, 7, 1, Some(Act::HardSwish)),
+        ] {
+            let (h, w) = (9, 11);
+            let pad = k / 2;
+            let image: Vec<f32> = (0..h * w * c)
+                .map(|i| ((i * 7) % 13) as f32 - 6.0)
+                .collect();
+            let weight: Vec<f32> = (0..k * k * c)
+                .map(|i| ((i * 5) % 11) as f32 * 0.25 - 1.0)
+                .collect();
+            let bias: Vec<f32> = (0..c).map(|i| i as f32 * 0.125).collect();
+            let (oh, ow) = ((h + 2 * pad - k) / s + 1, (w + 2 * pad - k) / s + 1);
+            let win = Window {
+                height: h,
+                width: w,
+                channels: c,
+                kernel: [k, k],
+                stride: [s, s],
+                pad: [pad, pad],
+                out_width: ow,
+            };
+            for oy in 0..oh {
+                let mut row = vec![f32::NAN; ow * c];
+                depthwise_row(&image, &weight, &bias, win, oy, act, &mut row);
+                for ox in 0..ow {
+                    for ch in 0..c {
+                        let mut want = bias[ch];
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let (iy, ix) = (
+                                    (oy * s + ky) as isize - pad as isize,
+                                    (ox * s + kx) as isize - pad as isize,
+                                );
+                                if (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix) {
+                                    want += image[(iy as usize * w + ix as usize) * c + ch]
+                                        * weight[(ky * k + kx) * c + ch];
+                                }
+                            }
+                        }
+                        let mut want = [want];
+                        epilogue(&mut want, 1, None, None, act);
+                        let got = row[ox * c + ch];
+                        assert!(
+                            (got - want[0]).abs() < 1e-4,
+                            "c {c} k {k} s {s} at ({oy}, {ox}, {ch}): {got} vs {}",
+                            want[0]
+                        );
+                    }
+                }
             }
         }
     }
