@@ -6,7 +6,7 @@
 use std::sync::Mutex;
 
 /// Bytes the pool keeps at most; a buffer that would go past it is freed instead.
-const MAX_POOLED_BYTES: usize = 1 << 30;
+const MAX_POOLED_BYTES: usize = 1 << 27;
 
 static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 
