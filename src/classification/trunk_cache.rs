@@ -64,10 +64,7 @@ impl TrunkCache {
         })?;
         let size = manifest.input_size as usize;
         let probe = plan
-            .run(&Nhwc::from_nchw(
-                &vec![0.0; 3 * size * size],
-                [1, 3, size, size],
-            ))
+            .run_nchw(&vec![0.0; 3 * size * size], [1, 3, size, size])
             .map_err(|e| model_error(&p.model_name, e))?;
         let dims = if p.trainable_blocks == 0 {
             [probe.channels, 1, 1]
@@ -173,7 +170,7 @@ impl Trunk {
         let size = self.input_size;
         let out = self
             .plan
-            .run(&Nhwc::from_nchw(&x, [n, 3, size, size]))
+            .run_nchw(&x, [n, 3, size, size])
             .map_err(|e| model_error(model, format!("the frozen trunk refused a batch: {e}")))?;
         let per_view: usize = self.dims.iter().product();
         let maps = if self.pooled {

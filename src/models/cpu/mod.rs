@@ -16,6 +16,7 @@
 pub mod gemm;
 pub mod kernels;
 mod pool;
+mod winograd;
 
 use std::sync::Arc;
 
@@ -28,6 +29,7 @@ use super::ImageNetwork;
 use super::layers::{Act, ConvBn, FoldBatchNorms, SqueezeExcitation};
 use gemm::{Epilogue, PackedWeights};
 use kernels::Window;
+use winograd::WinogradWeights;
 
 /// A batch of images, channels last: `data[((b * height + y) * width + x) * channels + c]`.
 #[derive(Debug, Clone, PartialEq)]
@@ -121,7 +123,7 @@ impl Drop for Nhwc {
 pub type PlanError = String;
 
 thread_local! {
-    /// Set while this thread runs one image of a batch on its own ([`Plan::run`]): its ops
+    /// Set while this thread runs one image of a batch on its own (`Plan::run_batch`): its ops
     /// then run serially, the other threads having images of their own.
     static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
@@ -216,6 +218,8 @@ enum ConvWeights {
     Dense(PackedWeights),
     /// `[kh, kw, C]`.
     Depthwise(Vec<f32>),
+    /// A 3x3 stride-1 convolution's, transformed for Winograd's F(2x2, 3x3).
+    Winograd(WinogradWeights),
 }
 
 /// A tensor's values as `f32`, `None` for another dtype (the plan then is not built).
@@ -230,7 +234,15 @@ impl Conv {
         let (conv, weight) = Conv::unpacked(conv, act)?;
         Some(match conv.weights {
             ConvWeights::Depthwise(_) => conv,
-            ConvWeights::Dense(_) => {
+            ConvWeights::Dense(_) if conv.winograd() => Conv {
+                weights: ConvWeights::Winograd(WinogradWeights::new(
+                    &weight,
+                    conv.input,
+                    conv.output,
+                )),
+                ..conv
+            },
+            _ => {
                 let k = conv.kernel[0] * conv.kernel[1] * conv.input;
                 Conv {
                     weights: ConvWeights::Dense(PackedWeights::new(&weight, k, conv.output)),
@@ -365,8 +377,74 @@ impl Conv {
                 self.run_depthwise(weight, x, win, oh, shortcut, &mut out)
             }
             ConvWeights::Dense(weight) => self.run_dense(weight, x, win, oh, shortcut, &mut out),
+            ConvWeights::Winograd(weight) => {
+                self.run_winograd(weight, x, win, oh, shortcut, &mut out)
+            }
         }
         Ok(x.with(oh, ow, n, out))
+    }
+
+    /// Whether this convolution runs by Winograd: 3x3, stride 1, dense, with enough channels
+    /// for the 16 products to be GEMMs worth the transforms.
+    fn winograd(&self) -> bool {
+        self.kernel == [3, 3]
+            && self.stride == [1, 1]
+            && matches!(self.weights, ConvWeights::Dense(_))
+            && self.input >= 16
+            && self.output >= 16
+    }
+
+    fn run_winograd(
+        &self,
+        weight: &WinogradWeights,
+        x: &Nhwc,
+        win: Window,
+        oh: usize,
+        shortcut: Option<&Nhwc>,
+        out: &mut [f32],
+    ) {
+        let (ow, n) = (win.out_width, self.output);
+        let shape = winograd::Shape {
+            height: x.height,
+            width: x.width,
+            pad: win.pad,
+            out_height: oh,
+            out_width: ow,
+        };
+        // Pieces of tile rows (two output rows each): a few per thread over the batch.
+        let tile_rows = oh.div_ceil(2);
+        let pieces = (op_threads() * 2).div_ceil(x.batch).clamp(1, tile_rows);
+        let per = tile_rows.div_ceil(pieces);
+        let pieces = tile_rows.div_ceil(per);
+        let image_out = oh * ow * n;
+        let mut chunks = Vec::with_capacity(x.batch * pieces);
+        for (b, image) in out.chunks_mut(image_out).enumerate() {
+            let mut rest = image;
+            for p in 0..pieces {
+                let rows = p * per..((p + 1) * per).min(tile_rows);
+                let len = ((2 * rows.end).min(oh) - 2 * rows.start) * ow * n;
+                let (piece, tail) = rest.split_at_mut(len);
+                rest = tail;
+                chunks.push((b, rows, piece));
+            }
+        }
+        chunks
+            .into_par_iter()
+            .with_min_len(min_split())
+            .for_each(|(b, rows, piece)| {
+                let start = b * image_out + 2 * rows.start * ow * n;
+                let residual = shortcut.map(|s| &s.data[start..][..piece.len()]);
+                winograd::convolve(
+                    weight,
+                    x.image(b),
+                    shape,
+                    rows,
+                    &self.bias,
+                    residual,
+                    self.act,
+                    piece,
+                );
+            });
     }
 
     fn run_depthwise(

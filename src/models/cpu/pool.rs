@@ -21,7 +21,7 @@ pub fn take(len: usize) -> Vec<f32> {
             .filter(|(_, b)| b.capacity() >= len)
             .min_by_key(|(_, b)| b.capacity())
             .map(|(i, _)| i)?;
-        Some(pool.swap_remove(best))
+        Some(pool.remove(best))
     });
     match reused {
         Some(mut buffer) => {
@@ -36,15 +36,18 @@ pub fn take(len: usize) -> Vec<f32> {
     }
 }
 
-/// Returns a buffer for reuse.
+/// Returns a buffer for reuse. Past the cap, the buffers given back longest ago are freed: the
+/// pool follows the network now running, not the one before it (whose buffers, all of the
+/// wrong sizes, would otherwise fill it for good).
 pub fn give(buffer: Vec<f32>) {
-    if buffer.capacity() < 1024 {
+    if buffer.capacity() < 1024 || buffer.capacity() * 4 > MAX_POOLED_BYTES {
         return;
     }
     if let Ok(mut pool) = POOL.lock() {
-        let pooled: usize = pool.iter().map(|b| b.capacity() * 4).sum();
-        if pooled + buffer.capacity() * 4 <= MAX_POOLED_BYTES {
-            pool.push(buffer);
+        pool.push(buffer);
+        let mut pooled: usize = pool.iter().map(|b| b.capacity() * 4).sum();
+        while pooled > MAX_POOLED_BYTES {
+            pooled -= pool.remove(0).capacity() * 4;
         }
     }
 }
