@@ -161,152 +161,159 @@ fn tile<M: MulAdd, const MR: usize, const NR: usize>(
 }
 
 /// The micro-kernels: `R` rows of A broadcast against two vector registers of a panel row,
-/// `2 R` accumulators held in registers over the whole slice, then bias and residual added
-/// and the tile stored (masked where the panel is wider than C).
+/// `2 R` accumulators held in registers over the whole slice, then bias and residual added, the
+/// clamp applied and the tile stored (masked where the panel is wider than C).
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::Tile;
     use std::arch::x86_64::*;
 
-    /// `R <= 8` rows x 32 columns.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn avx512<const R: usize>(
-        a: *const f32,
-        lda: usize,
-        kc: usize,
-        b: *const f32,
-        t: Tile,
-    ) {
-        // SAFETY (the whole body): the caller guarantees R rows of `kc` values `lda` apart at
-        // `a`, `kc` rows of 32 at `b`, and `R x cols` at `t.c`, `t.bias`, `t.residual`.
-        unsafe {
-            let lanes = |from: usize| {
-                let n = t.cols.saturating_sub(from).min(16);
-                ((1u32 << n) - 1) as __mmask16
-            };
-            let masks = [lanes(0), lanes(16)];
-            let mut c = [[_mm512_setzero_ps(); 2]; R];
-            if !t.first {
-                for (r, c) in c.iter_mut().enumerate() {
-                    for h in 0..2 {
-                        c[h] = _mm512_maskz_loadu_ps(masks[h], t.c.add(r * t.ldc + 16 * h));
-                    }
-                }
-            }
-            for p in 0..kc {
-                let b0 = _mm512_loadu_ps(b.add(p * 32));
-                let b1 = _mm512_loadu_ps(b.add(p * 32 + 16));
-                for (r, c) in c.iter_mut().enumerate() {
-                    let x = _mm512_set1_ps(*a.add(r * lda + p));
-                    c[0] = _mm512_fmadd_ps(x, b0, c[0]);
-                    c[1] = _mm512_fmadd_ps(x, b1, c[1]);
-                }
-            }
-            if let Some(bias) = t.bias {
-                let bias = [0, 1].map(|h| _mm512_maskz_loadu_ps(masks[h], bias.add(16 * h)));
-                for c in c.iter_mut() {
-                    for h in 0..2 {
-                        c[h] = _mm512_add_ps(c[h], bias[h]);
-                    }
-                }
-            }
-            if let Some(res) = t.residual {
-                for (r, c) in c.iter_mut().enumerate() {
-                    for h in 0..2 {
-                        let s = _mm512_maskz_loadu_ps(masks[h], res.add(r * t.ldc + 16 * h));
-                        c[h] = _mm512_add_ps(c[h], s);
-                    }
-                }
-            }
-            if let Some((low, high)) = t.clamp {
-                let (low, high) = (_mm512_set1_ps(low), _mm512_set1_ps(high));
-                for c in c.iter_mut() {
-                    for h in 0..2 {
-                        c[h] = _mm512_min_ps(_mm512_max_ps(c[h], low), high);
-                    }
-                }
-            }
-            for (r, c) in c.iter().enumerate() {
-                for h in 0..2 {
-                    _mm512_mask_storeu_ps(t.c.add(r * t.ldc + 16 * h), masks[h], c[h]);
-                }
-            }
-        }
+    /// Lanes `[from, cols)` of a vector of 16, as an AVX-512 mask.
+    #[inline(always)]
+    fn mask16(cols: usize, from: usize) -> __mmask16 {
+        ((1u32 << cols.saturating_sub(from).min(16)) - 1) as __mmask16
     }
 
-    /// `R <= 6` rows x 16 columns.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn avx2<const R: usize>(
-        a: *const f32,
-        lda: usize,
-        kc: usize,
-        b: *const f32,
-        t: Tile,
-    ) {
-        // SAFETY: as for `avx512`, with rows of 16.
-        unsafe {
-            let lanes = |from: usize| {
-                let n = t.cols.saturating_sub(from).min(8) as i32;
-                _mm256_setr_epi32(
-                    -((n > 0) as i32),
-                    -((n > 1) as i32),
-                    -((n > 2) as i32),
-                    -((n > 3) as i32),
-                    -((n > 4) as i32),
-                    -((n > 5) as i32),
-                    -((n > 6) as i32),
-                    -((n > 7) as i32),
-                )
-            };
-            let masks = [lanes(0), lanes(8)];
-            let mut c = [[_mm256_setzero_ps(); 2]; R];
-            if !t.first {
-                for (r, c) in c.iter_mut().enumerate() {
-                    for h in 0..2 {
-                        c[h] = _mm256_maskload_ps(t.c.add(r * t.ldc + 8 * h), masks[h]);
-                    }
-                }
-            }
-            for p in 0..kc {
-                let b0 = _mm256_loadu_ps(b.add(p * 16));
-                let b1 = _mm256_loadu_ps(b.add(p * 16 + 8));
-                for (r, c) in c.iter_mut().enumerate() {
-                    let x = _mm256_set1_ps(*a.add(r * lda + p));
-                    c[0] = _mm256_fmadd_ps(x, b0, c[0]);
-                    c[1] = _mm256_fmadd_ps(x, b1, c[1]);
-                }
-            }
-            if let Some(bias) = t.bias {
-                let bias = [0, 1].map(|h| _mm256_maskload_ps(bias.add(8 * h), masks[h]));
-                for c in c.iter_mut() {
-                    for h in 0..2 {
-                        c[h] = _mm256_add_ps(c[h], bias[h]);
-                    }
-                }
-            }
-            if let Some(res) = t.residual {
-                for (r, c) in c.iter_mut().enumerate() {
-                    for h in 0..2 {
-                        let s = _mm256_maskload_ps(res.add(r * t.ldc + 8 * h), masks[h]);
-                        c[h] = _mm256_add_ps(c[h], s);
-                    }
-                }
-            }
-            if let Some((low, high)) = t.clamp {
-                let (low, high) = (_mm256_set1_ps(low), _mm256_set1_ps(high));
-                for c in c.iter_mut() {
-                    for h in 0..2 {
-                        c[h] = _mm256_min_ps(_mm256_max_ps(c[h], low), high);
-                    }
-                }
-            }
-            for (r, c) in c.iter().enumerate() {
-                for h in 0..2 {
-                    _mm256_maskstore_ps(t.c.add(r * t.ldc + 8 * h), masks[h], c[h]);
-                }
-            }
-        }
+    /// Lanes `[from, cols)` of a vector of 8, as an AVX2 mask.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn mask8(cols: usize, from: usize) -> __m256i {
+        let n = cols.saturating_sub(from).min(8) as i32;
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(n),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
     }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const f32, m: __mmask16) -> __m512 {
+        // SAFETY: the caller's lanes are in bounds.
+        unsafe { _mm512_maskz_loadu_ps(m, p) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store16(p: *mut f32, m: __mmask16, v: __m512) {
+        // SAFETY: as for `load16`.
+        unsafe { _mm512_mask_storeu_ps(p, m, v) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load8(p: *const f32, m: __m256i) -> __m256 {
+        // SAFETY: as for `load16`.
+        unsafe { _mm256_maskload_ps(p, m) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn store8(p: *mut f32, m: __m256i, v: __m256) {
+        // SAFETY: as for `load16`.
+        unsafe { _mm256_maskstore_ps(p, m, v) }
+    }
+
+    macro_rules! kernel {
+        ($name:ident, $feature:literal, $rows:literal, $lanes:literal, $mask:ident, $load:ident,
+         $store:ident, $loadu:ident, $set1:ident, $zero:ident, $fmadd:ident,
+         $add:ident, $max:ident, $min:ident) => {
+            #[doc = concat!("`R <= ", $rows, "` rows x ", $lanes, " x 2 columns.")]
+            #[target_feature(enable = $feature)]
+            pub unsafe fn $name<const R: usize>(
+                a: *const f32,
+                lda: usize,
+                kc: usize,
+                b: *const f32,
+                t: Tile,
+            ) {
+                // SAFETY (the whole body): the caller guarantees R rows of `kc` values `lda`
+                // apart at `a`, `kc` rows of 2 x lanes at `b`, and `R x cols` at `t.c`,
+                // `t.bias`, `t.residual`.
+                unsafe {
+                    let masks = [$mask(t.cols, 0), $mask(t.cols, $lanes)];
+                    let at = |r: usize, h: usize| r * t.ldc + $lanes * h;
+                    let mut c = [[$zero(); 2]; R];
+                    if !t.first {
+                        for (r, c) in c.iter_mut().enumerate() {
+                            for h in 0..2 {
+                                c[h] = $load(t.c.add(at(r, h)), masks[h]);
+                            }
+                        }
+                    }
+                    for p in 0..kc {
+                        let b0 = $loadu(b.add(p * 2 * $lanes));
+                        let b1 = $loadu(b.add(p * 2 * $lanes + $lanes));
+                        for (r, c) in c.iter_mut().enumerate() {
+                            let x = $set1(*a.add(r * lda + p));
+                            c[0] = $fmadd(x, b0, c[0]);
+                            c[1] = $fmadd(x, b1, c[1]);
+                        }
+                    }
+                    if let Some(bias) = t.bias {
+                        let bias = [0, 1].map(|h| $load(bias.add($lanes * h), masks[h]));
+                        for c in c.iter_mut() {
+                            for h in 0..2 {
+                                c[h] = $add(c[h], bias[h]);
+                            }
+                        }
+                    }
+                    if let Some(res) = t.residual {
+                        for (r, c) in c.iter_mut().enumerate() {
+                            for h in 0..2 {
+                                c[h] = $add(c[h], $load(res.add(at(r, h)), masks[h]));
+                            }
+                        }
+                    }
+                    if let Some((low, high)) = t.clamp {
+                        let (low, high) = ($set1(low), $set1(high));
+                        for c in c.iter_mut() {
+                            for h in 0..2 {
+                                c[h] = $min($max(c[h], low), high);
+                            }
+                        }
+                    }
+                    for (r, c) in c.iter().enumerate() {
+                        for h in 0..2 {
+                            $store(t.c.add(at(r, h)), masks[h], c[h]);
+                        }
+                    }
+                }
+            }
+        };
+    }
+
+    kernel!(
+        avx512,
+        "avx512f",
+        8,
+        16,
+        mask16,
+        load16,
+        store16,
+        _mm512_loadu_ps,
+        _mm512_set1_ps,
+        _mm512_setzero_ps,
+        _mm512_fmadd_ps,
+        _mm512_add_ps,
+        _mm512_max_ps,
+        _mm512_min_ps
+    );
+    kernel!(
+        avx2,
+        "avx2,fma",
+        6,
+        8,
+        mask8,
+        load8,
+        store8,
+        _mm256_loadu_ps,
+        _mm256_set1_ps,
+        _mm256_setzero_ps,
+        _mm256_fmadd_ps,
+        _mm256_add_ps,
+        _mm256_max_ps,
+        _mm256_min_ps
+    );
 }
 
 #[inline(always)]

@@ -4,9 +4,11 @@
 //! Why: burn-flex convolves in NCHW, so every convolution transposes its input to NHWC, rebuilds
 //! its weight matrix, runs im2col, scatters the GEMM result back to NCHW, then adds the bias and
 //! applies the activation in separate passes over memory. A plan keeps activations in NHWC from
-//! the first layer to the last, packs each weight matrix once, runs 1x1 convolutions as a plain
-//! GEMM on the activations, depthwise convolutions with SIMD over channels, and applies bias,
-//! shortcut and activation to each block of GEMM rows while they are still in cache.
+//! the first layer to the last, packs each weight matrix once ([`gemm`]), runs 1x1 convolutions
+//! as a plain GEMM on the activations, 3x3 stride-1 ones by Winograd's F(2x2, 3x3), depthwise
+//! ones with SIMD over channels, and applies bias, shortcut and activation to each tile of GEMM
+//! output while it is still in registers or cache. A batch runs one image per thread when it
+//! has enough images, so that each image's activations stay in cache from layer to layer.
 //!
 //! Burn stays the model definition and the weight loader: [`CpuPlan::cpu_plan`] reads the
 //! folded burn modules, and anything a plan does not cover (autodiff, a GPU device, dilation,
