@@ -41,15 +41,17 @@ impl WinogradWeights {
                 v[2],
             ]
         };
-        for i in 0..input * output {
-            // Rows of G g, then (G g) Gᵀ.
+        // Per (c_in, c_out): the columns of G g, then (G g) Gᵀ row by row, as `[r * 4 + c]`.
+        let per_pair = (0..input * output).map(|i| {
             let cols: [[f32; 4]; 3] =
                 std::array::from_fn(|kx| transform([g(0, kx, i), g(1, kx, i), g(2, kx, i)]));
-            for r in 0..4 {
-                let row = transform([cols[0][r], cols[1][r], cols[2][r]]);
-                for (c, v) in row.into_iter().enumerate() {
-                    u[r * 4 + c][i] = v;
-                }
+            let rows: [[f32; 4]; 4] =
+                std::array::from_fn(|r| transform([cols[0][r], cols[1][r], cols[2][r]]));
+            std::array::from_fn::<f32, 16, _>(|x| rows[x / 4][x % 4])
+        });
+        for (i, values) in per_pair.enumerate() {
+            for (matrix, v) in u.iter_mut().zip(values) {
+                matrix[i] = v;
             }
         }
         WinogradWeights {
@@ -90,6 +92,7 @@ multiversion! {
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn convolve_body<M: MulAdd>(
     w: &WinogradWeights,
     image: &[f32],
