@@ -5,7 +5,7 @@
 
 use std::sync::Mutex;
 
-/// Bytes the pool keeps at most; a buffer that would go past it is freed instead.
+/// Bytes the pool keeps at most; past it, [`give`] frees the buffers given back longest ago.
 const MAX_POOLED_BYTES: usize = 1 << 27;
 
 static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
