@@ -15,6 +15,7 @@
 //! grouped non-depthwise convolutions) runs through burn as before. The golden parity tests run
 //! both paths.
 
+mod fused;
 pub mod gemm;
 pub mod kernels;
 mod pool;
@@ -40,7 +41,7 @@ pub struct Nhwc {
     pub height: usize,
     pub width: usize,
     pub channels: usize,
-    pub data: Vec<f32>,
+    pub data: pool::Buffer,
 }
 
 impl Nhwc {
@@ -93,7 +94,7 @@ impl Nhwc {
     }
 
     /// `data` shaped as `self` with `channels` channels and `height x width` pixels.
-    fn with(&self, height: usize, width: usize, channels: usize, data: Vec<f32>) -> Nhwc {
+    fn with(&self, height: usize, width: usize, channels: usize, data: pool::Buffer) -> Nhwc {
         Nhwc {
             batch: self.batch,
             height,
@@ -111,13 +112,6 @@ fn transpose_to_nhwc(src: &[f32], channels: usize, dst: &mut [f32]) {
         for (c, v) in px.iter_mut().enumerate() {
             *v = src[c * plane + p];
         }
-    }
-}
-
-/// The buffer goes back to the pool for the next op.
-impl Drop for Nhwc {
-    fn drop(&mut self) {
-        pool::give(std::mem::take(&mut self.data));
     }
 }
 
@@ -320,41 +314,44 @@ impl Conv {
 
     /// The sliding window over `x` and the output height.
     fn window(&self, x: &Nhwc) -> Result<(Window, usize), PlanError> {
-        if x.channels != self.input {
+        self.window_over(x.channels, x.height, x.width)
+    }
+
+    /// The sliding window over a `height x width` image of `channels`, and the output height.
+    fn window_over(
+        &self,
+        channels: usize,
+        height: usize,
+        width: usize,
+    ) -> Result<(Window, usize), PlanError> {
+        if channels != self.input {
             return Err(format!(
                 "convolution expects {} channels, got {}",
-                self.input, x.channels
+                self.input, channels
             ));
         }
         let pad = self
             .padding
-            .resolve(x.height, x.width, self.kernel, self.stride);
+            .resolve(height, width, self.kernel, self.stride);
         let oh = out_size(
-            x.height,
+            height,
             self.kernel[0],
             self.stride[0],
             pad[0],
             pad[2],
             false,
         );
-        let ow = out_size(
-            x.width,
-            self.kernel[1],
-            self.stride[1],
-            pad[1],
-            pad[3],
-            false,
-        );
+        let ow = out_size(width, self.kernel[1], self.stride[1], pad[1], pad[3], false);
         let (Some(oh), Some(ow)) = (oh, ow) else {
             return Err(format!(
                 "a {}x{} input is smaller than a {:?} kernel",
-                x.height, x.width, self.kernel
+                height, width, self.kernel
             ));
         };
         let win = Window {
-            height: x.height,
-            width: x.width,
-            channels: x.channels,
+            height: height,
+            width: width,
+            channels: channels,
             kernel: self.kernel,
             stride: self.stride,
             pad: [pad[0], pad[1]],
@@ -507,13 +504,13 @@ impl Conv {
             .for_each(|(i, chunk)| {
                 let first = i * block;
                 let m = chunk.len() / n;
-                let mut cols = Vec::new();
+                let mut cols = None;
                 let a: &[f32] = if direct {
                     &x.data[first * k..][..m * k]
                 } else {
-                    cols = pool::take(m * k);
-                    kernels::im2col(&x.data, win, oh, first, &mut cols);
-                    &cols
+                    let cols = cols.insert(pool::take(m * k));
+                    kernels::im2col(&x.data, win, oh, first, cols);
+                    cols
                 };
                 let epilogue = Epilogue {
                     bias: &self.bias,
@@ -521,7 +518,6 @@ impl Conv {
                     act: self.act,
                 };
                 gemm::multiply(m, a, k, weight, chunk, n, epilogue);
-                pool::give(cols);
             });
     }
 }
@@ -651,6 +647,8 @@ pub enum Op {
     },
     /// The branches' outputs concatenated along channels.
     Concat(Vec<Vec<Op>>),
+    /// Expand, depthwise and project convolutions run band by band ([`Plan::new`] fuses them).
+    InvertedResidual(fused::InvertedResidual),
 }
 
 impl Op {
@@ -684,6 +682,7 @@ impl Op {
             Op::Conv(conv) => conv.run(x, None),
             Op::Pool(pool) => pool.run(x),
             Op::SqueezeExcite(se) => se.run(x.clone()),
+            Op::InvertedResidual(block) => block.run(x),
             Op::Residual { shortcut, body } => {
                 let projected;
                 let s = if shortcut.is_empty() {
@@ -761,7 +760,9 @@ pub struct Plan {
 
 impl Plan {
     pub fn new(ops: Vec<Op>) -> Plan {
-        Plan { ops }
+        Plan {
+            ops: fused::fuse(ops),
+        }
     }
 
     /// Runs the plan on an NHWC batch.
