@@ -14,10 +14,12 @@ use super::{Conv, ConvWeights, Nhwc, Op, Padding, PlanError, min_split, op_threa
 /// row alone is bigger): they stay in L2 between the three steps.
 const BAND_BYTES: usize = 384 << 10;
 
-/// `project(depthwise(expand(x))) [+ x]`, each with its own bias and activation.
+/// `project(depthwise(expand(x))) [+ x]`, each convolution with its own bias and activation.
 #[derive(Debug, Clone)]
 pub struct InvertedResidual {
-    expand: Conv,
+    /// `None` in blocks that do not expand (expansion ratio 1): the depthwise convolution then
+    /// reads the input.
+    expand: Option<Conv>,
     depthwise: Conv,
     /// `None` when something else (a squeeze-excite) comes between the depthwise convolution
     /// and the projection: the block then ends with the depthwise output.
@@ -49,8 +51,9 @@ impl Conv {
     }
 }
 
-/// `ops` with every pointwise -> depthwise (-> pointwise) run of convolutions as one
-/// [`InvertedResidual`], and a residual block made of one such run as one with its shortcut.
+/// `ops` with every pointwise -> depthwise -> pointwise run of convolutions as one
+/// [`InvertedResidual`] (or a run of two: pointwise -> depthwise, depthwise -> pointwise), and a
+/// residual block that is one such run as one with its shortcut.
 pub(super) fn fuse(ops: Vec<Op>) -> Vec<Op> {
     let mut out: Vec<Op> = Vec::with_capacity(ops.len());
     for op in ops {
@@ -59,16 +62,15 @@ pub(super) fn fuse(ops: Vec<Op>) -> Vec<Op> {
             Op::Concat(branches) => Op::Concat(branches.into_iter().map(fuse).collect()),
             op => op,
         };
-        let conv = matches!(op, Op::Conv(_));
-        if !conv {
+        if matches!(op, Op::Conv(_)) {
+            out.push(op);
             fuse_tail(&mut out, false);
-        }
-        out.push(op);
-        if conv {
+        } else {
             fuse_tail(&mut out, true);
+            out.push(op);
         }
     }
-    fuse_tail(&mut out, false);
+    fuse_tail(&mut out, true);
     out
 }
 
@@ -79,14 +81,28 @@ fn residual(shortcut: Vec<Op>, mut body: Vec<Op>) -> Op {
         return Op::Residual { shortcut, body };
     };
     let mut init = fuse(body);
-    if shortcut.is_empty()
-        && let ([Op::InvertedResidual(block)], Op::Conv(project)) = (init.as_mut_slice(), &last)
-        && block.project.is_none()
+    if let (true, Op::Conv(project)) = (shortcut.is_empty(), &last)
         && project.pointwise().is_some()
     {
-        block.project = Some(project.clone());
-        block.shortcut = true;
-        return init.pop().expect("one block");
+        let whole = match init.as_mut_slice() {
+            [Op::InvertedResidual(block)] if block.project.is_none() => {
+                block.project = Some(project.clone());
+                block.shortcut = true;
+                init.pop()
+            }
+            [Op::Conv(depthwise)] if depthwise.depthwise().is_some() => {
+                Some(Op::InvertedResidual(InvertedResidual {
+                    expand: None,
+                    depthwise: depthwise.clone(),
+                    project: Some(project.clone()),
+                    shortcut: true,
+                }))
+            }
+            _ => None,
+        };
+        if let Some(block) = whole {
+            return block;
+        }
     }
     init.push(last);
     Op::Residual {
@@ -95,58 +111,63 @@ fn residual(shortcut: Vec<Op>, mut body: Vec<Op>) -> Op {
     }
 }
 
-/// Fuses the convolutions that end `ops`: the last three when `with_project`, else the last
-/// two (an expansion and a depthwise convolution that something other than a convolution
-/// follows).
-fn fuse_tail(ops: &mut Vec<Op>, with_project: bool) {
-    let n = if with_project { 3 } else { 2 };
-    let Some(tail) = ops.len().checked_sub(n).map(|start| &ops[start..]) else {
+/// Fuses the convolutions that end `ops` when they chain: pointwise -> depthwise ->
+/// pointwise, else depthwise -> pointwise; when `closing` (something other than a convolution
+/// follows), pointwise -> depthwise.
+fn fuse_tail(ops: &mut Vec<Op>, closing: bool) {
+    let convs: Vec<&Conv> = ops
+        .iter()
+        .rev()
+        .take(3)
+        .map_while(|op| match op {
+            Op::Conv(c) => Some(c),
+            _ => None,
+        })
+        .collect();
+    let pw = |c: &Conv| c.pointwise().is_some();
+    let dw = |c: &Conv| c.depthwise().is_some();
+    let chains = |a: &Conv, b: &Conv| a.output == b.input;
+    // Newest first: [project, depthwise, expand].
+    let [expand, project] = match convs.as_slice() {
+        [p, d, e, ..] if !closing && pw(e) && dw(d) && pw(p) && chains(e, d) && chains(d, p) => {
+            [true, true]
+        }
+        [p, d, ..] if !closing && dw(d) && pw(p) && chains(d, p) => [false, true],
+        [d, e, ..] if closing && pw(e) && dw(d) && chains(e, d) => [true, false],
+        _ => return,
+    };
+    let project = project.then(|| ops.pop());
+    let depthwise = ops.pop();
+    let expand = expand.then(|| ops.pop());
+    let conv = |op: Option<Op>| match op {
+        Some(Op::Conv(c)) => Some(c),
+        _ => None,
+    };
+    let Some(depthwise) = conv(depthwise) else {
         return;
     };
-    let fits = match tail {
-        [Op::Conv(e), Op::Conv(d), Op::Conv(p)] => {
-            e.pointwise().is_some()
-                && d.depthwise().is_some()
-                && p.pointwise().is_some()
-                && d.input == e.output
-                && p.input == d.output
-        }
-        [Op::Conv(e), Op::Conv(d)] => {
-            e.pointwise().is_some() && d.depthwise().is_some() && d.input == e.output
-        }
-        _ => false,
-    };
-    if !fits {
-        return;
-    }
-    let mut convs = ops.split_off(ops.len() - n).into_iter().map(|op| match op {
-        Op::Conv(c) => c,
-        _ => unreachable!("checked above"),
-    });
-    let (Some(expand), Some(depthwise)) = (convs.next(), convs.next()) else {
-        unreachable!("checked above")
-    };
-    let project = convs.next();
     ops.push(Op::InvertedResidual(InvertedResidual {
-        expand,
+        expand: expand.and_then(conv),
         depthwise,
-        project,
+        project: project.and_then(conv),
         shortcut: false,
     }));
 }
 
 impl InvertedResidual {
     pub(super) fn run(&self, x: &Nhwc) -> Result<Nhwc, PlanError> {
-        let (expand, depthwise) = (&self.expand, &self.depthwise);
-        if x.channels != expand.input {
+        let c = self.expand.as_ref().map_or(x.channels, |e| e.output);
+        if let Some(expand) = &self.expand
+            && x.channels != expand.input
+        {
             return Err(format!(
                 "convolution expects {} channels, got {}",
                 expand.input, x.channels
             ));
         }
-        let (win, oh) = depthwise.window_over(expand.output, x.height, x.width)?;
+        let (win, oh) = self.depthwise.window_over(c, x.height, x.width)?;
         let ow = win.out_width;
-        let n = self.project.as_ref().map_or(expand.output, |p| p.output);
+        let n = self.project.as_ref().map_or(c, |p| p.output);
         if self.shortcut && (oh, ow, n) != (x.height, x.width, x.channels) {
             return Err("shortcut and block output differ in shape".to_string());
         }
@@ -183,12 +204,11 @@ impl InvertedResidual {
         rows: std::ops::Range<usize>,
         out: &mut [f32],
     ) {
-        let (expand, depthwise) = (&self.expand, &self.depthwise);
-        let (Some(expand_w), Some(depthwise_w)) = (expand.pointwise(), depthwise.depthwise())
-        else {
-            unreachable!("fuse_tail checks the kinds")
+        let depthwise = &self.depthwise;
+        let Some(depthwise_w) = depthwise.depthwise() else {
+            return; // fuse_tail fuses depthwise convolutions only
         };
-        let (c_in, c) = (expand.input, expand.output);
+        let c = win.channels;
         let height = win.height;
         let [stride, kernel, pad] = [win.stride[0], win.kernel[0], win.pad[0]];
         let ow = win.out_width;
@@ -196,51 +216,52 @@ impl InvertedResidual {
         let expanded_row = width * c;
         let band = (BAND_BYTES / 4 / (stride * expanded_row + ow * c)).max(2);
         let held_rows = ((band - 1) * stride + kernel).min(height);
-        let mut held = pool::take(held_rows * expanded_row);
+        let mut held = self
+            .expand
+            .as_ref()
+            .map(|_| pool::take(held_rows * expanded_row));
         let mut depthwise_out = self.project.as_ref().map(|_| pool::take(band * ow * c));
         // Expanded rows [lo, hi) are held, row `lo` first.
         let (mut lo, mut hi) = (0, 0);
         for a in rows.clone().step_by(band) {
             let b = (a + band).min(rows.end);
-            let need_lo = (a * stride).saturating_sub(pad).min(height);
-            let need_hi = ((b - 1) * stride + kernel)
-                .saturating_sub(pad)
-                .clamp(need_lo, height);
-            if (lo..hi).contains(&need_lo) {
-                held.copy_within((need_lo - lo) * expanded_row..(hi - lo) * expanded_row, 0);
-            } else {
-                hi = need_lo;
-            }
-            lo = need_lo;
-            if need_hi > hi {
-                let m = (need_hi - hi) * width;
-                gemm::multiply(
-                    m,
-                    &image[hi * width * c_in..][..m * c_in],
-                    c_in,
-                    expand_w,
-                    &mut held[(hi - lo) * expanded_row..][..m * c],
-                    c,
-                    Epilogue {
-                        bias: &expand.bias,
-                        residual: None,
-                        act: expand.act,
-                    },
-                );
-                hi = need_hi;
-            }
-            // The held rows as an image whose row 0 is row `lo`.
-            let band_win = Window {
-                height: hi - lo,
-                pad: [pad + lo, win.pad[1]],
-                ..win
+            // What the depthwise convolution reads: the input itself when nothing expands it,
+            // else the held rows, as an image whose row 0 is row `lo`.
+            let (input, band_win) = match (&self.expand, held.as_mut()) {
+                (Some(expand), Some(held)) => {
+                    let need_lo = (a * stride).saturating_sub(pad).min(height);
+                    let need_hi = ((b - 1) * stride + kernel)
+                        .saturating_sub(pad)
+                        .clamp(need_lo, height);
+                    if (lo..hi).contains(&need_lo) {
+                        held.copy_within(
+                            (need_lo - lo) * expanded_row..(hi - lo) * expanded_row,
+                            0,
+                        );
+                    } else {
+                        hi = need_lo;
+                    }
+                    lo = need_lo;
+                    if need_hi > hi {
+                        let m = (need_hi - hi) * width;
+                        let dst = &mut held[(hi - lo) * expanded_row..][..m * c];
+                        pointwise(expand, m, &image[hi * width * expand.input..], dst, None);
+                        hi = need_hi;
+                    }
+                    let band_win = Window {
+                        height: hi - lo,
+                        pad: [pad + lo, win.pad[1]],
+                        ..win
+                    };
+                    (&held[..(hi - lo) * expanded_row], band_win)
+                }
+                _ => (image, win),
             };
-            let held = &held[..(hi - lo) * expanded_row];
             let band_out = &mut out[(a - rows.start) * ow * n..][..(b - a) * ow * n];
             let depthwise_rows = |dst: &mut [f32]| {
                 for (oy, row) in (a..b).zip(dst.chunks_exact_mut(ow * c)) {
                     kernels::depthwise_row(
-                        held,
+                        input,
                         depthwise_w,
                         &depthwise.bias,
                         band_win,
@@ -252,31 +273,28 @@ impl InvertedResidual {
             };
             match (&self.project, depthwise_out.as_mut()) {
                 (Some(project), Some(dw)) => {
-                    let Some(project_w) = project.pointwise() else {
-                        unreachable!("fuse_tail checks the kinds")
-                    };
                     let dw = &mut dw[..(b - a) * ow * c];
                     depthwise_rows(dw);
                     let shortcut = self
                         .shortcut
                         .then(|| &image[a * ow * n..][..(b - a) * ow * n]);
-                    gemm::multiply(
-                        (b - a) * ow,
-                        dw,
-                        c,
-                        project_w,
-                        band_out,
-                        n,
-                        Epilogue {
-                            bias: &project.bias,
-                            residual: shortcut,
-                            act: project.act,
-                        },
-                    );
+                    pointwise(project, (b - a) * ow, dw, band_out, shortcut);
                 }
                 _ => depthwise_rows(band_out),
             }
         }
+    }
+}
+
+/// `act(a · w + bias [+ shortcut])` for the `m` rows of `a` of a pointwise convolution.
+fn pointwise(conv: &Conv, m: usize, a: &[f32], out: &mut [f32], shortcut: Option<&[f32]>) {
+    if let Some(w) = conv.pointwise() {
+        let epilogue = Epilogue {
+            bias: &conv.bias,
+            residual: shortcut,
+            act: conv.act,
+        };
+        gemm::multiply(m, a, conv.input, w, out, conv.output, epilogue);
     }
 }
 
@@ -304,11 +322,11 @@ mod tests {
         ]
     }
 
-    fn input(batch: usize, height: usize, width: usize) -> Nhwc {
-        let data: Vec<f32> = (0..batch * 16 * height * width)
+    fn input(batch: usize, channels: usize, height: usize, width: usize) -> Nhwc {
+        let data: Vec<f32> = (0..batch * channels * height * width)
             .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
             .collect();
-        Nhwc::from_nchw(&data, [batch, 16, height, width])
+        Nhwc::from_nchw(&data, [batch, channels, height, width])
     }
 
     fn assert_close(case: &str, got: &Nhwc, want: &Nhwc) {
@@ -330,10 +348,20 @@ mod tests {
         // Tall images have several bands (each row here is 40 channels x 200 pixels wide).
         for (k, s, same) in [(3, 1, false), (3, 2, false), (5, 2, true), (5, 1, false)] {
             for (height, width) in [(7, 5), (61, 200), (200, 17)] {
-                for (batch, serial) in [(1, false), (3, false), (2, true)] {
-                    let case = format!("k{k} s{s} same {same}, {height}x{width}, batch {batch}");
-                    let x = input(batch, height, width);
-                    let ops = block(k, s, same, 24);
+                for (batch, serial, expand) in [
+                    (1, false, true),
+                    (3, false, true),
+                    (2, true, true),
+                    (2, true, false),
+                ] {
+                    let case = format!(
+                        "k{k} s{s} same {same}, {height}x{width}, batch {batch}, expand {expand}"
+                    );
+                    let mut ops = block(k, s, same, 24);
+                    if !expand {
+                        ops.remove(0);
+                    }
+                    let x = input(batch, if expand { 16 } else { 40 }, height, width);
                     let want = run_all(&ops, &x).expect("unfused");
                     let fused = fuse(ops);
                     assert!(
@@ -351,12 +379,29 @@ mod tests {
 
     #[test]
     fn a_residual_block_takes_its_shortcut_inside_and_an_squeeze_excite_stays_apart() {
-        let x = input(2, 30, 30);
+        let x = input(2, 16, 30, 30);
         let residual = Op::residual(vec![], block(3, 1, false, 16)).expect("ends in a conv");
         let want = run_all(std::slice::from_ref(&residual), &x).expect("unfused");
         let fused = fuse(vec![residual]);
         assert!(matches!(fused.as_slice(), [Op::InvertedResidual(b)] if b.shortcut));
         assert_close("residual", &run_all(&fused, &x).expect("fused"), &want);
+
+        // Without an expansion (ratio 1): depthwise -> project + shortcut.
+        let x40 = input(2, 40, 30, 30);
+        let mut body = block(3, 1, false, 40);
+        body.remove(0);
+        let residual = Op::residual(vec![], body).expect("ends in a conv");
+        let want = run_all(std::slice::from_ref(&residual), &x40).expect("unfused");
+        let fused = fuse(vec![residual]);
+        assert!(matches!(
+            fused.as_slice(),
+            [Op::InvertedResidual(b)] if b.shortcut && b.expand.is_none()
+        ));
+        assert_close(
+            "residual, no expansion",
+            &run_all(&fused, &x40).expect("fused"),
+            &want,
+        );
 
         // expand -> depthwise, then something else: the two fuse, the rest stays.
         let mut ops = block(3, 2, false, 24);

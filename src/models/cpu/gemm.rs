@@ -115,10 +115,12 @@ fn tile<M: MulAdd, const MR: usize, const NR: usize>(
         // found AVX-512, 16 wide only when it found AVX2 + FMA (`panel_width`).
         unsafe {
             let (a, b) = (a.as_ptr(), panel.as_ptr());
+            // A panel's last columns may fill one register of the two: half the work.
             macro_rules! rows {
                 ($kernel:ident: $($r:literal)*) => {
-                    match t.rows {
-                        $($r => return x86::$kernel::<$r>(a, lda, kc, b, t),)*
+                    match (t.rows, t.cols <= NR / 2) {
+                        $(($r, true) => return x86::$kernel::<$r, 1>(a, lda, kc, b, t),)*
+                        $(($r, false) => return x86::$kernel::<$r, 2>(a, lda, kc, b, t),)*
                         _ => {}
                     }
                 };
@@ -217,9 +219,9 @@ mod x86 {
         ($name:ident, $feature:literal, $rows:literal, $lanes:literal, $mask:ident, $load:ident,
          $store:ident, $loadu:ident, $set1:ident, $zero:ident, $fmadd:ident,
          $add:ident, $max:ident, $min:ident) => {
-            #[doc = concat!("`R <= ", $rows, "` rows x ", $lanes, " x 2 columns.")]
+            #[doc = concat!("`R <= ", $rows, "` rows x ", $lanes, " x `H` columns (`H` <= 2).")]
             #[target_feature(enable = $feature)]
-            pub unsafe fn $name<const R: usize>(
+            pub unsafe fn $name<const R: usize, const H: usize>(
                 a: *const f32,
                 lda: usize,
                 kc: usize,
@@ -235,31 +237,43 @@ mod x86 {
                     let mut c = [[$zero(); 2]; R];
                     if !t.first {
                         for (r, c) in c.iter_mut().enumerate() {
-                            for h in 0..2 {
+                            for h in 0..H {
                                 c[h] = $load(t.c.add(at(r, h)), masks[h]);
                             }
                         }
                     }
                     for p in 0..kc {
                         let b0 = $loadu(b.add(p * 2 * $lanes));
-                        let b1 = $loadu(b.add(p * 2 * $lanes + $lanes));
+                        let b1 = if H > 1 {
+                            $loadu(b.add(p * 2 * $lanes + $lanes))
+                        } else {
+                            b0
+                        };
                         for (r, c) in c.iter_mut().enumerate() {
                             let x = $set1(*a.add(r * lda + p));
                             c[0] = $fmadd(x, b0, c[0]);
-                            c[1] = $fmadd(x, b1, c[1]);
+                            if H > 1 {
+                                c[1] = $fmadd(x, b1, c[1]);
+                            }
                         }
                     }
                     if let Some(bias) = t.bias {
-                        let bias = [0, 1].map(|h| $load(bias.add($lanes * h), masks[h]));
+                        let bias = [0, 1].map(|h| {
+                            if h < H {
+                                $load(bias.add($lanes * h), masks[h])
+                            } else {
+                                $zero()
+                            }
+                        });
                         for c in c.iter_mut() {
-                            for h in 0..2 {
+                            for h in 0..H {
                                 c[h] = $add(c[h], bias[h]);
                             }
                         }
                     }
                     if let Some(res) = t.residual {
                         for (r, c) in c.iter_mut().enumerate() {
-                            for h in 0..2 {
+                            for h in 0..H {
                                 c[h] = $add(c[h], $load(res.add(at(r, h)), masks[h]));
                             }
                         }
@@ -267,13 +281,13 @@ mod x86 {
                     if let Some((low, high)) = t.clamp {
                         let (low, high) = ($set1(low), $set1(high));
                         for c in c.iter_mut() {
-                            for h in 0..2 {
+                            for h in 0..H {
                                 c[h] = $min($max(c[h], low), high);
                             }
                         }
                     }
                     for (r, c) in c.iter().enumerate() {
-                        for h in 0..2 {
+                        for h in 0..H {
                             $store(t.c.add(at(r, h)), masks[h], c[h]);
                         }
                     }

@@ -602,27 +602,44 @@ pub fn im2col(image_batch: &[f32], win: Window, out_height: usize, first: usize,
     let [kh, kw] = win.kernel;
     let k = kh * kw * c;
     let per_image = out_height * win.out_width;
-    for (r, row) in rows.chunks_exact_mut(k).enumerate() {
-        let pixel = first + r;
-        let (b, rem) = (pixel / per_image, pixel % per_image);
-        let (oy, ox) = (rem / win.out_width, rem % win.out_width);
-        let image = &image_batch[b * win.height * win.width * c..][..win.height * win.width * c];
+    let image_len = win.height * win.width * c;
+    // The pixel of the first row, then stepped along (no division per pixel).
+    let (mut b, rem) = (first / per_image, first % per_image);
+    let (mut oy, mut ox) = (rem / win.out_width, rem % win.out_width);
+    for row in rows.chunks_exact_mut(k) {
+        let image = &image_batch[b * image_len..][..image_len];
+        let ix0 = (ox * win.stride[1]) as isize - win.pad[1] as isize;
+        let inside_x = ix0 >= 0 && ix0 as usize + kw <= win.width;
         for ky in 0..kh {
             let iy = (oy * win.stride[0] + ky) as isize - win.pad[0] as isize;
-            for kx in 0..kw {
-                let ix = (ox * win.stride[1] + kx) as isize - win.pad[1] as isize;
-                let dst = &mut row[(ky * kw + kx) * c..][..c];
-                if iy >= 0 && (iy as usize) < win.height && ix >= 0 && (ix as usize) < win.width {
-                    let src = &image[(iy as usize * win.width + ix as usize) * c..][..c];
-                    if c == 3 {
-                        // An RGB stem: three moves, not a `memcpy` call per tap.
-                        dst[..3].copy_from_slice(&src[..3]);
+            let dst = &mut row[ky * kw * c..][..kw * c];
+            if iy < 0 || iy as usize >= win.height {
+                dst.fill(0.0);
+            } else if inside_x {
+                // The row's taps are `kw * c` consecutive values of the image row.
+                dst.copy_from_slice(
+                    &image[(iy as usize * win.width + ix0 as usize) * c..][..kw * c],
+                );
+            } else {
+                for (kx, dst) in dst.chunks_exact_mut(c).enumerate() {
+                    let ix = ix0 + kx as isize;
+                    if ix >= 0 && (ix as usize) < win.width {
+                        dst.copy_from_slice(
+                            &image[(iy as usize * win.width + ix as usize) * c..][..c],
+                        );
                     } else {
-                        dst.copy_from_slice(src);
+                        dst.fill(0.0);
                     }
-                } else {
-                    dst.fill(0.0);
                 }
+            }
+        }
+        ox += 1;
+        if ox == win.out_width {
+            ox = 0;
+            oy += 1;
+            if oy == out_height {
+                oy = 0;
+                b += 1;
             }
         }
     }

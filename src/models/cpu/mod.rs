@@ -492,10 +492,15 @@ impl Conv {
             && self.stride == [1, 1]
             && win.out_width == x.width
             && oh == x.height;
-        // Rows per block: a block's im2col rows and results stay within ~4 MiB; the blocks
-        // are balanced over the threads and whole micro-kernel tiles (8 rows).
+        // Rows per block: a block's rows and results stay within ~4 MiB, its im2col rows and
+        // results within ~512 KiB (L2: written, then read right back); the blocks are
+        // balanced over the threads and whole micro-kernel tiles (8 rows).
         let threads = op_threads();
-        let cap = ((1 << 20) / (k + n)).max(64);
+        let cap = if direct {
+            ((1 << 20) / (k + n)).max(64)
+        } else {
+            ((1 << 17) / (k + n)).max(256)
+        };
         let blocks = rows.div_ceil(cap).div_ceil(threads) * threads;
         let block = rows.div_ceil(blocks).div_ceil(8) * 8;
         out.par_chunks_mut(block * n)
