@@ -316,13 +316,16 @@ fn depthwise_interior(
     {
         let c = win.channels;
         let k = win.kernel[0];
-        // AVX-512 vectors where the channels fill them, AVX2's (which AVX-512 CPUs run too)
-        // where they fill those.
-        let lanes = match level() {
-            Level::Avx512 if c.is_multiple_of(16) => 16,
-            Level::Avx512 | Level::Avx2 if c.is_multiple_of(8) => 8,
-            _ => return false,
+        // AVX-512 vectors over the channels they fill, AVX2's (which AVX-512 CPUs run too)
+        // over the rest: 120 channels are 7 x 16 + 8.
+        let wide = match level() {
+            Level::Avx512 => c / 16 * 16,
+            Level::Avx2 => 0,
+            Level::Baseline => return false,
         };
+        if !(c - wide).is_multiple_of(8) {
+            return false;
+        }
         if win.kernel[1] != k || !(k == 3 || k == 5) {
             return false;
         }
@@ -336,27 +339,35 @@ fn depthwise_interior(
             weight.len() >= k * k * c && bias.len() >= c,
             "depthwise: weights too short"
         );
-        let args = depthwise_x86::Args {
+        let out = out[xs.start * c..].as_mut_ptr();
+        let args = |channels: std::ops::Range<usize>| depthwise_x86::Args {
             image: image[iy * win.width * c..].as_ptr(),
             row: win.width * c,
             c,
+            channels,
             stride: win.stride[1],
             left: xs.start * win.stride[1] - win.pad[1],
             pixels: xs.len(),
             weight: weight.as_ptr(),
             bias: bias.as_ptr(),
             clamp: clamp_of(act),
-            out: out[xs.start * c..].as_mut_ptr(),
+            out,
         };
         // SAFETY: the asserts keep every tap of pixels `xs` inside `image` and every store
         // inside `out`; `level()` found the instruction set each kernel is compiled for (an
         // AVX-512 level implies AVX2 + FMA).
         unsafe {
-            match (lanes, k) {
-                (16, 3) => depthwise_x86::avx512::<3>(args),
-                (16, _) => depthwise_x86::avx512::<5>(args),
-                (_, 3) => depthwise_x86::avx2::<3>(args),
-                _ => depthwise_x86::avx2::<5>(args),
+            if wide > 0 {
+                match k {
+                    3 => depthwise_x86::avx512::<3>(args(0..wide)),
+                    _ => depthwise_x86::avx512::<5>(args(0..wide)),
+                }
+            }
+            if wide < c {
+                match k {
+                    3 => depthwise_x86::avx2::<3>(args(wide..c)),
+                    _ => depthwise_x86::avx2::<5>(args(wide..c)),
+                }
             }
         }
         true
@@ -375,13 +386,15 @@ fn depthwise_interior(
 mod depthwise_x86 {
     use std::arch::x86_64::*;
 
-    #[derive(Clone, Copy)]
+    #[derive(Clone)]
     pub struct Args {
         /// The first of the K input rows the output row reads.
         pub image: *const f32,
         /// Values per input row.
         pub row: usize,
         pub c: usize,
+        /// The channels this call computes, whole vectors of them.
+        pub channels: std::ops::Range<usize>,
         pub stride: usize,
         /// Input column of the first pixel's first tap.
         pub left: usize,
@@ -396,13 +409,13 @@ mod depthwise_x86 {
     macro_rules! kernel {
         ($name:ident, $feature:literal, $lanes:literal, $v:ty, $load:ident, $store:ident,
          $set1:ident, $fmadd:ident, $max:ident, $min:ident) => {
-            /// `a.c` a multiple of the vector's lanes; every tap and store inside the buffers.
+            /// `a.channels` whole vectors; every tap and store inside the buffers.
             #[target_feature(enable = $feature)]
             pub unsafe fn $name<const K: usize>(a: Args) {
                 // SAFETY (the whole body): the caller's bounds, above.
                 unsafe {
                     let (c, s) = (a.c, a.stride);
-                    for cb in (0..c).step_by($lanes) {
+                    for cb in a.channels.clone().step_by($lanes) {
                         let w: [$v; 25] = std::array::from_fn(|t| {
                             if t < K * K {
                                 $load(a.weight.add(t * c + cb))
