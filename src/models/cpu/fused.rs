@@ -91,12 +91,12 @@ fn residual(shortcut: Vec<Op>, mut body: Vec<Op>) -> Op {
                 init.pop()
             }
             [Op::Conv(depthwise)] if depthwise.depthwise().is_some() => {
-                Some(Op::InvertedResidual(InvertedResidual {
+                Some(Op::InvertedResidual(Box::new(InvertedResidual {
                     expand: None,
                     depthwise: depthwise.clone(),
                     project: Some(project.clone()),
                     shortcut: true,
-                }))
+                })))
             }
             _ => None,
         };
@@ -146,12 +146,12 @@ fn fuse_tail(ops: &mut Vec<Op>, closing: bool) {
     let Some(depthwise) = conv(depthwise) else {
         return;
     };
-    ops.push(Op::InvertedResidual(InvertedResidual {
+    ops.push(Op::InvertedResidual(Box::new(InvertedResidual {
         expand: expand.and_then(conv),
         depthwise,
         project: project.and_then(conv),
         shortcut: false,
-    }));
+    })));
 }
 
 impl InvertedResidual {

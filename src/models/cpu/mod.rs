@@ -349,9 +349,9 @@ impl Conv {
             ));
         };
         let win = Window {
-            height: height,
-            width: width,
-            channels: channels,
+            height,
+            width,
+            channels,
             kernel: self.kernel,
             stride: self.stride,
             pad: [pad[0], pad[1]],
@@ -653,7 +653,7 @@ pub enum Op {
     /// The branches' outputs concatenated along channels.
     Concat(Vec<Vec<Op>>),
     /// Expand, depthwise and project convolutions run band by band ([`Plan::new`] fuses them).
-    InvertedResidual(fused::InvertedResidual),
+    InvertedResidual(Box<fused::InvertedResidual>),
 }
 
 impl Op {
