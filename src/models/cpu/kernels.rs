@@ -17,24 +17,56 @@ pub enum Level {
     Baseline,
 }
 
+/// The environment variable that caps [`level`] (`avx2` or `baseline`), to compare the kernels
+/// of a smaller instruction set on one machine, or to run as an older CPU would.
+pub const SIMD_ENV: &str = "DEEP_PIPELINES_SIMD";
+
 pub fn level() -> Level {
     static LEVEL: OnceLock<Level> = OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
+    *LEVEL.get_or_init(|| capped(detected(), std::env::var(SIMD_ENV).ok().as_deref()))
+}
+
+fn detected() -> Level {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
         {
-            if is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512vl")
-                && is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-            {
-                return Level::Avx512;
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return Level::Avx2;
-            }
+            return Level::Avx512;
         }
-        Level::Baseline
-    })
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Level::Avx2;
+        }
+    }
+    Level::Baseline
+}
+
+/// `detected`, or less where `cap` asks for less (never more: the CPU may not have it).
+fn capped(detected: Level, cap: Option<&str>) -> Level {
+    let rank = |l: Level| match l {
+        Level::Baseline => 0,
+        Level::Avx2 => 1,
+        Level::Avx512 => 2,
+    };
+    let wanted = match cap.map(|c| c.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("") => return detected,
+        Some("avx512") => Level::Avx512,
+        Some("avx2") => Level::Avx2,
+        Some("baseline") => Level::Baseline,
+        Some(other) => {
+            eprintln!(
+                "deep-pipelines: {SIMD_ENV}={other:?} is not avx512, avx2 or baseline; using {detected:?}"
+            );
+            return detected;
+        }
+    };
+    if rank(wanted) < rank(detected) {
+        wanted
+    } else {
+        detected
+    }
 }
 
 /// `a * b + c`: one fused instruction where the CPU has FMA, two roundings where it has not
@@ -693,6 +725,16 @@ mod tests {
                 assert!((got - f(*x)).abs() < 1e-6, "{act:?}({x}) = {got}");
             }
         }
+    }
+
+    #[test]
+    fn the_simd_cap_only_lowers_the_level() {
+        assert_eq!(capped(Level::Avx512, Some("avx2")), Level::Avx2);
+        assert_eq!(capped(Level::Avx512, Some(" AVX2 ")), Level::Avx2);
+        assert_eq!(capped(Level::Avx2, Some("avx512")), Level::Avx2);
+        assert_eq!(capped(Level::Avx2, Some("baseline")), Level::Baseline);
+        assert_eq!(capped(Level::Avx512, None), Level::Avx512);
+        assert_eq!(capped(Level::Avx512, Some("sse9")), Level::Avx512);
     }
 
     #[test]
