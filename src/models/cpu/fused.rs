@@ -155,6 +155,18 @@ fn fuse_tail(ops: &mut Vec<Op>, closing: bool) {
 }
 
 impl InvertedResidual {
+    pub(super) fn weight_bytes(&self) -> usize {
+        [
+            Some(&self.depthwise),
+            self.expand.as_ref(),
+            self.project.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(Conv::weight_bytes)
+        .sum()
+    }
+
     pub(super) fn run(&self, x: &Nhwc) -> Result<Nhwc, PlanError> {
         let c = self.expand.as_ref().map_or(x.channels, |e| e.output);
         if let Some(expand) = &self.expand

@@ -56,6 +56,11 @@ impl PackedWeights {
         PackedWeights { k, n, nr, data }
     }
 
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+
     pub fn k(&self) -> usize {
         self.k
     }

@@ -23,6 +23,11 @@ pub struct WinogradWeights {
 }
 
 impl WinogradWeights {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.u.iter().map(PackedWeights::bytes).sum()
+    }
+
     /// From dense 3x3 weights `[3, 3, C_in, C_out]`.
     pub fn new(weight: &[f32], input: usize, output: usize) -> WinogradWeights {
         assert_eq!(
