@@ -168,6 +168,13 @@ impl InvertedResidual {
     }
 
     pub(super) fn run(&self, x: &Nhwc) -> Result<Nhwc, PlanError> {
+        let pointwise = |c: Option<&Conv>| c.is_none_or(|c| c.pointwise().is_some());
+        if self.depthwise.depthwise().is_none()
+            || !pointwise(self.expand.as_ref())
+            || !pointwise(self.project.as_ref())
+        {
+            return Err("a fused block holds a convolution of another kind".to_string());
+        }
         let c = self.expand.as_ref().map_or(x.channels, |e| e.output);
         if let Some(expand) = &self.expand
             && x.channels != expand.input
@@ -218,7 +225,7 @@ impl InvertedResidual {
     ) {
         let depthwise = &self.depthwise;
         let Some(depthwise_w) = depthwise.depthwise() else {
-            return; // fuse_tail fuses depthwise convolutions only
+            return; // `run` checked the kinds
         };
         let c = win.channels;
         let height = win.height;
@@ -298,7 +305,8 @@ impl InvertedResidual {
     }
 }
 
-/// `act(a · w + bias [+ shortcut])` for the `m` rows of `a` of a pointwise convolution.
+/// `act(a · w + bias [+ shortcut])` for the `m` rows of `a` of a pointwise convolution (of
+/// which `run` checked the kind).
 fn pointwise(conv: &Conv, m: usize, a: &[f32], out: &mut [f32], shortcut: Option<&[f32]>) {
     if let Some(w) = conv.pointwise() {
         let epilogue = Epilogue {

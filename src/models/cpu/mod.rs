@@ -744,36 +744,30 @@ impl Op {
 /// with its 28x28 stage (~1x) batched.
 const WEIGHTS_PER_IMAGE_BYTES: usize = 16;
 
-/// Runs `ops` in order on `x` while `go(op, input)` says so: the number of ops run and the
-/// last output (`x` itself when none ran).
+/// Runs `ops` in order on `x` while `go(op, its input)` holds: how many ran, and the last
+/// output (`None` when none ran).
 fn run_while(
     ops: &[Op],
-    x: Nhwc,
+    x: &Nhwc,
     go: impl Fn(&Op, &Nhwc) -> bool,
-) -> Result<(usize, Nhwc), PlanError> {
-    let mut x = x;
-    for (i, op) in ops.iter().enumerate() {
-        if !go(op, &x) {
-            return Ok((i, x));
-        }
-        x = match op {
-            Op::SqueezeExcite(se) => se.run(x)?,
-            op => op.run(&x)?,
-        };
-    }
-    Ok((ops.len(), x))
-}
-
-/// Runs `ops` in order on `x` (a copy of `x` when there are none).
-fn run_all(ops: &[Op], x: &Nhwc) -> Result<Nhwc, PlanError> {
+) -> Result<(usize, Option<Nhwc>), PlanError> {
     let mut current: Option<Nhwc> = None;
-    for op in ops {
+    for (i, op) in ops.iter().enumerate() {
+        if !go(op, current.as_ref().unwrap_or(x)) {
+            return Ok((i, current));
+        }
         current = Some(match (op, current.take()) {
             (Op::SqueezeExcite(se), Some(owned)) => se.run(owned)?,
             (op, borrowed) => op.run(borrowed.as_ref().unwrap_or(x))?,
         });
     }
-    Ok(current.unwrap_or_else(|| x.clone()))
+    Ok((ops.len(), current))
+}
+
+/// Runs `ops` in order on `x` (a copy of `x` when there are none).
+fn run_all(ops: &[Op], x: &Nhwc) -> Result<Nhwc, PlanError> {
+    let (_, out) = run_while(ops, x, |_, _| true)?;
+    Ok(out.unwrap_or_else(|| x.clone()))
 }
 
 fn concat(parts: &[Nhwc]) -> Result<Nhwc, PlanError> {
@@ -877,9 +871,11 @@ impl Plan {
             .into_par_iter()
             .map(|b| {
                 SERIAL.with(|s| s.set(true));
-                let out = run_while(&self.ops, input(b..b + 1), |op, x| {
+                let image = input(b..b + 1);
+                let out = run_while(&self.ops, &image, |op, x| {
                     op.weight_bytes() <= WEIGHTS_PER_IMAGE_BYTES * 4 * x.image_len()
-                });
+                })
+                .map(|(split, out)| (split, out.unwrap_or(image)));
                 SERIAL.with(|s| s.set(false));
                 out
             })
@@ -902,7 +898,8 @@ impl Plan {
             data,
         };
         drop(outs);
-        run_while(&self.ops[split..], images, |_, _| true).map(|(_, x)| x)
+        let (_, out) = run_while(&self.ops[split..], &images, |_, _| true)?;
+        Ok(out.unwrap_or(images))
     }
 
     /// The feature map of an NCHW `f32` tensor, as an NCHW tensor on the input's device.
