@@ -744,16 +744,16 @@ impl Op {
 /// with its 28x28 stage (~1x) batched.
 const WEIGHTS_PER_IMAGE_BYTES: usize = 16;
 
-/// Runs `ops` in order on `x` while `go(op, its input)` holds: how many ran, and the last
-/// output (`None` when none ran).
+/// Runs `ops` in order on `x` while `go(op's index, its input)` holds: how many ran, and the
+/// last output (`None` when none ran).
 fn run_while(
     ops: &[Op],
     x: &Nhwc,
-    go: impl Fn(&Op, &Nhwc) -> bool,
+    go: impl Fn(usize, &Nhwc) -> bool,
 ) -> Result<(usize, Option<Nhwc>), PlanError> {
     let mut current: Option<Nhwc> = None;
     for (i, op) in ops.iter().enumerate() {
-        if !go(op, current.as_ref().unwrap_or(x)) {
+        if !go(i, current.as_ref().unwrap_or(x)) {
             return Ok((i, current));
         }
         current = Some(match (op, current.take()) {
@@ -805,13 +805,15 @@ fn concat(parts: &[Nhwc]) -> Result<Nhwc, PlanError> {
 #[derive(Debug, Clone)]
 pub struct Plan {
     ops: Vec<Op>,
+    /// Bytes of weights each op reads.
+    weight_bytes: Vec<usize>,
 }
 
 impl Plan {
     pub fn new(ops: Vec<Op>) -> Plan {
-        Plan {
-            ops: fused::fuse(ops),
-        }
+        let ops = fused::fuse(ops);
+        let weight_bytes = ops.iter().map(Op::weight_bytes).collect();
+        Plan { ops, weight_bytes }
     }
 
     /// Runs the plan on an NHWC batch.
@@ -872,8 +874,8 @@ impl Plan {
             .map(|b| {
                 SERIAL.with(|s| s.set(true));
                 let image = input(b..b + 1);
-                let out = run_while(&self.ops, &image, |op, x| {
-                    op.weight_bytes() <= WEIGHTS_PER_IMAGE_BYTES * 4 * x.image_len()
+                let out = run_while(&self.ops, &image, |i, x| {
+                    self.weight_bytes[i] <= WEIGHTS_PER_IMAGE_BYTES * 4 * x.image_len()
                 })
                 .map(|(split, out)| (split, out.unwrap_or(image)));
                 SERIAL.with(|s| s.set(false));

@@ -41,15 +41,6 @@ impl PartialEq for Buffer {
     }
 }
 
-impl From<Vec<f32>> for Buffer {
-    fn from(storage: Vec<f32>) -> Buffer {
-        Buffer {
-            len: storage.len(),
-            storage,
-        }
-    }
-}
-
 impl Drop for Buffer {
     fn drop(&mut self) {
         give(std::mem::take(&mut self.storage));
