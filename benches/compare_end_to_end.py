@@ -13,6 +13,12 @@ whole process (start, model load, decode, resize, network, write), side by side 
   pytorch   torchvision ImageFolder + DataLoader (batch 32, one worker per core), the same
             recipe, efficientnet-lite-pytorch in inference_mode.
 
+Reduced precision, opt-in on both sides (not in the default --sides):
+  ours-bf16 our CLI with DEEP_PIPELINES_PRECISION=bf16 (bfloat16 GEMMs, where the CPU has
+            AVX-512 BF16).
+  ort-int8  the ort script on ONNX Runtime's own quantized path: the model quantized statically
+            (QDQ, int8 per-channel weights, uint8 activations calibrated on the warm-up images).
+
 Each timed run is one child process; its wall time and peak RSS (GNU time's %M: the largest
 resident set of the process, or of one of its DataLoader workers) are recorded. Sides alternate in a
 rotating order over --repeats rounds after one warm-up run each on --warmup images; medians are
@@ -23,6 +29,7 @@ Not part of CI (torch is ~5 GB):
 
     pip install torch torchvision pillow numpy pyarrow onnx onnxruntime daft efficientnet-lite-pytorch
     python3 benches/compare_end_to_end.py --images 1000      # --repeats 3 --sides ours ort daft pytorch
+    python3 benches/compare_end_to_end.py --sides ours ours-bf16 ort ort-int8 daft
 """
 import argparse
 import json
@@ -84,6 +91,31 @@ def session(path):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def quantize(model, calibration_folder):
+    """`model` quantized by ONNX Runtime's static quantization, calibrated on the folder's images."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    import numpy as np
+
+    class Images(CalibrationDataReader):
+        def __init__(self):
+            paths = sorted(os.path.join(calibration_folder, f) for f in os.listdir(calibration_folder))
+            self.batches = iter([{"x": np.stack([pil_preprocess(p) for p in paths[i:i + 8]])}
+                                 for i in range(0, len(paths), 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    prepared = model.replace(".onnx", "-prepared.onnx")
+    quantized = model.replace(".onnx", "-int8.onnx")
+    quant_pre_process(model, prepared)
+    quantize_static(prepared, quantized, Images(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return quantized
 
 
 def pil_preprocess(path):
@@ -180,15 +212,20 @@ def side_pytorch(folder, out, model):
 
 def run_side(side, folder, out, model, cli):
     """One timed child process: (seconds, peak RSS in MB)."""
-    if side == "ours":
+    env = dict(os.environ)
+    if side.startswith("ours"):
         cmd = [cli, "featurize", folder, "-o", out, "-q", "--batch-size", str(BATCH)]
+        env["DEEP_PIPELINES_PRECISION"] = "bf16" if side == "ours-bf16" else "f32"
+    elif side == "ort-int8":
+        cmd = [sys.executable, os.path.abspath(__file__), "--side", "ort", folder, out,
+               model.replace(".onnx", "-int8.onnx")]
     else:
         cmd = [sys.executable, os.path.abspath(__file__), "--side", side, folder, out, model]
     # GNU time's %M: the child's ru_maxrss. Not os.wait4 here: a child forked from this
     # (torch-importing) process counts the parent's pages until it execs.
     usage = os.path.join(os.path.dirname(model), "rss")
     start = time.perf_counter()
-    subprocess.run(["/usr/bin/time", "-o", usage, "-f", "%M"] + cmd, check=True)
+    subprocess.run(["/usr/bin/time", "-o", usage, "-f", "%M"] + cmd, check=True, env=env)
     seconds = time.perf_counter() - start
     with open(usage) as f:
         rss_mb = int(f.read().split()[-1]) / 1024
@@ -236,6 +273,8 @@ def main():
     work = tempfile.mkdtemp(prefix="dp-e2e-out-")
     model = os.path.join(work, "lite0.onnx")
     export_onnx(model)
+    if "ort-int8" in args.sides:
+        quantize(model, warm)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     print(f"{args.images} files ({distinct} distinct 640x480 JPEGs), {os.cpu_count()} cores, {cpu}", flush=True)
 
@@ -255,10 +294,11 @@ def main():
                   f"peak RSS {rss:.0f} MB", flush=True)
     rate = {s: args.images / statistics.median(t for t, _ in v) for s, v in results.items()}
     rss = {s: statistics.median(m for _, m in v) for s, v in results.items()}
-    print(f"\n{'side':<8} {'images/s':>9} {'peak RSS MB':>12} {'ours / side':>12}")
+    ours = [s for s in ("ours", "ours-bf16") if s in rate]
+    print(f"\n{'side':<10} {'images/s':>9} {'peak RSS MB':>12}" + "".join(f" {o + ' / side':>16}" for o in ours))
     for side in args.sides:
-        ratio = rate["ours"] / rate[side] if "ours" in rate else float("nan")
-        print(f"{side:<8} {rate[side]:>9.1f} {rss[side]:>12.0f} {ratio:>12.2f}")
+        ratios = "".join(f" {rate[o] / rate[side]:>16.2f}" for o in ours)
+        print(f"{side:<10} {rate[side]:>9.1f} {rss[side]:>12.0f}{ratios}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"images": args.images, "distinct": distinct, "cpu": cpu, "cores": os.cpu_count(),

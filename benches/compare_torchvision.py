@@ -16,6 +16,7 @@ for the ONNX Runtime column); never needed by CI:
 
     pip install torch torchvision efficientnet-lite-pytorch onnxruntime onnx
     python3 benches/compare_torchvision.py            # --repeats 5 --batches 8 32 --json out.json
+    python3 benches/compare_torchvision.py --bf16     # + ours with bfloat16 GEMMs (opt-in)
 """
 import argparse
 import json
@@ -76,16 +77,17 @@ def gflop_per_image(model, size):
 class Ours:
     """benches/zoo.rs in --serve mode: one request per line."""
 
-    name = "ours"
-
-    def __init__(self):
+    def __init__(self, precision="f32"):
+        self.name = "ours" if precision == "f32" else f"ours-{precision}"
         out = subprocess.run(
             ["cargo", "bench", "--bench", "zoo", "--no-run", "--message-format=json"],
             cwd=ROOT, check=True, capture_output=True, text=True,
         ).stdout
         exe = [json.loads(l).get("executable") for l in out.splitlines() if '"executable"' in l]
         exe = [e for e in exe if e and "zoo" in os.path.basename(e)][-1]
-        self.proc = subprocess.Popen([exe, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        env = dict(os.environ, DEEP_PIPELINES_PRECISION=precision)
+        self.proc = subprocess.Popen([exe, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=env)
 
     def ask(self, line):
         self.proc.stdin.write(line + "\n")
@@ -167,6 +169,8 @@ def main():
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--models", nargs="+", default=[m[0] for m in MODELS])
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time ours with bfloat16 GEMMs (DEEP_PIPELINES_PRECISION=bf16)")
     args = parser.parse_args()
 
     threads = os.cpu_count()
@@ -178,6 +182,8 @@ def main():
     except ImportError:
         print("onnxruntime not installed: no ONNX Runtime column", flush=True)
     sides.append(ours)
+    if args.bf16:
+        sides.append(Ours("bf16"))
     level, ours_threads = ours.ask("info").split()
     peak_ours = max(float(ours.ask("gemm 2048")) for _ in range(2))
     peak_torch = max(torch_gemm_gflops(2048) for _ in range(2))
@@ -218,6 +224,7 @@ def main():
     rows = []
     header = f"{'model':<19} {'batch':>5} " + " ".join(f"{n + ' img/s':>17}" for n in names)
     header += f" {'ours/pytorch':>12}" + (f" {'ours/ort':>9}" if "onnxruntime" in names else "")
+    header += f" {'bf16/ort':>9}" if "onnxruntime" in names and "ours-bf16" in names else ""
     header += "   GFLOP/s (% of GEMM peak) " + " / ".join(names)
     print("\n" + header)
     for name, _, _ in models:
@@ -232,6 +239,9 @@ def main():
             if "onnxruntime" in names:
                 row["ours_over_onnxruntime"] = rate["ours"] / rate["onnxruntime"]
                 line += f" {row['ours_over_onnxruntime']:>9.2f}"
+                if "ours-bf16" in names:
+                    row["ours_bf16_over_onnxruntime"] = rate["ours-bf16"] / rate["onnxruntime"]
+                    line += f" {row['ours_bf16_over_onnxruntime']:>9.2f}"
             achieved = {n: rate[n] * gflops[name] for n in names}
             row["gflop_per_second"] = achieved
             line += "   " + " / ".join(f"{achieved[n]:.0f} ({100 * achieved[n] / peak:.0f}%)" for n in names)
@@ -242,7 +252,9 @@ def main():
             json.dump({"torch": torch.__version__, "threads": threads, "kernels": level,
                        "gemm_peak_gflops": {"ours": peak_ours, "torch_mm": peak_torch},
                        "repeats": args.repeats, "rows": rows}, f, indent=1)
-    ours.proc.stdin.close()
+    for side in sides:
+        if isinstance(side, Ours):
+            side.proc.stdin.close()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ use datafusion::arrow::array::{Array, AsArray, Float32Array};
 use datafusion::arrow::datatypes::{DataType, Float16Type, Int32Type};
 use datafusion::functions::core::expr_ext::FieldAccessor;
 use deep_pipelines::image::{DecodeLimits, decode_rgb8};
-use deep_pipelines::models::cpu::CpuPlan;
+use deep_pipelines::models::cpu::{CpuPlan, Precision};
 use deep_pipelines::models::efficientnet::EfficientNetConfig;
 use deep_pipelines::models::inception_v3::InceptionV3Config;
 use deep_pipelines::models::layers::{FoldBatchNorms, NameMap};
@@ -66,24 +66,45 @@ fn parity<N: ImageNetwork + ModuleSnapshot + Module + FoldBatchNorms + CpuPlan>(
     )
     .unwrap_or_else(|e| panic!("{case}: {e}"));
     let io = read_tensors(&format!("{ZOO}/{case}_io.safetensors"));
-    compare(case, "as loaded", &net, &io, |x| net.feature_map(x));
+    compare(case, "as loaded", &net, &io, F32, |x| net.feature_map(x));
     let folded = net.fold_batch_norms();
-    compare(case, "folded", &folded, &io, |x| folded.feature_map(x));
+    compare(case, "folded", &folded, &io, F32, |x| folded.feature_map(x));
     let plan = folded
         .cpu_plan()
         .unwrap_or_else(|| panic!("{case}: no CPU plan"));
-    compare(case, "cpu plan", &folded, &io, |x| {
+    compare(case, "cpu plan", &folded, &io, F32, |x| {
         plan.feature_map(&x)
             .unwrap_or_else(|e| panic!("{case}: plan: {e}"))
     });
+    let bf16 = plan.clone().in_precision(Precision::Bf16);
+    compare(case, "bf16 plan", &folded, &io, BF16, |x| {
+        bf16.feature_map(&x)
+            .unwrap_or_else(|e| panic!("{case}: bf16 plan: {e}"))
+    });
 }
 
-/// Compares the feature map `map_of` makes, and `net`'s features and logits from it.
+/// How far an output may be from torchvision's.
+#[derive(Clone, Copy)]
+enum Tolerance {
+    Absolute(f32),
+    /// Times the output's largest magnitude.
+    Relative(f32),
+}
+
+/// `f32` paths.
+const F32: Tolerance = Tolerance::Absolute(1e-4);
+/// The bfloat16 plan: its weights and activations keep 8 significant bits into every GEMM
+/// (the sums stay `f32`).
+const BF16: Tolerance = Tolerance::Relative(3e-2);
+
+/// Compares the feature map `map_of` makes, and `net`'s features and logits from it, within
+/// `tolerance`.
 fn compare(
     case: &str,
     variant: &str,
     net: &impl ImageNetwork,
     io: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    tolerance: Tolerance,
     map_of: impl Fn(Tensor<4>) -> Tensor<4>,
 ) {
     let (shape, input) = &io["input"];
@@ -103,12 +124,17 @@ fn compare(
         assert_eq!(&shape, want_shape, "{case} {name} shape");
         let diff = max_abs_diff(&got, want);
         let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let bound = match tolerance {
+            Tolerance::Absolute(bound) => bound,
+            Tolerance::Relative(fraction) => fraction * scale,
+        };
         println!(
-            "{case:>20} {variant:<9} {name:<12} max |diff| {diff:.2e} (max |value| {scale:.2})"
+            "{case:>20} {variant:<9} {name:<12} max |diff| {diff:.2e} (max |value| {scale:.2}, relative {:.2e})",
+            diff / scale
         );
         assert!(
-            diff <= 1e-4,
-            "{case} {variant} {name}: max |diff| {diff:e} > 1e-4"
+            diff <= bound,
+            "{case} {variant} {name}: max |diff| {diff:e} > {bound:e}"
         );
     }
 }

@@ -155,6 +155,16 @@ fn fuse_tail(ops: &mut Vec<Op>, closing: bool) {
 }
 
 impl InvertedResidual {
+    pub(super) fn convs_mut(&mut self) -> impl Iterator<Item = &mut Conv> {
+        [
+            Some(&mut self.depthwise),
+            self.expand.as_mut(),
+            self.project.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+    }
+
     pub(super) fn weight_bytes(&self) -> usize {
         [
             Some(&self.depthwise),

@@ -10,7 +10,12 @@
 //! A is read in place (activations or im2col rows, `lda` apart); each `MR x NR` tile of the
 //! output is accumulated over `KC`-deep slices of A and of one packed panel, which stay in L1/L2.
 
-use super::kernels::{Fused, Level, MulAdd, Separate, activate, clamp_of, level, multiversion};
+use std::cell::RefCell;
+
+use super::kernels::{
+    Fused, Level, MulAdd, Precision, Separate, activate, bf16_supported, clamp_of, level,
+    multiversion,
+};
 use crate::models::layers::Act;
 
 /// Depth of one slice of the product: `KC x NR` weights (32 KiB at NR = 32) stay in L1/L2.
@@ -18,12 +23,17 @@ const KC: usize = 256;
 
 /// A `[k, n]` weight matrix in panels of `nr` columns (the last one padded with zeros), each
 /// `KC`-deep slice of a panel contiguous: the order the micro-kernel reads them in.
+///
+/// In [`Precision::Bf16`] the panels hold `pairs` instead of `data`: each `u32` two rows of one
+/// column as bfloat16 (the even row in the low half), a slice `kc / 2` pairs deep (rounded up,
+/// the odd row zero), the operand `vdpbf16ps` multiplies.
 #[derive(Debug, Clone)]
 pub struct PackedWeights {
     k: usize,
     n: usize,
     nr: usize,
     data: Vec<f32>,
+    pairs: Vec<u32>,
 }
 
 /// Tile width for this CPU's vectors: two registers per row.
@@ -41,6 +51,32 @@ impl PackedWeights {
         PackedWeights::with_width(weight, k, n, panel_width())
     }
 
+    /// These `f32` weights packed for `precision`: in bfloat16 where this CPU multiplies it
+    /// ([`bf16_supported`]), else as they are.
+    pub fn in_precision(&self, precision: Precision) -> PackedWeights {
+        match precision {
+            Precision::Bf16 if bf16_supported() && self.pairs.is_empty() => {
+                PackedWeights::in_bf16(&self.unpacked(), self.k, self.n)
+            }
+            _ => self.clone(),
+        }
+    }
+
+    /// The `[k, n]` matrix an `f32` pack was made from.
+    fn unpacked(&self) -> Vec<f32> {
+        let (k, n, nr) = (self.k, self.n, self.nr);
+        let panels = n.div_ceil(nr);
+        let mut weight = vec![0.0; k * n];
+        for (p, row) in weight.chunks_exact_mut(n.max(1)).enumerate().take(k) {
+            let (k0, kc) = slice_of(p, k);
+            let base = k0 * panels * nr + (p - k0) * nr;
+            for (col, w) in row.iter_mut().enumerate() {
+                *w = self.data[base + (col / nr) * kc * nr + col % nr];
+            }
+        }
+        weight
+    }
+
     /// Packed for the micro-kernel of another level than this CPU's widest (tests).
     fn with_width(weight: &[f32], k: usize, n: usize, nr: usize) -> PackedWeights {
         assert_eq!(weight.len(), k * n, "weights are not [k, n]");
@@ -53,12 +89,32 @@ impl PackedWeights {
                 data[base + (col / nr) * kc * nr + col % nr] = w;
             }
         }
-        PackedWeights { k, n, nr, data }
+        let pairs = Vec::new();
+        PackedWeights { k, n, nr, data, pairs }
+    }
+
+    /// Packed as bfloat16 pairs for the AVX-512 BF16 micro-kernel (the caller checked the CPU).
+    fn in_bf16(weight: &[f32], k: usize, n: usize) -> PackedWeights {
+        assert_eq!(weight.len(), k * n, "weights are not [k, n]");
+        let nr = BF16_WIDTH;
+        let panels = n.div_ceil(nr);
+        let mut pairs = vec![0u32; panels * nr * k.div_ceil(2)];
+        for (p, row) in weight.chunks_exact(n.max(1)).enumerate().take(k) {
+            let (k0, kc) = slice_of(p, k);
+            let base = k0 / 2 * panels * nr + (p - k0) / 2 * nr;
+            let shift = 16 * ((p - k0) % 2);
+            for (col, &w) in row.iter().enumerate() {
+                pairs[base + (col / nr) * kc.div_ceil(2) * nr + col % nr] |=
+                    u32::from(bf16(w)) << shift;
+            }
+        }
+        let data = Vec::new();
+        PackedWeights { k, n, nr, data, pairs }
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.data.len() * 4
+        self.data.len() * 4 + self.pairs.len() * 4
     }
 
     pub fn k(&self) -> usize {
@@ -68,6 +124,23 @@ impl PackedWeights {
     pub fn n(&self) -> usize {
         self.n
     }
+}
+
+/// Panels in bfloat16 are as wide as the AVX-512 ones: 16 pairs per register, two registers.
+const BF16_WIDTH: usize = 32;
+
+/// `x` rounded to the nearest bfloat16, ties to even (as `vcvtne2ps2bf16` rounds A's values).
+fn bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+}
+
+thread_local! {
+    /// A block of A's rows as bfloat16 pairs, reused by every panel that passes over it.
+    static A_PAIRS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// First row and depth of the `KC`-slice holding row `p` of a `k`-deep product.
@@ -167,6 +240,45 @@ fn tile<M: MulAdd, const MR: usize, const NR: usize>(
     }
 }
 
+/// `rows x kc` of A (`lda` apart) as bfloat16 pairs, `kc / 2` (rounded up) per row.
+fn bf16_rows(a: &[f32], lda: usize, rows: usize, kc: usize, pairs: &mut [u32]) {
+    let kp = kc.div_ceil(2);
+    assert!(rows > 0 && a.len() >= (rows - 1) * lda + kc && pairs.len() >= rows * kp);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the assert bounds every row; pairs are packed only where the CPU has AVX-512
+    // BF16 (`PackedWeights::new`).
+    unsafe {
+        x86::bf16_rows(a.as_ptr(), lda, rows, kc, pairs.as_mut_ptr())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("bfloat16 panels are packed on x86-64 only");
+}
+
+/// [`tile`] over bfloat16 pairs: `a` rows `lda` pairs apart, `panel` `kp x 32` pairs.
+fn tile_bf16(a: &[u32], lda: usize, panel: &[u32], t: Tile) {
+    let kp = lda;
+    assert!(t.rows <= 8 && t.cols <= BF16_WIDTH && t.rows > 0);
+    assert!(a.len() >= (t.rows - 1) * lda + kp && panel.len() >= kp * BF16_WIDTH);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the asserts bound the reads; the caller gives `c`, `bias` and `residual` for
+    // `rows x cols`; pairs exist only where the CPU has AVX-512 BF16.
+    unsafe {
+        let (a, b) = (a.as_ptr(), panel.as_ptr());
+        macro_rules! rows {
+            ($($r:literal)*) => {
+                match (t.rows, t.cols <= BF16_WIDTH / 2) {
+                    $(($r, true) => x86::avx512bf16::<$r, 1>(a, lda, kp, b, t),)*
+                    $(($r, false) => x86::avx512bf16::<$r, 2>(a, lda, kp, b, t),)*
+                    _ => unreachable!("at most 8 rows"),
+                }
+            };
+        }
+        rows!(1 2 3 4 5 6 7 8)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("bfloat16 panels are packed on x86-64 only");
+}
+
 /// The micro-kernels: `R` rows of A broadcast against two vector registers of a panel row,
 /// `2 R` accumulators held in registers over the whole slice, then bias and residual added, the
 /// clamp applied and the tile stored (masked where the panel is wider than C).
@@ -221,47 +333,39 @@ mod x86 {
     }
 
     macro_rules! kernel {
-        ($name:ident, $feature:literal, $rows:literal, $lanes:literal, $mask:ident, $load:ident,
-         $store:ident, $loadu:ident, $set1:ident, $zero:ident, $fmadd:ident,
-         $add:ident, $max:ident, $min:ident) => {
-            #[doc = concat!("`R <= ", $rows, "` rows x ", $lanes, " x `H` columns (`H` <= 2).")]
+        ($name:ident, $start:ident, $finish:ident, $feature:literal, $rows:literal,
+         $lanes:literal, $mask:ident, $load:ident, $store:ident, $loadu:ident, $set1:ident,
+         $zero:ident, $fmadd:ident, $add:ident, $max:ident, $min:ident, $vec:ty) => {
+            /// A tile's accumulators: zero on the first slice, else C's partial sums.
+            #[inline]
             #[target_feature(enable = $feature)]
-            pub unsafe fn $name<const R: usize, const H: usize>(
-                a: *const f32,
-                lda: usize,
-                kc: usize,
-                b: *const f32,
-                t: Tile,
-            ) {
-                // SAFETY (the whole body): the caller guarantees R rows of `kc` values `lda`
-                // apart at `a`, `kc` rows of 2 x lanes at `b`, and `R x cols` at `t.c`,
-                // `t.bias`, `t.residual`.
+            pub unsafe fn $start<const R: usize, const H: usize>(t: Tile) -> [[$vec; 2]; R] {
+                // SAFETY: the caller gives `R x cols` at `t.c`.
                 unsafe {
                     let masks = [$mask(t.cols, 0), $mask(t.cols, $lanes)];
-                    let at = |r: usize, h: usize| r * t.ldc + $lanes * h;
                     let mut c = [[$zero(); 2]; R];
                     if !t.first {
                         for (r, c) in c.iter_mut().enumerate() {
                             for h in 0..H {
-                                c[h] = $load(t.c.add(at(r, h)), masks[h]);
+                                c[h] = $load(t.c.add(r * t.ldc + $lanes * h), masks[h]);
                             }
                         }
                     }
-                    for p in 0..kc {
-                        let b0 = $loadu(b.add(p * 2 * $lanes));
-                        let b1 = if H > 1 {
-                            $loadu(b.add(p * 2 * $lanes + $lanes))
-                        } else {
-                            b0
-                        };
-                        for (r, c) in c.iter_mut().enumerate() {
-                            let x = $set1(*a.add(r * lda + p));
-                            c[0] = $fmadd(x, b0, c[0]);
-                            if H > 1 {
-                                c[1] = $fmadd(x, b1, c[1]);
-                            }
-                        }
-                    }
+                    c
+                }
+            }
+
+            /// Bias, residual and clamp added to a tile's accumulators, and the tile stored.
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub unsafe fn $finish<const R: usize, const H: usize>(
+                mut c: [[$vec; 2]; R],
+                t: Tile,
+            ) {
+                // SAFETY: the caller gives `R x cols` at `t.c`, `t.bias` and `t.residual`.
+                unsafe {
+                    let masks = [$mask(t.cols, 0), $mask(t.cols, $lanes)];
+                    let at = |r: usize, h: usize| r * t.ldc + $lanes * h;
                     if let Some(bias) = t.bias {
                         let bias = [0, 1].map(|h| {
                             if h < H {
@@ -298,11 +402,46 @@ mod x86 {
                     }
                 }
             }
+
+            #[doc = concat!("`R <= ", $rows, "` rows x ", $lanes, " x `H` columns (`H` <= 2).")]
+            #[target_feature(enable = $feature)]
+            pub unsafe fn $name<const R: usize, const H: usize>(
+                a: *const f32,
+                lda: usize,
+                kc: usize,
+                b: *const f32,
+                t: Tile,
+            ) {
+                // SAFETY (the whole body): the caller guarantees R rows of `kc` values `lda`
+                // apart at `a`, `kc` rows of 2 x lanes at `b`, and `R x cols` at `t.c`,
+                // `t.bias`, `t.residual`.
+                unsafe {
+                    let mut c = $start::<R, H>(t);
+                    for p in 0..kc {
+                        let b0 = $loadu(b.add(p * 2 * $lanes));
+                        let b1 = if H > 1 {
+                            $loadu(b.add(p * 2 * $lanes + $lanes))
+                        } else {
+                            b0
+                        };
+                        for (r, c) in c.iter_mut().enumerate() {
+                            let x = $set1(*a.add(r * lda + p));
+                            c[0] = $fmadd(x, b0, c[0]);
+                            if H > 1 {
+                                c[1] = $fmadd(x, b1, c[1]);
+                            }
+                        }
+                    }
+                    $finish::<R, H>(c, t)
+                }
+            }
         };
     }
 
     kernel!(
         avx512,
+        avx512_start,
+        avx512_finish,
         "avx512f",
         8,
         16,
@@ -315,10 +454,13 @@ mod x86 {
         _mm512_fmadd_ps,
         _mm512_add_ps,
         _mm512_max_ps,
-        _mm512_min_ps
+        _mm512_min_ps,
+        __m512
     );
     kernel!(
         avx2,
+        avx2_start,
+        avx2_finish,
         "avx2,fma",
         6,
         8,
@@ -331,8 +473,69 @@ mod x86 {
         _mm256_fmadd_ps,
         _mm256_add_ps,
         _mm256_max_ps,
-        _mm256_min_ps
+        _mm256_min_ps,
+        __m256
     );
+
+    /// 16 lanes of bfloat16 pairs, as `vdpbf16ps` takes them.
+    #[inline(always)]
+    fn pairs(v: __m512i) -> __m512bh {
+        // SAFETY: both are 64 bytes of plain lanes.
+        unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
+    }
+
+    /// The AVX-512 kernel over bfloat16 pairs: `R <= 8` rows of `kp` pairs `lda` apart at `a`,
+    /// `kp` rows of 32 pairs at `b`; each `vdpbf16ps` adds two rows' products in `f32`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn avx512bf16<const R: usize, const H: usize>(
+        a: *const u32,
+        lda: usize,
+        kp: usize,
+        b: *const u32,
+        t: Tile,
+    ) {
+        // SAFETY (the whole body): as for `avx512`, in pairs.
+        unsafe {
+            let mut c = avx512_start::<R, H>(t);
+            for p in 0..kp {
+                let b0 = pairs(_mm512_loadu_si512(b.add(p * 32).cast()));
+                let b1 = if H > 1 {
+                    pairs(_mm512_loadu_si512(b.add(p * 32 + 16).cast()))
+                } else {
+                    b0
+                };
+                for (r, c) in c.iter_mut().enumerate() {
+                    let x = pairs(_mm512_set1_epi32(*a.add(r * lda + p) as i32));
+                    c[0] = _mm512_dpbf16_ps(c[0], x, b0);
+                    if H > 1 {
+                        c[1] = _mm512_dpbf16_ps(c[1], x, b1);
+                    }
+                }
+            }
+            avx512_finish::<R, H>(c, t)
+        }
+    }
+
+    /// `rows x kc` f32 values (`lda` apart) to `rows x ceil(kc / 2)` bfloat16 pairs, the odd
+    /// tail's high half zero.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn bf16_rows(a: *const f32, lda: usize, rows: usize, kc: usize, pairs: *mut u32) {
+        let kp = kc.div_ceil(2);
+        // SAFETY: the caller gives `rows` rows of `kc` values at `a` and `rows x kp` at `pairs`.
+        unsafe {
+            for r in 0..rows {
+                let (src, dst) = (a.add(r * lda), pairs.add(r * kp));
+                for c in (0..kc).step_by(32) {
+                    let low = _mm512_maskz_loadu_ps(mask16(kc, c), src.wrapping_add(c));
+                    let high = _mm512_maskz_loadu_ps(mask16(kc, c + 16), src.wrapping_add(c + 16));
+                    let v = _mm512_cvtne2ps_pbh(high, low);
+                    let m = mask16(kp, c / 2);
+                    let v = std::mem::transmute::<__m512bh, __m512i>(v);
+                    _mm512_mask_storeu_epi32(dst.add(c / 2).cast(), m, v);
+                }
+            }
+        }
+    }
 }
 
 #[inline(always)]
@@ -355,10 +558,15 @@ fn multiply_tiles<M: MulAdd, const MR: usize, const NR: usize>(
         // Rows per block: the block's slice of A and its rows of C (~256 KiB) stay in L2
         // while every panel passes over them, and each row of C is written whole at once.
         let mc = ((1 << 16) / (kc + n)).clamp(MR, 512) / MR * MR;
+        let kp = kc.div_ceil(2);
         for i0 in (0..m).step_by(mc) {
             let block = mc.min(m - i0);
+            let mut a_pairs = A_PAIRS.take();
+            if !w.pairs.is_empty() {
+                a_pairs.resize(block * kp, 0);
+                bf16_rows(&a[i0 * lda + k0..], lda, block, kc, &mut a_pairs);
+            }
             for j in 0..panels {
-                let panel = &w.data[k0 * panels * NR + j * kc * NR..][..kc * NR];
                 let c0 = j * NR;
                 let cols = NR.min(n - c0);
                 for i in (i0..i0 + block).step_by(MR) {
@@ -375,9 +583,16 @@ fn multiply_tiles<M: MulAdd, const MR: usize, const NR: usize>(
                         residual: epilogue.residual.filter(|_| last).map(|r| r[at..].as_ptr()),
                         clamp: if last { clamp_of(epilogue.act) } else { None },
                     };
-                    tile::<M, MR, NR>(&a[i * lda + k0..], lda, kc, panel, t);
+                    if w.pairs.is_empty() {
+                        let panel = &w.data[k0 * panels * NR + j * kc * NR..][..kc * NR];
+                        tile::<M, MR, NR>(&a[i * lda + k0..], lda, kc, panel, t);
+                    } else {
+                        let panel = &w.pairs[k0 / 2 * panels * NR + j * kp * NR..][..kp * NR];
+                        tile_bf16(&a_pairs[(i - i0) * kp..], kp, panel, t);
+                    }
                 }
             }
+            A_PAIRS.set(a_pairs);
             if last && clamp_of(epilogue.act).is_none() && epilogue.act.is_some() {
                 for r in i0..i0 + block {
                     activate::<M>(&mut c[r * ldc..][..n], epilogue.act);
@@ -471,19 +686,58 @@ mod tests {
         widths
     }
 
+    /// Every packing this CPU multiplies: each width in `f32`, and bfloat16 where it has it.
+    type Pack = fn(&[f32], usize, usize) -> PackedWeights;
+
+    fn packings() -> Vec<(&'static str, Pack)> {
+        let mut packings: Vec<(&str, Pack)> = vec![];
+        for width in widths() {
+            packings.push(match width {
+                8 => ("f32 x 8", |w, k, n| PackedWeights::with_width(w, k, n, 8)),
+                16 => ("f32 x 16", |w, k, n| PackedWeights::with_width(w, k, n, 16)),
+                _ => ("f32 x 32", |w, k, n| PackedWeights::with_width(w, k, n, 32)),
+            });
+        }
+        if super::super::kernels::bf16_supported() {
+            packings.push(("bf16", PackedWeights::in_bf16));
+        }
+        packings
+    }
+
+    #[test]
+    fn unpacks_what_it_packed() {
+        let (k, n) = (300, 40);
+        let w: Vec<f32> = (0..k * n).map(|i| i as f32).collect();
+        for nr in widths() {
+            assert_eq!(PackedWeights::with_width(&w, k, n, nr).unpacked(), w, "width {nr}");
+        }
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        assert_eq!(bf16(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even 1.
+        assert_eq!(bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        assert_eq!(bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(bf16(-2.0), 0xc000);
+        assert!(f32::from_bits(u32::from(bf16(f32::NAN)) << 16).is_nan());
+    }
+
     #[test]
     fn matches_naive_over_tails_and_slices() {
-        // k over two slices, n over a padded panel, m over a partial tile; a residual, an act.
-        let shapes = [(37, 19, 23), (9, 40, 300), (1, 3, 1), (17, 33, 513)];
-        for ((m, n, k), nr) in shapes
+        // k over two slices (odd, for the pairs), n over a padded panel, m over a partial
+        // tile; a residual, an act. Small integers: exact in bfloat16 and in every order.
+        let shapes = [(37, 19, 23), (9, 40, 300), (1, 3, 1), (17, 33, 513), (20, 100, 27)];
+        for ((m, n, k), (packing, pack)) in shapes
             .into_iter()
-            .flat_map(|s| widths().into_iter().map(move |w| (s, w)))
+            .flat_map(|s| packings().into_iter().map(move |p| (s, p)))
         {
+            let nr = packing;
             let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
             let b: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
             let bias: Vec<f32> = (0..n).map(|i| i as f32 * 0.5).collect();
             let res: Vec<f32> = (0..m * n).map(|i| (i % 5) as f32).collect();
-            let w = PackedWeights::with_width(&b, k, n, nr);
+            let w = pack(&b, k, n);
             let mut c = vec![f32::NAN; m * n];
             let epilogue = Epilogue {
                 bias: &bias,
@@ -498,7 +752,7 @@ mod tests {
                     assert_eq!(
                         c[i * n + j],
                         want,
-                        "({m}, {n}, {k}) width {nr} at ({i}, {j})"
+                        "({m}, {n}, {k}) {nr} at ({i}, {j})"
                     );
                 }
             }

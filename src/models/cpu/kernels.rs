@@ -26,6 +26,52 @@ pub fn level() -> Level {
     *LEVEL.get_or_init(|| capped(detected(), std::env::var(SIMD_ENV).ok().as_deref()))
 }
 
+/// What the plan's GEMMs multiply in: `f32`, or bfloat16 weights and activations summed in
+/// `f32` (half the bytes per weight and twice the products per instruction, ~3 significant
+/// digits per factor).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    Bf16,
+}
+
+/// The environment variable that asks for [`Precision::Bf16`] (`bf16`) where the CPU has the
+/// AVX-512 BF16 instructions; `f32`, the default, elsewhere.
+pub const PRECISION_ENV: &str = "DEEP_PIPELINES_PRECISION";
+
+/// The precision plans built in this process multiply in, decided once.
+pub fn precision() -> Precision {
+    static PRECISION: OnceLock<Precision> = OnceLock::new();
+    *PRECISION.get_or_init(|| {
+        let asked = match std::env::var(PRECISION_ENV).ok().as_deref() {
+            None | Some("" | "f32") => Precision::F32,
+            Some("bf16") => Precision::Bf16,
+            Some(other) => {
+                eprintln!("deep-pipelines: {PRECISION_ENV}={other:?} is not f32 or bf16; using f32");
+                Precision::F32
+            }
+        };
+        if asked == Precision::Bf16 && !bf16_supported() {
+            eprintln!(
+                "deep-pipelines: {PRECISION_ENV}=bf16 needs AVX-512 BF16 instructions, which \
+                 this CPU (or {SIMD_ENV}) lacks; using f32"
+            );
+            return Precision::F32;
+        }
+        asked
+    })
+}
+
+/// Whether this CPU runs the bfloat16 GEMM (and `level` was not capped below AVX-512).
+pub fn bf16_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        level() == Level::Avx512 && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 fn detected() -> Level {
     #[cfg(target_arch = "x86_64")]
     {

@@ -31,6 +31,7 @@ use rayon::prelude::*;
 use super::ImageNetwork;
 use super::layers::{Act, ConvBn, FoldBatchNorms, SqueezeExcitation};
 use gemm::{Epilogue, PackedWeights};
+pub use kernels::Precision;
 use kernels::Window;
 use winograd::WinogradWeights;
 
@@ -383,6 +384,14 @@ impl Conv {
         Ok(x.with(oh, ow, n, out))
     }
 
+    fn for_each_pack(&mut self, f: &mut dyn FnMut(&mut PackedWeights)) {
+        match &mut self.weights {
+            ConvWeights::Dense(w) => f(w),
+            ConvWeights::Depthwise(_) => {}
+            ConvWeights::Winograd(w) => w.for_each_pack(f),
+        }
+    }
+
     fn weight_bytes(&self) -> usize {
         4 * self.bias.len()
             + match &self.weights {
@@ -691,6 +700,21 @@ impl Op {
         })
     }
 
+    /// Calls `f` on each packed GEMM operand of the op.
+    fn for_each_pack(&mut self, f: &mut dyn FnMut(&mut PackedWeights)) {
+        let mut all = |ops: &mut [Op]| ops.iter_mut().for_each(|op| op.for_each_pack(f));
+        match self {
+            Op::Conv(conv) => conv.for_each_pack(f),
+            Op::Pool(_) | Op::SqueezeExcite(_) => {}
+            Op::Residual { shortcut, body } => {
+                all(shortcut);
+                all(body);
+            }
+            Op::Concat(branches) => branches.iter_mut().for_each(|b| all(b)),
+            Op::InvertedResidual(block) => block.convs_mut().for_each(|c| c.for_each_pack(f)),
+        }
+    }
+
     /// Bytes of weights the op reads per pass.
     fn weight_bytes(&self) -> usize {
         let all = |ops: &[Op]| ops.iter().map(Op::weight_bytes).sum::<usize>();
@@ -810,10 +834,23 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The plan of `ops`, its GEMMs in this process's [`precision`](kernels::precision).
     pub fn new(ops: Vec<Op>) -> Plan {
         let ops = fused::fuse(ops);
         let weight_bytes = ops.iter().map(Op::weight_bytes).collect();
-        Plan { ops, weight_bytes }
+        Plan { ops, weight_bytes }.in_precision(kernels::precision())
+    }
+
+    /// This `f32` plan with its GEMMs' weights packed for `precision` (in bfloat16 only where
+    /// the CPU has the instructions); depthwise convolutions and squeeze-excites stay `f32`.
+    pub fn in_precision(mut self, precision: Precision) -> Plan {
+        if precision != Precision::F32 {
+            for op in &mut self.ops {
+                op.for_each_pack(&mut |w| *w = w.in_precision(precision));
+            }
+            self.weight_bytes = self.ops.iter().map(Op::weight_bytes).collect();
+        }
+        self
     }
 
     /// Runs the plan on an NHWC batch.

@@ -28,6 +28,10 @@ impl WinogradWeights {
         self.u.iter().map(PackedWeights::bytes).sum()
     }
 
+    pub(super) fn for_each_pack(&mut self, f: &mut dyn FnMut(&mut PackedWeights)) {
+        self.u.iter_mut().for_each(f);
+    }
+
     /// From dense 3x3 weights `[3, 3, C_in, C_out]`.
     pub fn new(weight: &[f32], input: usize, output: usize) -> WinogradWeights {
         assert_eq!(
