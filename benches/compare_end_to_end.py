@@ -14,8 +14,8 @@ whole process (start, model load, decode, resize, network, write), side by side 
             recipe, efficientnet-lite-pytorch in inference_mode.
 
 Reduced precision, opt-in on both sides (not in the default --sides):
-  ours-bf16 our CLI with DEEP_PIPELINES_PRECISION=bf16 (bfloat16 GEMMs, where the CPU has
-            AVX-512 BF16).
+  ours-bf16 our CLI with --precision bfloat16 (bfloat16 GEMMs, where the CPU has AVX-512
+            BF16).
   ort-int8  the ort script on ONNX Runtime's own quantized path: the model quantized statically
             (QDQ, int8 per-channel weights, uint8 activations calibrated on the warm-up images).
 
@@ -212,10 +212,10 @@ def side_pytorch(folder, out, model):
 
 def run_side(side, folder, out, model, cli):
     """One timed child process: (seconds, peak RSS in MB)."""
-    env = dict(os.environ)
     if side.startswith("ours"):
         cmd = [cli, "featurize", folder, "-o", out, "-q", "--batch-size", str(BATCH)]
-        env["DEEP_PIPELINES_PRECISION"] = "bf16" if side == "ours-bf16" else "f32"
+        if side == "ours-bf16":
+            cmd += ["--precision", "bfloat16"]
     elif side == "ort-int8":
         cmd = [sys.executable, os.path.abspath(__file__), "--side", "ort", folder, out,
                model.replace(".onnx", "-int8.onnx")]
@@ -225,7 +225,7 @@ def run_side(side, folder, out, model, cli):
     # (torch-importing) process counts the parent's pages until it execs.
     usage = os.path.join(os.path.dirname(model), "rss")
     start = time.perf_counter()
-    subprocess.run(["/usr/bin/time", "-o", usage, "-f", "%M"] + cmd, check=True, env=env)
+    subprocess.run(["/usr/bin/time", "-o", usage, "-f", "%M"] + cmd, check=True)
     seconds = time.perf_counter() - start
     with open(usage) as f:
         rss_mb = int(f.read().split()[-1]) / 1024

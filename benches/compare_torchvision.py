@@ -77,15 +77,15 @@ def gflop_per_image(model, size):
 class Ours:
     """benches/zoo.rs in --serve mode: one request per line."""
 
-    def __init__(self, precision="f32"):
-        self.name = "ours" if precision == "f32" else f"ours-{precision}"
+    def __init__(self, precision="float32"):
+        self.name = {"float32": "ours", "bfloat16": "ours-bf16"}[precision]
         out = subprocess.run(
             ["cargo", "bench", "--bench", "zoo", "--no-run", "--message-format=json"],
             cwd=ROOT, check=True, capture_output=True, text=True,
         ).stdout
         exe = [json.loads(l).get("executable") for l in out.splitlines() if '"executable"' in l]
         exe = [e for e in exe if e and "zoo" in os.path.basename(e)][-1]
-        env = dict(os.environ, DEEP_PIPELINES_PRECISION=precision)
+        env = dict(os.environ, ZOO_PRECISION=precision)
         self.proc = subprocess.Popen([exe, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env)
 
@@ -170,7 +170,7 @@ def main():
     parser.add_argument("--models", nargs="+", default=[m[0] for m in MODELS])
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--bf16", action="store_true",
-                        help="also time ours with bfloat16 GEMMs (DEEP_PIPELINES_PRECISION=bf16)")
+                        help="also time ours with bfloat16 GEMMs (the stages' precision=bfloat16)")
     args = parser.parse_args()
 
     threads = os.cpu_count()
@@ -183,7 +183,7 @@ def main():
         print("onnxruntime not installed: no ONNX Runtime column", flush=True)
     sides.append(ours)
     if args.bf16:
-        sides.append(Ours("bf16"))
+        sides.append(Ours("bfloat16"))
     level, ours_threads = ours.ask("info").split()
     peak_ours = max(float(ours.ask("gemm 2048")) for _ in range(2))
     peak_torch = max(torch_gemm_gflops(2048) for _ in range(2))

@@ -9,6 +9,8 @@
 //! - `time <model> <batch>`: seconds of one forward pass (input to logits), on its own line;
 //! - `gemm <size>`: GFLOP/s of one `size`^3 f32 GEMM through the plan's GEMM on every thread;
 //! - `info`: the SIMD level the CPU plan's kernels run and the thread count.
+//!
+//! `ZOO_PRECISION=bfloat16` builds the plans with bfloat16 GEMMs (the stages' `precision`).
 
 mod common;
 
@@ -18,26 +20,33 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use criterion::{Criterion, Throughput};
-use deep_pipelines::models::cpu::{gemm, inference_network, kernels};
+use deep_pipelines::models::cpu::{Precision, gemm, inference_network, kernels};
 use deep_pipelines::models::efficientnet::EfficientNetConfig;
 use deep_pipelines::models::inception_v3::InceptionV3Config;
 use deep_pipelines::models::mobilenet_v2::MobileNetV2Config;
 use deep_pipelines::models::mobilenet_v3::MobileNetV3Config;
 use deep_pipelines::models::resnet::ResNetConfig;
 use deep_pipelines::models::squeezenet::SqueezeNetConfig;
-use deep_pipelines::models::{Architecture, BurnEngine, Engine, Head, ImageNetwork, load_model};
+use deep_pipelines::models::{Architecture, BurnEngine, Engine, Head, ImageNetwork, load_model_as};
 use rayon::prelude::*;
+
+/// The precision the plans multiply in: `ZOO_PRECISION=bfloat16` in the environment, else
+/// float32 (the stages' `precision` param).
+fn precision() -> Precision {
+    let name = std::env::var("ZOO_PRECISION").unwrap_or_else(|_| "float32".into());
+    Precision::parse(&name).unwrap_or_else(|| panic!("ZOO_PRECISION={name}: float32 or bfloat16"))
+}
 
 /// The zoo's names (torchvision's), input sizes and networks, built on first use.
 fn network(name: &str) -> Option<(usize, Arc<dyn ImageNetwork>)> {
     let device = Device::flex();
     fn build<A: Architecture>(a: A, device: &Device) -> Arc<dyn ImageNetwork> {
-        inference_network(a.init(device), device)
+        inference_network(a.init(device), device, precision())
     }
     Some(match name {
         "efficientnet_lite0" => (
             224,
-            load_model("EfficientNetLite0", "cpu")
+            load_model_as("EfficientNetLite0", "cpu", None, precision())
                 .expect("bundled model loads")
                 .network()
                 .expect("bundled weights build"),

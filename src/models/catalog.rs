@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use burn::prelude::*;
 
-use super::cpu::inference_network;
+use super::cpu::{Precision, inference_network};
 use super::efficientnet::EfficientNetConfig;
 use super::efficientnet_lite::EfficientNetLiteConfig;
 use super::inception_v3::InceptionV3Config;
@@ -108,15 +108,17 @@ pub fn load_architecture(
     model: &str,
 ) -> Result<Arc<dyn ImageNetwork>> {
     let weights = WeightSource::File(weights.to_path_buf());
-    load_architecture_from(architecture, &weights, sha256, device, model)
+    let precision = Precision::F32;
+    load_architecture_from(architecture, &weights, sha256, device, precision, model)
 }
 
-/// [`load_architecture`] from a file or built-in bytes.
+/// [`load_architecture`] from a file or built-in bytes, its CPU plan in `precision`.
 pub(super) fn load_architecture_from(
     architecture: &str,
     weights: &WeightSource,
     sha256: Option<&str>,
     device: &Device,
+    precision: Precision,
     model: &str,
 ) -> Result<Arc<dyn ImageNetwork>> {
     let config = CATALOG
@@ -133,7 +135,7 @@ pub(super) fn load_architecture_from(
                 ),
             )
         })?;
-    config().load(weights, sha256, device, model)
+    config().load(weights, sha256, device, precision, model)
 }
 
 /// The named models `DeepImageClassifier` can fine-tune: those whose network is an
@@ -167,6 +169,7 @@ trait LoadArchitecture {
         weights: &WeightSource,
         sha256: Option<&str>,
         device: &Device,
+        precision: Precision,
         model: &str,
     ) -> Result<Arc<dyn ImageNetwork>>;
 
@@ -188,6 +191,7 @@ impl<A: Architecture> LoadArchitecture for A {
         weights: &WeightSource,
         sha256: Option<&str>,
         device: &Device,
+        precision: Precision,
         model: &str,
     ) -> Result<Arc<dyn ImageNetwork>> {
         let network = load_weights_from(
@@ -197,7 +201,7 @@ impl<A: Architecture> LoadArchitecture for A {
             sha256,
             model,
         )?;
-        Ok(inference_network(network, device))
+        Ok(inference_network(network, device, precision))
     }
 
     fn fine_tunes(&self) -> bool {

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use burn::prelude::*;
 
 use super::catalog::{load_architecture, load_architecture_from};
+use super::cpu::Precision;
 use super::engine::{BurnEngine, Engine, Head, Layout};
 use super::manifest::{FeatureMode, Manifest};
 use super::weights::WeightSource;
@@ -32,6 +33,8 @@ enum NetworkSource {
     Deferred {
         source: EngineSource,
         device: String,
+        /// What a built-in network's CPU plan multiplies in.
+        precision: Precision,
         built: Mutex<Option<Arc<dyn Engine>>>,
     },
 }
@@ -114,13 +117,15 @@ impl LoadedModel {
         })
     }
 
-    /// A model whose engine is built from `source` on the device named `device` when a batch
-    /// first runs; the manifest and class names (from `dir`) are read now.
+    /// A model whose engine is built from `source` on the device named `device` (a built-in
+    /// network's CPU plan in `precision`) when a batch first runs; the manifest and class names
+    /// (from `dir`) are read now.
     pub(crate) fn deferred(
         manifest: Manifest,
         source: EngineSource,
         dir: &Path,
         device: &str,
+        precision: Precision,
     ) -> Result<Self> {
         let labels = read_labels(&manifest, dir)?;
         Ok(LoadedModel {
@@ -129,6 +134,7 @@ impl LoadedModel {
             network: NetworkSource::Deferred {
                 source,
                 device: device.to_string(),
+                precision,
                 built: Mutex::new(None),
             },
         })
@@ -137,13 +143,14 @@ impl LoadedModel {
     /// The engine, built now if it was deferred (an unreadable weight or model file or a
     /// missing device is an error here).
     pub fn engine(&self) -> Result<Arc<dyn Engine>> {
-        let (source, device, built) = match &self.network {
+        let (source, device, precision, built) = match &self.network {
             NetworkSource::Built(engine) => return Ok(Arc::clone(engine)),
             NetworkSource::Deferred {
                 source,
                 device,
+                precision,
                 built,
-            } => (source, device, built),
+            } => (source, device, *precision, built),
         };
         let mut built = built.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(engine) = built.as_ref() {
@@ -157,6 +164,7 @@ impl LoadedModel {
                     weights,
                     self.manifest.weights.expected_sha256(),
                     &device,
+                    precision,
                     &self.manifest.name,
                 )?;
                 Arc::new(BurnEngine { network, device })

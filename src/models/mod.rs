@@ -58,9 +58,9 @@ pub use onnx::{
 };
 pub(crate) use runtime::parse_device;
 pub use runtime::{
-    available_devices, available_models, device, device_label, load_model, load_model_file,
-    load_model_in, load_trainable, manifest, manifest_in, register_network, replace_network,
-    trainable_models,
+    available_devices, available_models, device, device_label, load_model, load_model_as,
+    load_model_file, load_model_in, load_trainable, manifest, manifest_in, register_network,
+    replace_network, trainable_models,
 };
 pub use weights::{
     WeightSource, check_safetensors_header, load_pytorch, load_safetensors, load_safetensors_bytes,

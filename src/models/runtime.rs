@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use burn::prelude::*;
 
 use super::catalog;
+use super::cpu::Precision;
 use super::inverted_residual::InvertedResidualNet;
 use super::loaded::{EngineSource, LoadedModel};
 use super::manifest::{MODEL_DIR_ENV, Manifest, model_dirs, read_manifest, resolve_dir};
@@ -139,6 +140,7 @@ impl LoadedModel {
             &weights,
             manifest.weights.expected_sha256(),
             device,
+            Precision::F32,
             &manifest.name,
         )?;
         Self::new(manifest, network, device, &folder)
@@ -237,7 +239,7 @@ fn stamp(weights: &WeightSource) -> Stamp {
 
 /// One cache entry: its own lock, so loading one model never blocks another's lookup.
 type Slot = Arc<Mutex<Option<(Stamp, Arc<LoadedModel>)>>>;
-type Cache = Mutex<HashMap<(String, String, PathBuf), Slot>>;
+type Cache = Mutex<HashMap<(String, String, PathBuf, Precision), Slot>>;
 
 /// Loads a named model on a named device once per process and shares it.
 pub fn load_model(name: &str, device_name: &str) -> Result<Arc<LoadedModel>> {
@@ -253,6 +255,17 @@ pub fn load_model_in(
     device_name: &str,
     dir: Option<&Path>,
 ) -> Result<Arc<LoadedModel>> {
+    load_model_as(name, device_name, dir, Precision::F32)
+}
+
+/// [`load_model_in`] with the network's CPU plan in `precision` (a user's network, which has
+/// no plan of ours, runs as registered).
+pub fn load_model_as(
+    name: &str,
+    device_name: &str,
+    dir: Option<&Path>,
+    precision: Precision,
+) -> Result<Arc<LoadedModel>> {
     if let Some(user) = user_model(name) {
         return Ok(user);
     }
@@ -262,7 +275,12 @@ pub fn load_model_in(
         .filter(|d| !d.as_os_str().is_empty())
         .map(Path::to_path_buf);
     let dir = resolve_dir(dir, catalog::folder(name).unwrap_or_default());
-    let key = (name.to_string(), device_name.to_string(), dir.clone());
+    let key = (
+        name.to_string(),
+        device_name.to_string(),
+        dir.clone(),
+        precision,
+    );
     // The map's lock is held only to find the entry; the entry's lock while loading makes
     // concurrent partitions wait for one load of this model, and nobody else.
     let slot: Slot = Arc::clone(
@@ -287,6 +305,7 @@ pub fn load_model_in(
         EngineSource::Weights(weights),
         &folder,
         device_name,
+        precision,
     )?);
     *entry = Some((now, Arc::clone(&model)));
     Ok(model)
@@ -430,6 +449,7 @@ pub fn load_model_file(
             source,
             folder,
             device_name,
+            Precision::F32,
         )?);
         cache
             .lock()

@@ -646,6 +646,113 @@ async fn predictor_probabilities_without_decoding_and_survives_save_load() {
     assert!((p.values().iter().sum::<f32>() - 1.0).abs() < 1e-4);
 }
 
+/// `precision = bfloat16` runs the bundled model's plan with bfloat16 GEMMs: features within
+/// the plan's bfloat16 tolerance of float32's, the same top-1 class on the two photos, saved
+/// and loaded with the stage; a bad value and a model file with it are param errors.
+#[tokio::test]
+async fn bfloat16_precision_is_a_stage_param() {
+    let ctx = SessionContext::new();
+    let images = read_images(&ctx, PHOTOS, ReadImagesOptions::default()).unwrap();
+    let by_origin = |df: DataFrame| {
+        df.sort(vec![col("image").field("origin").sort(true, false)])
+            .unwrap()
+    };
+    let f32s = DeepImageFeaturizer::new().with_output_col("f");
+    let bf16 = f32s.clone().with_precision("bfloat16");
+    let dir = tempfile::tempdir().unwrap();
+    let saved = PipelineModel::new("p", vec![Arc::new(bf16.clone())]);
+    saved.save(dir.path().join("m")).unwrap();
+    let json: String = walkdir(&dir.path().join("m"))
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    assert!(json.contains(r#""precision": "bfloat16""#), "{json}");
+    let loaded = PipelineModel::load(dir.path().join("m")).unwrap();
+    let features = |df: DataFrame| async move {
+        let out = common::collect(by_origin(df)).await;
+        let list = out
+            .column_by_name("f")
+            .unwrap()
+            .as_fixed_size_list()
+            .clone();
+        (0..list.len())
+            .flat_map(|i| {
+                let row = list.value(i);
+                row.as_any()
+                    .downcast_ref::<Float32Array>()
+                    .unwrap()
+                    .values()
+                    .to_vec()
+            })
+            .collect::<Vec<f32>>()
+    };
+    let want = features(f32s.transform(images.clone()).unwrap()).await;
+    let got = features(bf16.transform(images.clone()).unwrap()).await;
+    let reloaded = features(loaded.transform(images.clone()).unwrap()).await;
+    assert_eq!(got, reloaded, "the saved stage keeps its precision");
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let diff = max_abs_diff(&got, &want);
+    println!("bfloat16 features: max |diff| {diff:.2e} (max |value| {scale:.2})");
+    assert!(diff <= 3e-2 * scale, "max |diff| {diff:e}");
+    if deep_pipelines::models::cpu::kernels::bf16_supported() {
+        assert!(
+            diff > 0.0,
+            "bfloat16 ran as float32 on a CPU with AVX-512 BF16"
+        );
+    }
+    let predict = |p: &str| {
+        DeepImagePredictor::new()
+            .with_precision(p)
+            .with_output_col("p")
+    };
+    let top1 = |df: DataFrame| async move {
+        let out = common::collect(by_origin(df)).await;
+        decoded(&out, "p")
+            .into_iter()
+            .map(|k| k[0].0)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        top1(predict("bfloat16").transform(images.clone()).unwrap()).await,
+        top1(predict("float32").transform(images.clone()).unwrap()).await
+    );
+
+    let err = f32s
+        .clone()
+        .with_precision("half")
+        .transform(images.clone())
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("precision") && err.to_string().contains("`half`"),
+        "{err}"
+    );
+    let err = f32s
+        .with_model_file("model.onnx")
+        .with_precision("bfloat16")
+        .transform(images)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("precision") && err.to_string().contains("modelFile"),
+        "{err}"
+    );
+}
+
+/// Every file under `dir`.
+fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flat_map(|e| {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                walkdir(&path)
+            } else {
+                vec![path]
+            }
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn featurizer_flattened_and_float16_outputs() {
     let ctx = SessionContext::new();

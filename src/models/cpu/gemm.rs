@@ -90,7 +90,13 @@ impl PackedWeights {
             }
         }
         let pairs = Vec::new();
-        PackedWeights { k, n, nr, data, pairs }
+        PackedWeights {
+            k,
+            n,
+            nr,
+            data,
+            pairs,
+        }
     }
 
     /// Packed as bfloat16 pairs for the AVX-512 BF16 micro-kernel (the caller checked the CPU).
@@ -109,7 +115,13 @@ impl PackedWeights {
             }
         }
         let data = Vec::new();
-        PackedWeights { k, n, nr, data, pairs }
+        PackedWeights {
+            k,
+            n,
+            nr,
+            data,
+            pairs,
+        }
     }
 
     /// Bytes held.
@@ -358,10 +370,7 @@ mod x86 {
             /// Bias, residual and clamp added to a tile's accumulators, and the tile stored.
             #[inline]
             #[target_feature(enable = $feature)]
-            pub unsafe fn $finish<const R: usize, const H: usize>(
-                mut c: [[$vec; 2]; R],
-                t: Tile,
-            ) {
+            pub unsafe fn $finish<const R: usize, const H: usize>(mut c: [[$vec; 2]; R], t: Tile) {
                 // SAFETY: the caller gives `R x cols` at `t.c`, `t.bias` and `t.residual`.
                 unsafe {
                     let masks = [$mask(t.cols, 0), $mask(t.cols, $lanes)];
@@ -709,7 +718,11 @@ mod tests {
         let (k, n) = (300, 40);
         let w: Vec<f32> = (0..k * n).map(|i| i as f32).collect();
         for nr in widths() {
-            assert_eq!(PackedWeights::with_width(&w, k, n, nr).unpacked(), w, "width {nr}");
+            assert_eq!(
+                PackedWeights::with_width(&w, k, n, nr).unpacked(),
+                w,
+                "width {nr}"
+            );
         }
     }
 
@@ -727,7 +740,13 @@ mod tests {
     fn matches_naive_over_tails_and_slices() {
         // k over two slices (odd, for the pairs), n over a padded panel, m over a partial
         // tile; a residual, an act. Small integers: exact in bfloat16 and in every order.
-        let shapes = [(37, 19, 23), (9, 40, 300), (1, 3, 1), (17, 33, 513), (20, 100, 27)];
+        let shapes = [
+            (37, 19, 23),
+            (9, 40, 300),
+            (1, 3, 1),
+            (17, 33, 513),
+            (20, 100, 27),
+        ];
         for ((m, n, k), (packing, pack)) in shapes
             .into_iter()
             .flat_map(|s| packings().into_iter().map(move |p| (s, p)))
@@ -749,11 +768,7 @@ mod tests {
                 for j in 0..n {
                     let dot: f32 = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
                     let want = (dot + bias[j] + res[i * n + j]).max(0.0);
-                    assert_eq!(
-                        c[i * n + j],
-                        want,
-                        "({m}, {n}, {k}) {nr} at ({i}, {j})"
-                    );
+                    assert_eq!(c[i * n + j], want, "({m}, {n}, {k}) {nr} at ({i}, {j})");
                 }
             }
         }

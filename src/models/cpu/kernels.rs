@@ -28,38 +28,33 @@ pub fn level() -> Level {
 
 /// What the plan's GEMMs multiply in: `f32`, or bfloat16 weights and activations summed in
 /// `f32` (half the bytes per weight and twice the products per instruction, ~3 significant
-/// digits per factor).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// digits per factor). The stages' `precision` param: `float32` or `bfloat16`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Precision {
+    #[default]
     F32,
     Bf16,
 }
 
-/// The environment variable that asks for [`Precision::Bf16`] (`bf16`) where the CPU has the
-/// AVX-512 BF16 instructions; `f32`, the default, elsewhere.
-pub const PRECISION_ENV: &str = "DEEP_PIPELINES_PRECISION";
+impl Precision {
+    /// The param's values, in the order docs list them.
+    pub const NAMES: [&str; 2] = ["float32", "bfloat16"];
 
-/// The precision plans built in this process multiply in, decided once.
-pub fn precision() -> Precision {
-    static PRECISION: OnceLock<Precision> = OnceLock::new();
-    *PRECISION.get_or_init(|| {
-        let asked = match std::env::var(PRECISION_ENV).ok().as_deref() {
-            None | Some("" | "f32") => Precision::F32,
-            Some("bf16") => Precision::Bf16,
-            Some(other) => {
-                eprintln!("deep-pipelines: {PRECISION_ENV}={other:?} is not f32 or bf16; using f32");
-                Precision::F32
-            }
-        };
-        if asked == Precision::Bf16 && !bf16_supported() {
-            eprintln!(
-                "deep-pipelines: {PRECISION_ENV}=bf16 needs AVX-512 BF16 instructions, which \
-                 this CPU (or {SIMD_ENV}) lacks; using f32"
-            );
-            return Precision::F32;
+    /// `float32` or `bfloat16`.
+    pub fn parse(name: &str) -> Option<Precision> {
+        match name {
+            "float32" => Some(Precision::F32),
+            "bfloat16" => Some(Precision::Bf16),
+            _ => None,
         }
-        asked
-    })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => Self::NAMES[0],
+            Precision::Bf16 => Self::NAMES[1],
+        }
+    }
 }
 
 /// Whether this CPU runs the bfloat16 GEMM (and `level` was not capped below AVX-512).

@@ -834,16 +834,26 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The plan of `ops`, its GEMMs in this process's [`precision`](kernels::precision).
     pub fn new(ops: Vec<Op>) -> Plan {
         let ops = fused::fuse(ops);
         let weight_bytes = ops.iter().map(Op::weight_bytes).collect();
-        Plan { ops, weight_bytes }.in_precision(kernels::precision())
+        Plan { ops, weight_bytes }
     }
 
-    /// This `f32` plan with its GEMMs' weights packed for `precision` (in bfloat16 only where
-    /// the CPU has the instructions); depthwise convolutions and squeeze-excites stay `f32`.
+    /// This `f32` plan with its GEMMs' weights packed for `precision`; depthwise convolutions
+    /// and squeeze-excites stay `f32`. Bfloat16 needs the AVX-512 BF16 instructions: without
+    /// them the plan stays `f32` (said once on stderr).
     pub fn in_precision(mut self, precision: Precision) -> Plan {
+        if precision == Precision::Bf16 && !kernels::bf16_supported() {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                eprintln!(
+                    "deep-pipelines: precision bfloat16 needs AVX-512 BF16 instructions, which \
+                     this CPU (or {}) does not give; running float32",
+                    kernels::SIMD_ENV
+                )
+            });
+        }
         if precision != Precision::F32 {
             for op in &mut self.ops {
                 op.for_each_pack(&mut |w| *w = w.in_precision(precision));
@@ -1000,8 +1010,12 @@ pub(crate) fn warn_once(reason: &str) {
 }
 
 /// What the featurizer and predictor run: `network` with its BatchNorms folded and, on the CPU
-/// device, its [`Plan`].
-pub fn inference_network<N>(network: N, device: &Device) -> Arc<dyn ImageNetwork>
+/// device, its [`Plan`] in `precision` (which the burn path, on other devices, ignores).
+pub fn inference_network<N>(
+    network: N,
+    device: &Device,
+    precision: Precision,
+) -> Arc<dyn ImageNetwork>
 where
     N: ImageNetwork + FoldBatchNorms + CpuPlan + 'static,
 {
@@ -1009,6 +1023,7 @@ where
     if *device == Device::flex()
         && let Some(plan) = network.cpu_plan()
     {
+        let plan = plan.in_precision(precision);
         return Arc::new(Planned { network, plan });
     }
     Arc::new(network)
