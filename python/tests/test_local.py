@@ -124,6 +124,19 @@ def test_a_pipeline_saved_by_rust_0_1_predicts_what_it_did_then():
         assert got_l == row[l]
 
 
+def test_bfloat16_precision_is_a_param(few_images):
+    table = dp.read_images(few_images)
+    table = table.filter(pc.is_valid(table["image"]))
+    f32 = np.array(dp.DeepImageFeaturizer().transform(table)["features"].to_pylist(), dtype=np.float32)
+    stage = dp.DeepImageFeaturizer(precision="bfloat16")
+    assert stage.getParams()["precision"] == "bfloat16"
+    bf16 = np.array(stage.transform(table)["features"].to_pylist(), dtype=np.float32)
+    # The bfloat16 plan's tolerance: 3% of the largest feature (tests/suite/model_zoo.rs).
+    assert np.abs(bf16 - f32).max() <= 3e-2 * np.abs(f32).max()
+    with pytest.raises(ValueError, match="precision"):
+        dp.DeepImageFeaturizer(precision="half").transform(table)
+
+
 def test_local_transform_of_an_empty_table_has_the_output_schema(few_images):
     empty = dp.read_images(few_images).slice(0, 0)
     out = dp.DeepImageFeaturizer().transform(empty)

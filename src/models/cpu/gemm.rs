@@ -348,9 +348,10 @@ mod x86 {
         ($name:ident, $start:ident, $finish:ident, $feature:literal, $rows:literal,
          $lanes:literal, $mask:ident, $load:ident, $store:ident, $loadu:ident, $set1:ident,
          $zero:ident, $fmadd:ident, $add:ident, $max:ident, $min:ident, $vec:ty) => {
-            /// A tile's accumulators: zero on the first slice, else C's partial sums.
-            #[inline]
-            #[target_feature(enable = $feature)]
+            /// A tile's accumulators: zero on the first slice, else C's partial sums. Always
+            /// inlined (so without a `target_feature` of its own; its callers have it): the
+            /// accumulators must stay in registers.
+            #[inline(always)]
             pub unsafe fn $start<const R: usize, const H: usize>(t: Tile) -> [[$vec; 2]; R] {
                 // SAFETY: the caller gives `R x cols` at `t.c`.
                 unsafe {
@@ -367,9 +368,9 @@ mod x86 {
                 }
             }
 
-            /// Bias, residual and clamp added to a tile's accumulators, and the tile stored.
-            #[inline]
-            #[target_feature(enable = $feature)]
+            /// Bias, residual and clamp added to a tile's accumulators, and the tile stored
+            /// (always inlined, as `start`).
+            #[inline(always)]
             pub unsafe fn $finish<const R: usize, const H: usize>(mut c: [[$vec; 2]; R], t: Tile) {
                 // SAFETY: the caller gives `R x cols` at `t.c`, `t.bias` and `t.residual`.
                 unsafe {
