@@ -36,7 +36,7 @@ use crate::fine_tune::{
     EpochStats, Examples, OptimizerKind, SplitMix64, TrainSettings, Trained, load_top,
     new_classifier, save_top, train,
 };
-use crate::models::cpu::{Precision, inference_network};
+use crate::models::cpu::inference_network;
 use crate::models::inverted_residual::{InvertedResidualNet, InvertedResidualTop};
 use crate::models::{ImageNetwork, LoadedModel, device, load_trainable, model_error};
 use crate::network_stage::{
@@ -768,7 +768,8 @@ impl Transformer for DeepImageClassifierModel {
         p.validate()?;
         let device = device(&p.network.device)?;
         let network = (*self.network).clone().to_device(&device);
-        let network = inference_network(network, &device, Precision::F32);
+        let precision = p.network.parsed_precision(&self.uid)?;
+        let network = inference_network(network, &device, precision);
         let output = Logits {
             network,
             classes: self.facts.num_classes,

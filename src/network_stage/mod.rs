@@ -133,10 +133,11 @@ pub struct NetworkParams {
     /// `{"input_size": 224, "labels": "classes.txt"}`); empty = none (and not saved).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub model_manifest: String,
-    /// What the CPU plan's matrix products multiply in: `float32`, or `bfloat16` (weights and
-    /// activations rounded to bfloat16, sums in float32; on CPUs with AVX-512 BF16, else
-    /// float32). Left out of the saved JSON at `float32`.
-    #[serde(skip_serializing_if = "is_float32")]
+    /// What the CPU plan's matrix products multiply in: `float32` (or empty, the default), or
+    /// `bfloat16` (weights and activations rounded to bfloat16, sums in float32; on CPUs with
+    /// AVX-512 BF16, else float32). Left out of the saved JSON when empty, so stages saved
+    /// before it existed save back unchanged.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub precision: String,
     /// A `resizeMode` string the setter could not parse, reported by `validate`.
     #[serde(skip)]
@@ -157,7 +158,7 @@ impl Default for NetworkParams {
             error_col: String::new(),
             model_file: String::new(),
             model_manifest: String::new(),
-            precision: Precision::F32.name().into(),
+            precision: String::new(),
             rejected: Rejected::default(),
         }
     }
@@ -201,14 +202,9 @@ const NETWORK_DOCS: &[(&str, &str)] = &[
     ),
     (
         "precision",
-        "float32 (default), or bfloat16: the CPU plan's matrix products with bfloat16 weights and activations, float32 sums (faster on CPUs with AVX-512 BF16, else float32; outputs within ~1% of float32's largest)",
+        "float32 (or empty, the default), or bfloat16: the CPU plan's matrix products with bfloat16 weights and activations, float32 sums (faster on CPUs with AVX-512 BF16, else float32; outputs within ~1% of float32's largest)",
     ),
 ];
-
-#[allow(clippy::ptr_arg)] // serde passes the field.
-fn is_float32(precision: &String) -> bool {
-    precision == Precision::F32.name()
-}
 
 impl NetworkParams {
     /// A stage's param docs: the shared params first (with the stage's own doc where `own`
@@ -263,7 +259,10 @@ impl NetworkParams {
     }
 
     /// The `precision` param parsed.
-    fn parsed_precision(&self, stage: &str) -> Result<Precision> {
+    pub(crate) fn parsed_precision(&self, stage: &str) -> Result<Precision> {
+        if self.precision.is_empty() {
+            return Ok(Precision::F32);
+        }
         Precision::parse(&self.precision).ok_or_else(|| {
             Error::param(
                 stage,

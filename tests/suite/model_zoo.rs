@@ -647,8 +647,8 @@ async fn predictor_probabilities_without_decoding_and_survives_save_load() {
 }
 
 /// `precision = bfloat16` runs the bundled model's plan with bfloat16 GEMMs: features within
-/// the plan's bfloat16 tolerance of float32's, the same top-1 class on the two photos, saved
-/// and loaded with the stage; a bad value and a model file with it are param errors.
+/// the bfloat16 tolerance on real images of float32's, the same top-1 class on the two photos,
+/// saved and loaded with the stage; a bad value and a model file with it are param errors.
 #[tokio::test]
 async fn bfloat16_precision_is_a_stage_param() {
     let ctx = SessionContext::new();
@@ -691,13 +691,21 @@ async fn bfloat16_precision_is_a_stage_param() {
     let got = features(bf16.transform(images.clone()).unwrap()).await;
     let reloaded = features(loaded.transform(images.clone()).unwrap()).await;
     assert_eq!(got, reloaded, "the saved stage keeps its precision");
-    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let diff = max_abs_diff(&got, &want);
-    println!("bfloat16 features: max |diff| {diff:.2e} (max |value| {scale:.2})");
-    assert!(diff <= 3e-2 * scale, "max |diff| {diff:e}");
+    // On real images: each image's features within 8% of their float32 norm.
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let errors: Vec<f32> = got
+        .chunks(1280)
+        .zip(want.chunks(1280))
+        .map(|(g, w)| {
+            let d: Vec<f32> = g.iter().zip(w).map(|(a, b)| a - b).collect();
+            norm(&d) / norm(w)
+        })
+        .collect();
+    println!("bfloat16 features: |diff| / |float32| per image {errors:?}");
+    assert!(errors.iter().all(|e| *e <= 0.08), "{errors:?}");
     if deep_pipelines::models::cpu::kernels::bf16_supported() {
         assert!(
-            diff > 0.0,
+            errors.iter().all(|e| *e > 0.0),
             "bfloat16 ran as float32 on a CPU with AVX-512 BF16"
         );
     }
