@@ -65,13 +65,10 @@ impl PackedWeights {
     /// The `[k, n]` matrix an `f32` pack was made from.
     fn unpacked(&self) -> Vec<f32> {
         let (k, n, nr) = (self.k, self.n, self.nr);
-        let panels = n.div_ceil(nr);
         let mut weight = vec![0.0; k * n];
         for (p, row) in weight.chunks_exact_mut(n.max(1)).enumerate().take(k) {
-            let (k0, kc) = slice_of(p, k);
-            let base = k0 * panels * nr + (p - k0) * nr;
             for (col, w) in row.iter_mut().enumerate() {
-                *w = self.data[base + (col / nr) * kc * nr + col % nr];
+                *w = self.data[f32_slot(p, col, k, n, nr)];
             }
         }
         weight
@@ -83,10 +80,8 @@ impl PackedWeights {
         let panels = n.div_ceil(nr);
         let mut data = vec![0.0; panels * nr * k];
         for (p, row) in weight.chunks_exact(n.max(1)).enumerate().take(k) {
-            let (k0, kc) = slice_of(p, k);
-            let base = k0 * panels * nr + (p - k0) * nr;
             for (col, &w) in row.iter().enumerate() {
-                data[base + (col / nr) * kc * nr + col % nr] = w;
+                data[f32_slot(p, col, k, n, nr)] = w;
             }
         }
         let pairs = Vec::new();
@@ -153,6 +148,12 @@ fn bf16(x: f32) -> u16 {
 thread_local! {
     /// A block of A's rows as bfloat16 pairs, reused by every panel that passes over it.
     static A_PAIRS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Where an `f32` pack of a `[k, n]` matrix in panels of `nr` holds row `p`, column `col`.
+fn f32_slot(p: usize, col: usize, k: usize, n: usize, nr: usize) -> usize {
+    let (k0, kc) = slice_of(p, k);
+    k0 * n.div_ceil(nr) * nr + (p - k0) * nr + (col / nr) * kc * nr + col % nr
 }
 
 /// First row and depth of the `KC`-slice holding row `p` of a `k`-deep product.
@@ -258,7 +259,7 @@ fn bf16_rows(a: &[f32], lda: usize, rows: usize, kc: usize, pairs: &mut [u32]) {
     assert!(rows > 0 && a.len() >= (rows - 1) * lda + kc && pairs.len() >= rows * kp);
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the assert bounds every row; pairs are packed only where the CPU has AVX-512
-    // BF16 (`PackedWeights::new`).
+    // BF16 (`PackedWeights::in_precision`).
     unsafe {
         x86::bf16_rows(a.as_ptr(), lda, rows, kc, pairs.as_mut_ptr())
     }
@@ -266,9 +267,10 @@ fn bf16_rows(a: &[f32], lda: usize, rows: usize, kc: usize, pairs: &mut [u32]) {
     unreachable!("bfloat16 panels are packed on x86-64 only");
 }
 
-/// [`tile`] over bfloat16 pairs: `a` rows `lda` pairs apart, `panel` `kp x 32` pairs.
-fn tile_bf16(a: &[u32], lda: usize, panel: &[u32], t: Tile) {
-    let kp = lda;
+/// [`tile`] over bfloat16 pairs: `a` rows of `kp` pairs, back to back (a block converted by
+/// [`bf16_rows`]), `panel` `kp x 32` pairs.
+fn tile_bf16(a: &[u32], kp: usize, panel: &[u32], t: Tile) {
+    let lda = kp;
     assert!(t.rows <= 8 && t.cols <= BF16_WIDTH && t.rows > 0);
     assert!(a.len() >= (t.rows - 1) * lda + kp && panel.len() >= kp * BF16_WIDTH);
     #[cfg(target_arch = "x86_64")]
@@ -571,8 +573,10 @@ fn multiply_tiles<M: MulAdd, const MR: usize, const NR: usize>(
         let kp = kc.div_ceil(2);
         for i0 in (0..m).step_by(mc) {
             let block = mc.min(m - i0);
-            let mut a_pairs = A_PAIRS.take();
-            if !w.pairs.is_empty() {
+            let bf16 = !w.pairs.is_empty();
+            let mut a_pairs = Vec::new();
+            if bf16 {
+                a_pairs = A_PAIRS.take();
                 a_pairs.resize(block * kp, 0);
                 bf16_rows(&a[i0 * lda + k0..], lda, block, kc, &mut a_pairs);
             }
@@ -593,7 +597,7 @@ fn multiply_tiles<M: MulAdd, const MR: usize, const NR: usize>(
                         residual: epilogue.residual.filter(|_| last).map(|r| r[at..].as_ptr()),
                         clamp: if last { clamp_of(epilogue.act) } else { None },
                     };
-                    if w.pairs.is_empty() {
+                    if !bf16 {
                         let panel = &w.data[k0 * panels * NR + j * kc * NR..][..kc * NR];
                         tile::<M, MR, NR>(&a[i * lda + k0..], lda, kc, panel, t);
                     } else {
@@ -602,7 +606,9 @@ fn multiply_tiles<M: MulAdd, const MR: usize, const NR: usize>(
                     }
                 }
             }
-            A_PAIRS.set(a_pairs);
+            if bf16 {
+                A_PAIRS.set(a_pairs);
+            }
             if last && clamp_of(epilogue.act).is_none() && epilogue.act.is_some() {
                 for r in i0..i0 + block {
                     activate::<M>(&mut c[r * ldc..][..n], epilogue.act);
