@@ -29,9 +29,8 @@ pub fn level() -> Level {
 /// What the plan's GEMMs multiply in: `f32`, or bfloat16 weights and activations summed in
 /// `f32` (half the bytes per weight and twice the products per instruction, ~3 significant
 /// digits per factor). The stages' `precision` param: `float32` or `bfloat16`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Precision {
-    #[default]
     F32,
     Bf16,
 }
@@ -46,13 +45,6 @@ impl Precision {
             "float32" => Some(Precision::F32),
             "bfloat16" => Some(Precision::Bf16),
             _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::F32 => Self::NAMES[0],
-            Precision::Bf16 => Self::NAMES[1],
         }
     }
 }

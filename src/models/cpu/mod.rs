@@ -853,6 +853,7 @@ impl Plan {
                     kernels::SIMD_ENV
                 )
             });
+            return self;
         }
         if precision != Precision::F32 {
             for op in &mut self.ops {
