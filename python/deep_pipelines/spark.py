@@ -735,6 +735,7 @@ def register_image_udf(
     batchSize: int = 32,
     modelDir: Optional[str] = None,
     numThreads: int = 0,
+    precision: str = "",
 ):
     """Registers ``name`` as a Spark SQL function of an image column (Spark's ``image`` struct
     or encoded bytes): ``SELECT name(image) FROM t``. With ``modelName``, the network's ImageNet
@@ -742,7 +743,9 @@ def register_image_udf(
     index, class name and probability of the ``topK`` best; all
     probabilities without ``decodePredictions``); with ``model_path``, a pipeline saved by the
     Rust API: ``struct<prediction, label, probability>`` for a classifier, else its last column.
-    Runs per Arrow batch (``arrow_udf``); null for null or undecodable images. Returns the UDF."""
+    Runs per Arrow batch (``arrow_udf``); null for null or undecodable images. ``precision``
+    (with ``modelName``) is the stages' param: ``"bfloat16"`` runs the network's matrix products
+    in bfloat16 on CPUs with AVX-512 BF16. Returns the UDF."""
     try:
         from pyspark.sql.functions import arrow_udf
     except ImportError as e:  # pragma: no cover - Spark < 4.1
@@ -750,6 +753,11 @@ def register_image_udf(
     if (modelName is None) == (model_path is None):
         raise ValueError("register_image_udf: give exactly one of modelName or model_path")
     sql_name = name.lower()
+    if model_path is not None and precision:
+        raise ValueError(
+            "register_image_udf: precision applies to modelName; a saved pipeline keeps the "
+            "precision its stages were saved with"
+        )
     if model_path is not None:
         path = os.path.abspath(os.fspath(model_path))
         kind, spec = "load_function", json.dumps([sql_name, path])
@@ -763,6 +771,8 @@ def register_image_udf(
             "batchSize": batchSize,
             "modelDir": modelDir or "",
         }
+        if precision:
+            params["precision"] = precision
         kind = "stage_function"
         spec = json.dumps([sql_name, "DeepImagePredictor", json.dumps(params, sort_keys=True)])
     function = _cached(kind, spec, numThreads)

@@ -180,6 +180,24 @@ def test_sql_functions_return_typed_structs(spark, few_images):
             assert row.c.label == predicted[k], k
 
 
+def test_sql_function_takes_the_precision_param(spark, few_images):
+    with pytest.raises(Exception, match="precision"):
+        register_image_udf(spark, "bad_precision", modelName="EfficientNetLite0", precision="float8")
+    register_image_udf(spark, "top5_f32", modelName="EfficientNetLite0")
+    register_image_udf(spark, "top5_bf16", modelName="EfficientNetLite0", precision="bfloat16")
+    spark_images(spark, few_images).createOrReplaceTempView("few_images_precision")
+    rows = spark.sql(
+        "SELECT image.origin AS origin, top5_f32(image) AS f32, top5_bf16(image) AS bf16 "
+        "FROM few_images_precision"
+    ).collect()
+    decoded = [r for r in rows if r.f32 is not None]
+    assert decoded and all(r.bf16 is not None for r in decoded)
+    for r in decoded:
+        # bfloat16 products move each feature vector by a few percent of its norm (float32
+        # where the CPU lacks AVX-512 BF16): the best class stays among float32's best three.
+        assert r.bf16[0].label in [e.label for e in r.f32[:3]], key(r.origin)
+
+
 def test_the_predictor_stage_decodes_top_k(spark, few_images):
     df = spark_images(spark, few_images).where("class != 'broken'").limit(4)
     out = DeepImagePredictor(topK=2).transform(df).select("predicted_labels").collect()

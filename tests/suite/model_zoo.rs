@@ -880,10 +880,14 @@ async fn featurizer_flattened_and_float16_outputs() {
     // 1e-4, has a coefficient ~ 1e3 whose absolute change says nothing.) Rounding the data by
     // u moves these by a few u of the largest one (measured 1.1e-3); 1e-2 leaves 10x room.
     // Reading f16 wrongly (e.g. truncated) moves them by O(1).
+    let mean: Vec<f64> = (0..d)
+        .map(|j| (0..n).map(|i| x[i * d + j]).sum::<f64>() / n as f64)
+        .collect();
     let sigma: Vec<f64> = (0..d)
         .map(|j| {
-            let mean = (0..n).map(|i| x[i * d + j]).sum::<f64>() / n as f64;
-            let ss = (0..n).map(|i| (x[i * d + j] - mean).powi(2)).sum::<f64>();
+            let ss = (0..n)
+                .map(|i| (x[i * d + j] - mean[j]).powi(2))
+                .sum::<f64>();
             (ss / (n - 1) as f64).sqrt()
         })
         .collect();
@@ -900,10 +904,18 @@ async fn featurizer_flattened_and_float16_outputs() {
         .zip(&sb)
         .map(|(p, q)| (p - q).abs())
         .fold(0.0f64, f64::max);
-    let intercepts = a
-        .intercepts
+    // Intercepts in the same units: each class's margin at the mean row (the raw intercept
+    // also carries beta_j * mean_j of every nearly constant feature).
+    let centred = |intercepts: &[f64], coefficients: &[f64]| -> Vec<f64> {
+        intercepts
+            .iter()
+            .zip(coefficients.chunks(d))
+            .map(|(b, beta)| b + beta.iter().zip(&mean).map(|(w, u)| w * u).sum::<f64>())
+            .collect()
+    };
+    let intercepts = centred(&a.intercepts, &a.coefficients)
         .iter()
-        .zip(&b.intercepts)
+        .zip(&centred(&b.intercepts, &b.coefficients))
         .map(|(p, q)| (p - q).abs())
         .fold(0.0f64, f64::max);
     println!(

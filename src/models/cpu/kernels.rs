@@ -782,51 +782,56 @@ mod tests {
             (5, 3, 1, Some(Act::Relu6)),
             (8, 7, 1, Some(Act::HardSwish)),
         ] {
-            let (h, w) = (9, 11);
-            let pad = k / 2;
-            let image: Vec<f32> = (0..h * w * c)
-                .map(|i| ((i * 7) % 13) as f32 - 6.0)
-                .collect();
-            let weight: Vec<f32> = (0..k * k * c)
-                .map(|i| ((i * 5) % 11) as f32 * 0.25 - 1.0)
-                .collect();
-            let bias: Vec<f32> = (0..c).map(|i| i as f32 * 0.125).collect();
-            let (oh, ow) = ((h + 2 * pad - k) / s + 1, (w + 2 * pad - k) / s + 1);
-            let win = Window {
-                height: h,
-                width: w,
-                channels: c,
-                kernel: [k, k],
-                stride: [s, s],
-                pad: [pad, pad],
-                out_width: ow,
-            };
-            for oy in 0..oh {
-                let mut row = vec![f32::NAN; ow * c];
-                depthwise_row(&image, &weight, &bias, win, oy, act, &mut row);
-                for ox in 0..ow {
-                    for ch in 0..c {
-                        let mut want = bias[ch];
-                        for ky in 0..k {
-                            for kx in 0..k {
-                                let (iy, ix) = (
-                                    (oy * s + ky) as isize - pad as isize,
-                                    (ox * s + kx) as isize - pad as isize,
-                                );
-                                if (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix) {
-                                    want += image[(iy as usize * w + ix as usize) * c + ch]
-                                        * weight[(ky * k + kx) * c + ch];
+            // Wide rows (an interior and both edges), 7x7 (mostly edges), narrower than the
+            // kernel.
+            for (h, w) in [(9, 11), (7, 7), (3, 2)] {
+                let pad = k / 2;
+                let image: Vec<f32> = (0..h * w * c)
+                    .map(|i| ((i * 7) % 13) as f32 - 6.0)
+                    .collect();
+                let weight: Vec<f32> = (0..k * k * c)
+                    .map(|i| ((i * 5) % 11) as f32 * 0.25 - 1.0)
+                    .collect();
+                let bias: Vec<f32> = (0..c).map(|i| i as f32 * 0.125).collect();
+                let (oh, ow) = ((h + 2 * pad - k) / s + 1, (w + 2 * pad - k) / s + 1);
+                let win = Window {
+                    height: h,
+                    width: w,
+                    channels: c,
+                    kernel: [k, k],
+                    stride: [s, s],
+                    pad: [pad, pad],
+                    out_width: ow,
+                };
+                for oy in 0..oh {
+                    let mut row = vec![f32::NAN; ow * c];
+                    depthwise_row(&image, &weight, &bias, win, oy, act, &mut row);
+                    for ox in 0..ow {
+                        for ch in 0..c {
+                            let mut want = bias[ch];
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    let (iy, ix) = (
+                                        (oy * s + ky) as isize - pad as isize,
+                                        (ox * s + kx) as isize - pad as isize,
+                                    );
+                                    if (0..h as isize).contains(&iy)
+                                        && (0..w as isize).contains(&ix)
+                                    {
+                                        want += image[(iy as usize * w + ix as usize) * c + ch]
+                                            * weight[(ky * k + kx) * c + ch];
+                                    }
                                 }
                             }
+                            let mut want = [want];
+                            epilogue(&mut want, 1, None, None, act);
+                            let got = row[ox * c + ch];
+                            assert!(
+                                (got - want[0]).abs() < 1e-4,
+                                "c {c} k {k} s {s} {h}x{w} at ({oy}, {ox}, {ch}): {got} vs {}",
+                                want[0]
+                            );
                         }
-                        let mut want = [want];
-                        epilogue(&mut want, 1, None, None, act);
-                        let got = row[ox * c + ch];
-                        assert!(
-                            (got - want[0]).abs() < 1e-4,
-                            "c {c} k {k} s {s} at ({oy}, {ox}, {ch}): {got} vs {}",
-                            want[0]
-                        );
                     }
                 }
             }
