@@ -764,18 +764,27 @@ mod tests {
             let bias: Vec<f32> = (0..n).map(|i| i as f32 * 0.5).collect();
             let res: Vec<f32> = (0..m * n).map(|i| (i % 5) as f32).collect();
             let w = pack(&b, k, n);
-            let mut c = vec![f32::NAN; m * n];
-            let epilogue = Epilogue {
-                bias: &bias,
-                residual: Some(&res),
-                act: Some(Act::Relu),
-            };
-            multiply(m, &a, k, &w, &mut c, n, epilogue);
-            for i in 0..m {
-                for j in 0..n {
-                    let dot: f32 = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
-                    let want = (dot + bias[j] + res[i * n + j]).max(0.0);
-                    assert_eq!(c[i * n + j], want, "({m}, {n}, {k}) {nr} at ({i}, {j})");
+            // In registers (ReLU) and as a pass over each stored block of rows (hard-swish,
+            // SiLU).
+            for act in [Act::Relu, Act::HardSwish, Act::Silu] {
+                let mut c = vec![f32::NAN; m * n];
+                let epilogue = Epilogue {
+                    bias: &bias,
+                    residual: Some(&res),
+                    act: Some(act),
+                };
+                multiply(m, &a, k, &w, &mut c, n, epilogue);
+                for i in 0..m {
+                    for j in 0..n {
+                        let dot: f32 = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+                        let mut want = [dot + bias[j] + res[i * n + j]];
+                        super::super::kernels::epilogue(&mut want, 1, None, None, Some(act));
+                        assert_eq!(
+                            c[i * n + j],
+                            want[0],
+                            "({m}, {n}, {k}) {nr} {act:?} at ({i}, {j})"
+                        );
+                    }
                 }
             }
         }

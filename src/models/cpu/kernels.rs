@@ -795,6 +795,7 @@ mod tests {
             (32, 3, 1, Some(Act::Relu6)),
             (24, 3, 2, Some(Act::Relu)),
             (16, 5, 1, Some(Act::Silu)),
+            (24, 3, 1, Some(Act::HardSwish)),
             (40, 5, 2, None),
             (5, 3, 1, Some(Act::Relu6)),
             (8, 7, 1, Some(Act::HardSwish)),
