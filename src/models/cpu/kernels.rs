@@ -677,15 +677,22 @@ multiversion! {
 /// channels): a `memcpy` call for each cost 1% of a Lite0 forward pass.
 #[inline(always)]
 fn copy_taps(dst: &mut [f32], src: &[f32]) {
-    fn fixed<const N: usize>(dst: &mut [f32], src: &[f32]) {
-        if let (Ok(d), Ok(s)) = (<&mut [f32; N]>::try_from(dst), <&[f32; N]>::try_from(src)) {
-            *d = *s;
+    fn fixed<const N: usize>(dst: &mut [f32], src: &[f32]) -> bool {
+        match (<&mut [f32; N]>::try_from(dst), <&[f32; N]>::try_from(src)) {
+            (Ok(d), Ok(s)) => {
+                *d = *s;
+                true
+            }
+            _ => false,
         }
     }
-    match dst.len() {
+    let moved = match dst.len() {
         9 => fixed::<9>(dst, src),
         21 => fixed::<21>(dst, src),
-        _ => dst.copy_from_slice(src),
+        _ => false,
+    };
+    if !moved {
+        dst.copy_from_slice(src);
     }
 }
 
