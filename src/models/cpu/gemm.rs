@@ -270,9 +270,8 @@ fn bf16_rows(a: &[f32], lda: usize, rows: usize, kc: usize, pairs: &mut [u32]) {
 /// [`tile`] over bfloat16 pairs: `a` rows of `kp` pairs, back to back (a block converted by
 /// [`bf16_rows`]), `panel` `kp x 32` pairs.
 fn tile_bf16(a: &[u32], kp: usize, panel: &[u32], t: Tile) {
-    let lda = kp;
     assert!(t.rows <= 8 && t.cols <= BF16_WIDTH && t.rows > 0);
-    assert!(a.len() >= (t.rows - 1) * lda + kp && panel.len() >= kp * BF16_WIDTH);
+    assert!(a.len() >= t.rows * kp && panel.len() >= kp * BF16_WIDTH);
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the asserts bound the reads; the caller gives `c`, `bias` and `residual` for
     // `rows x cols`; pairs exist only where the CPU has AVX-512 BF16.
@@ -281,8 +280,8 @@ fn tile_bf16(a: &[u32], kp: usize, panel: &[u32], t: Tile) {
         macro_rules! rows {
             ($($r:literal)*) => {
                 match (t.rows, t.cols <= BF16_WIDTH / 2) {
-                    $(($r, true) => x86::avx512bf16::<$r, 1>(a, lda, kp, b, t),)*
-                    $(($r, false) => x86::avx512bf16::<$r, 2>(a, lda, kp, b, t),)*
+                    $(($r, true) => x86::avx512bf16::<$r, 1>(a, kp, kp, b, t),)*
+                    $(($r, false) => x86::avx512bf16::<$r, 2>(a, kp, kp, b, t),)*
                     _ => unreachable!("at most 8 rows"),
                 }
             };
