@@ -19,7 +19,37 @@ use super::kernels::{
 use crate::models::layers::Act;
 
 /// Depth of one slice of the product: `KC x NR` weights (32 KiB at NR = 32) stay in L1/L2.
-const KC: usize = 256;
+pub const KC: usize = 256;
+
+/// Where a row of A's `k` values lie: `count` runs of `len` consecutive values, `stride` apart.
+/// A matrix's row is one run; a convolution's taps read in place from a (padded) image are one
+/// run per kernel row (`kw x channels` values), an image row apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taps {
+    pub count: usize,
+    pub len: usize,
+    pub stride: usize,
+}
+
+impl Taps {
+    /// One run of `k` values: a plain row.
+    fn row(k: usize) -> Taps {
+        Taps {
+            count: 1,
+            len: k,
+            stride: 0,
+        }
+    }
+
+    fn k(self) -> usize {
+        self.count * self.len
+    }
+
+    /// Values from a row's first to its last, inclusive.
+    fn span(self) -> usize {
+        (self.count - 1) * self.stride + self.len
+    }
+}
 
 /// A `[k, n]` weight matrix in panels of `nr` columns (the last one padded with zeros), each
 /// `KC`-deep slice of a panel contiguous: the order the micro-kernel reads them in.
@@ -188,17 +218,19 @@ struct Tile {
     clamp: Option<(f32, f32)>,
 }
 
-/// `C[rows x cols] (+)= A[rows x kc] · panel`: `a` rows `lda` apart, `panel` `kc x NR`.
+/// `C[rows x cols] (+)= A[rows x kc] · panel`: `a` rows `lda` apart, each row's `kc` values
+/// where `taps` says, `panel` `kc x NR`.
 #[inline(always)]
 fn tile<M: MulAdd, const MR: usize, const NR: usize>(
     a: &[f32],
     lda: usize,
-    kc: usize,
+    taps: Taps,
     panel: &[f32],
     t: Tile,
 ) {
-    assert!(t.rows <= MR && t.cols <= NR && t.rows > 0);
-    assert!(a.len() >= (t.rows - 1) * lda + kc && panel.len() >= kc * NR);
+    let kc = taps.k();
+    assert!(t.rows <= MR && t.cols <= NR && t.rows > 0 && taps.count > 0);
+    assert!(a.len() >= (t.rows - 1) * lda + taps.span() && panel.len() >= kc * NR);
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: the asserts keep every read inside `a` and `panel`; the caller gives `c`,
@@ -210,8 +242,8 @@ fn tile<M: MulAdd, const MR: usize, const NR: usize>(
             macro_rules! rows {
                 ($kernel:ident: $($r:literal)*) => {
                     match (t.rows, t.cols <= NR / 2) {
-                        $(($r, true) => return x86::$kernel::<$r, 1>(a, lda, kc, b, t),)*
-                        $(($r, false) => return x86::$kernel::<$r, 2>(a, lda, kc, b, t),)*
+                        $(($r, true) => return x86::$kernel::<$r, 1>(a, lda, taps, b, t),)*
+                        $(($r, false) => return x86::$kernel::<$r, 2>(a, lda, taps, b, t),)*
                         _ => {}
                     }
                 };
@@ -231,8 +263,8 @@ fn tile<M: MulAdd, const MR: usize, const NR: usize>(
             if !t.first {
                 acc[..t.cols].copy_from_slice(c);
             }
-            let row = &a[r * lda..][..kc];
-            for (x, b) in row.iter().zip(panel.chunks_exact(NR)) {
+            let row = (0..taps.count).flat_map(|s| &a[r * lda + s * taps.stride..][..taps.len]);
+            for (x, b) in row.zip(panel.chunks_exact(NR)) {
                 for j in 0..NR {
                     acc[j] = M::mul_add(*x, b[j], acc[j]);
                 }
@@ -297,7 +329,7 @@ fn tile_bf16(a: &[u32], kp: usize, panel: &[u32], t: Tile) {
 /// clamp applied and the tile stored (masked where the panel is wider than C).
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::Tile;
+    use super::{Taps, Tile};
     use std::arch::x86_64::*;
 
     /// Lanes `[from, cols)` of a vector of 16, as an AVX-512 mask.
@@ -378,13 +410,12 @@ mod x86 {
                     let masks = [$mask(t.cols, 0), $mask(t.cols, $lanes)];
                     let at = |r: usize, h: usize| r * t.ldc + $lanes * h;
                     if let Some(bias) = t.bias {
-                        let bias = [0, 1].map(|h| {
-                            if h < H {
-                                $load(bias.add($lanes * h), masks[h])
-                            } else {
-                                $zero()
-                            }
-                        });
+                        let high = if H > 1 {
+                            $load(bias.add($lanes), masks[1])
+                        } else {
+                            $zero()
+                        };
+                        let bias = [$load(bias, masks[0]), high];
                         for c in c.iter_mut() {
                             for h in 0..H {
                                 c[h] = $add(c[h], bias[h]);
@@ -419,27 +450,30 @@ mod x86 {
             pub unsafe fn $name<const R: usize, const H: usize>(
                 a: *const f32,
                 lda: usize,
-                kc: usize,
+                taps: Taps,
                 b: *const f32,
                 t: Tile,
             ) {
-                // SAFETY (the whole body): the caller guarantees R rows of `kc` values `lda`
-                // apart at `a`, `kc` rows of 2 x lanes at `b`, and `R x cols` at `t.c`,
-                // `t.bias`, `t.residual`.
+                // SAFETY (the whole body): the caller guarantees R rows `lda` apart at `a`,
+                // each with `taps`' runs, `taps.k()` rows of 2 x lanes at `b`, and `R x cols`
+                // at `t.c`, `t.bias`, `t.residual`.
                 unsafe {
                     let mut c = $start::<R, H>(t);
-                    for p in 0..kc {
-                        let b0 = $loadu(b.add(p * 2 * $lanes));
-                        let b1 = if H > 1 {
-                            $loadu(b.add(p * 2 * $lanes + $lanes))
-                        } else {
-                            b0
-                        };
-                        for (r, c) in c.iter_mut().enumerate() {
-                            let x = $set1(*a.add(r * lda + p));
-                            c[0] = $fmadd(x, b0, c[0]);
-                            if H > 1 {
-                                c[1] = $fmadd(x, b1, c[1]);
+                    for s in 0..taps.count {
+                        let (a, b) = (a.add(s * taps.stride), b.add(s * taps.len * 2 * $lanes));
+                        for p in 0..taps.len {
+                            let b0 = $loadu(b.add(p * 2 * $lanes));
+                            let b1 = if H > 1 {
+                                $loadu(b.add(p * 2 * $lanes + $lanes))
+                            } else {
+                                b0
+                            };
+                            for (r, c) in c.iter_mut().enumerate() {
+                                let x = $set1(*a.add(r * lda + p));
+                                c[0] = $fmadd(x, b0, c[0]);
+                                if H > 1 {
+                                    c[1] = $fmadd(x, b1, c[1]);
+                                }
                             }
                         }
                     }
@@ -555,6 +589,7 @@ fn multiply_tiles<M: MulAdd, const MR: usize, const NR: usize>(
     m: usize,
     a: &[f32],
     lda: usize,
+    taps: Taps,
     w: &PackedWeights,
     c: &mut [f32],
     ldc: usize,
@@ -566,6 +601,8 @@ fn multiply_tiles<M: MulAdd, const MR: usize, const NR: usize>(
     loop {
         let kc = KC.min(k - k0);
         let last = k0 + kc == k;
+        // A slice of a plain row is a run; runs of taps are one slice (`multiply_taps`).
+        let slice = if taps.count == 1 { Taps::row(kc) } else { taps };
         // Rows per block: the block's slice of A and its rows of C (~256 KiB) stay in L2
         // while every panel passes over them, and each row of C is written whole at once.
         let mc = ((1 << 16) / (kc + n)).clamp(MR, 512) / MR * MR;
@@ -598,7 +635,7 @@ fn multiply_tiles<M: MulAdd, const MR: usize, const NR: usize>(
                     };
                     if !bf16 {
                         let panel = &w.data[k0 * panels * NR + j * kc * NR..][..kc * NR];
-                        tile::<M, MR, NR>(&a[i * lda + k0..], lda, kc, panel, t);
+                        tile::<M, MR, NR>(&a[i * lda + k0..], lda, slice, panel, t);
                     } else {
                         let panel = &w.pairs[k0 / 2 * panels * NR + j * kp * NR..][..kp * NR];
                         tile_bf16(&a_pairs[(i - i0) * kp..], kp, panel, t);
@@ -627,24 +664,26 @@ fn multiply_body<M: MulAdd>(
     m: usize,
     a: &[f32],
     lda: usize,
+    taps: Taps,
     w: &PackedWeights,
     c: &mut [f32],
     ldc: usize,
     epilogue: Epilogue,
 ) {
     match w.nr {
-        32 => multiply_tiles::<M, 8, 32>(m, a, lda, w, c, ldc, epilogue),
-        16 => multiply_tiles::<M, 6, 16>(m, a, lda, w, c, ldc, epilogue),
-        _ => multiply_tiles::<M, 4, 8>(m, a, lda, w, c, ldc, epilogue),
+        32 => multiply_tiles::<M, 8, 32>(m, a, lda, taps, w, c, ldc, epilogue),
+        16 => multiply_tiles::<M, 6, 16>(m, a, lda, taps, w, c, ldc, epilogue),
+        _ => multiply_tiles::<M, 4, 8>(m, a, lda, taps, w, c, ldc, epilogue),
     }
 }
 
 multiversion! {
-    /// The unchecked product; [`multiply`] checks the shapes.
+    /// The unchecked product; [`multiply_taps`] checks the shapes.
     fn multiply_unchecked(
         m: usize,
         a: &[f32],
         lda: usize,
+        taps: Taps,
         w: &PackedWeights,
         c: &mut [f32],
         ldc: usize,
@@ -663,12 +702,34 @@ pub fn multiply(
     ldc: usize,
     epilogue: Epilogue,
 ) {
+    assert!(lda >= w.k, "gemm: lhs rows overlap");
+    multiply_taps(m, a, lda, Taps::row(w.k), w, c, ldc, epilogue);
+}
+
+/// [`multiply`] with each row of A read where `taps` says: rows may overlap (a convolution's
+/// neighbouring windows). Runs of taps are one slice of the product (`k <= KC`), in `f32`.
+#[allow(clippy::too_many_arguments)]
+pub fn multiply_taps(
+    m: usize,
+    a: &[f32],
+    lda: usize,
+    taps: Taps,
+    w: &PackedWeights,
+    c: &mut [f32],
+    ldc: usize,
+    epilogue: Epilogue,
+) {
     if m == 0 || w.n == 0 {
         return;
     }
     let (k, n) = (w.k, w.n);
+    assert!(taps.count > 0 && taps.k() == k, "gemm: taps are not k deep");
     assert!(
-        lda >= k && a.len() >= (m - 1) * lda + k,
+        taps.count == 1 || (k <= KC && w.pairs.is_empty()),
+        "gemm: runs of taps deeper than a slice or in bfloat16"
+    );
+    assert!(
+        a.len() >= (m - 1) * lda + taps.span(),
         "gemm: lhs too short"
     );
     assert!(
@@ -679,7 +740,7 @@ pub fn multiply(
     if let Some(res) = epilogue.residual {
         assert!(res.len() >= (m - 1) * ldc + n, "gemm: residual too short");
     }
-    multiply_unchecked(m, a, lda, w, c, ldc, epilogue);
+    multiply_unchecked(m, a, lda, taps, w, c, ldc, epilogue);
 }
 
 #[cfg(test)]
@@ -740,6 +801,40 @@ mod tests {
         assert_eq!(bf16(1.0 + 3.0 / 256.0), 0x3f82);
         assert_eq!(bf16(-2.0), 0xc000);
         assert!(f32::from_bits(u32::from(bf16(f32::NAN)) << 16).is_nan());
+    }
+
+    #[test]
+    fn reads_runs_of_taps() {
+        // Rows 6 apart, each 3 runs of 9 values 40 apart (a 3x3 stride-2 window over an RGB
+        // image 40 values wide): rows overlap.
+        let taps = Taps {
+            count: 3,
+            len: 9,
+            stride: 40,
+        };
+        let (m, n, k, lda) = (13, 21, 27, 6);
+        let a: Vec<f32> = (0..(m - 1) * lda + taps.span())
+            .map(|i| ((i * 7) % 13) as f32 - 6.0)
+            .collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
+        let bias: Vec<f32> = (0..n).map(|i| i as f32 * 0.5).collect();
+        for nr in widths() {
+            let w = PackedWeights::with_width(&b, k, n, nr);
+            let mut c = vec![f32::NAN; m * n];
+            let epilogue = Epilogue {
+                bias: &bias,
+                residual: None,
+                act: None,
+            };
+            multiply_taps(m, &a, lda, taps, &w, &mut c, n, epilogue);
+            for i in 0..m {
+                for j in 0..n {
+                    let x = |p: usize| a[i * lda + p / 9 * 40 + p % 9];
+                    let dot: f32 = (0..k).map(|p| x(p) * b[p * n + j]).sum();
+                    assert_eq!(c[i * n + j], dot + bias[j], "width {nr} at ({i}, {j})");
+                }
+            }
+        }
     }
 
     #[test]

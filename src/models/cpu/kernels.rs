@@ -481,13 +481,12 @@ mod depthwise_x86 {
                 unsafe {
                     let (c, s) = (a.c, a.stride);
                     for cb in a.channels.clone().step_by($lanes) {
-                        let w: [$v; 25] = std::array::from_fn(|t| {
-                            if t < K * K {
-                                $load(a.weight.add(t * c + cb))
-                            } else {
-                                $set1(0.0)
-                            }
-                        });
+                        // A loop, not `array::from_fn`: its closure may be left out of line,
+                        // without this function's target features.
+                        let mut w = [$set1(0.0); 25];
+                        for (t, w) in w.iter_mut().enumerate().take(K * K) {
+                            *w = $load(a.weight.add(t * c + cb));
+                        }
                         let bias = $load(a.bias.add(cb));
                         let finish = |v: $v| match a.clamp {
                             Some((lo, hi)) => $min($max(v, $set1(lo)), $set1(hi)),
@@ -673,26 +672,25 @@ multiversion! {
     pub fn scale_channels(image: &mut [f32], scale: &[f32]) = scale_channels_body;
 }
 
-/// `dst = src`, as moves of a known size for the RGB stems' rows of taps (3 or 7 pixels of 3
-/// channels): a `memcpy` call for each cost 1% of a Lite0 forward pass.
-#[inline(always)]
-fn copy_taps(dst: &mut [f32], src: &[f32]) {
-    fn fixed<const N: usize>(dst: &mut [f32], src: &[f32]) -> bool {
-        match (<&mut [f32; N]>::try_from(dst), <&[f32; N]>::try_from(src)) {
-            (Ok(d), Ok(s)) => {
-                *d = *s;
-                true
-            }
-            _ => false,
-        }
-    }
-    let moved = match dst.len() {
-        9 => fixed::<9>(dst, src),
-        21 => fixed::<21>(dst, src),
-        _ => false,
-    };
-    if !moved {
-        dst.copy_from_slice(src);
+/// Rows `y0..` of `image` (`win`'s `height x width x channels`) padded as `win` pads them,
+/// `width` pixels per row, as many rows as `band` holds: band pixel `(y, x)` is image pixel
+/// `(y0 + y - pad_top, x - pad_left)`, zero off the image.
+pub fn padded_rows(image: &[f32], win: Window, y0: usize, width: usize, band: &mut [f32]) {
+    let c = win.channels;
+    let [top, left] = win.pad;
+    // The image columns inside the band, and where they start in it.
+    let cols = win.width.min(width.saturating_sub(left));
+    for (y, row) in band.chunks_exact_mut(width * c).enumerate() {
+        let iy = (y0 + y).checked_sub(top).filter(|&iy| iy < win.height);
+        let Some(iy) = iy else {
+            row.fill(0.0);
+            continue;
+        };
+        let (head, rest) = row.split_at_mut(left.min(width) * c);
+        head.fill(0.0);
+        let (body, tail) = rest.split_at_mut(cols * c);
+        body.copy_from_slice(&image[iy * win.width * c..][..cols * c]);
+        tail.fill(0.0);
     }
 }
 
@@ -718,8 +716,7 @@ pub fn im2col(image_batch: &[f32], win: Window, out_height: usize, first: usize,
                 dst.fill(0.0);
             } else if inside_x {
                 // The row's taps are `kw * c` consecutive values of the image row.
-                copy_taps(
-                    dst,
+                dst.copy_from_slice(
                     &image[(iy as usize * win.width + ix0 as usize) * c..][..kw * c],
                 );
             } else {

@@ -30,7 +30,7 @@ use rayon::prelude::*;
 
 use super::ImageNetwork;
 use super::layers::{Act, ConvBn, FoldBatchNorms, SqueezeExcitation};
-use gemm::{Epilogue, PackedWeights};
+use gemm::{Epilogue, PackedWeights, Taps};
 pub use kernels::Precision;
 use kernels::Window;
 use winograd::WinogradWeights;
@@ -217,6 +217,9 @@ enum ConvWeights {
     Depthwise(Vec<f32>),
     /// A 3x3 stride-1 convolution's, transformed for Winograd's F(2x2, 3x3).
     Winograd(WinogradWeights),
+    /// As `Dense`, for a convolution whose taps the GEMM reads in place ([`Conv::taps`]).
+    /// Kept in `f32` in every precision: the product is small beside reading the taps.
+    Taps(PackedWeights),
 }
 
 /// A tensor's values as `f32`, `None` for another dtype (the plan then is not built).
@@ -241,10 +244,13 @@ impl Conv {
             },
             _ => {
                 let k = conv.kernel[0] * conv.kernel[1] * conv.input;
-                Conv {
-                    weights: ConvWeights::Dense(PackedWeights::new(&weight, k, conv.output)),
-                    ..conv
-                }
+                let weight = PackedWeights::new(&weight, k, conv.output);
+                let weights = if conv.taps() {
+                    ConvWeights::Taps(weight)
+                } else {
+                    ConvWeights::Dense(weight)
+                };
+                Conv { weights, ..conv }
             }
         })
     }
@@ -380,6 +386,7 @@ impl Conv {
             ConvWeights::Winograd(weight) => {
                 self.run_winograd(weight, x, win, oh, shortcut, &mut out)
             }
+            ConvWeights::Taps(weight) => self.run_taps(weight, x, win, oh, shortcut, &mut out),
         }
         Ok(x.with(oh, ow, n, out))
     }
@@ -387,7 +394,7 @@ impl Conv {
     fn for_each_pack(&mut self, f: &mut dyn FnMut(&mut PackedWeights)) {
         match &mut self.weights {
             ConvWeights::Dense(w) => f(w),
-            ConvWeights::Depthwise(_) => {}
+            ConvWeights::Depthwise(_) | ConvWeights::Taps(_) => {}
             ConvWeights::Winograd(w) => w.for_each_pack(f),
         }
     }
@@ -395,7 +402,7 @@ impl Conv {
     fn weight_bytes(&self) -> usize {
         4 * self.bias.len()
             + match &self.weights {
-                ConvWeights::Dense(w) => w.bytes(),
+                ConvWeights::Dense(w) | ConvWeights::Taps(w) => w.bytes(),
                 ConvWeights::Depthwise(w) => 4 * w.len(),
                 ConvWeights::Winograd(w) => w.bytes(),
             }
@@ -411,6 +418,15 @@ impl Conv {
             && self.stride == [1, 1]
             && matches!(self.weights, ConvWeights::Dense(_))
             && self.input * self.output >= 24 * (self.input + self.output)
+    }
+
+    /// Whether the GEMM reads this dense convolution's taps in place, from a padded copy of
+    /// the input rows (or the input itself, unpadded), instead of an im2col copy: when each
+    /// window is one slice of the product. The RGB stems' im2col rows are 3 (3x3) to 16 (7x7)
+    /// times their input, and took half of a stem's time (3 -> 16 channels, 3x3 stride 2).
+    fn taps(&self) -> bool {
+        let pointwise = self.kernel == [1, 1] && self.stride == [1, 1];
+        !pointwise && self.kernel[0] * self.kernel[1] * self.input <= gemm::KC
     }
 
     fn run_winograd(
@@ -430,24 +446,9 @@ impl Conv {
             out_height: oh,
             out_width: ow,
         };
-        // Pieces of tile rows (two output rows each): a few per thread over the batch.
-        let tile_rows = oh.div_ceil(2);
-        let pieces = (op_threads() * 2).div_ceil(x.batch).clamp(1, tile_rows);
-        let per = tile_rows.div_ceil(pieces);
-        let pieces = tile_rows.div_ceil(per);
         let image_out = oh * ow * n;
-        let mut chunks = Vec::with_capacity(x.batch * pieces);
-        for (b, image) in out.chunks_mut(image_out).enumerate() {
-            let mut rest = image;
-            for p in 0..pieces {
-                let rows = p * per..((p + 1) * per).min(tile_rows);
-                let len = ((2 * rows.end).min(oh) - 2 * rows.start) * ow * n;
-                let (piece, tail) = rest.split_at_mut(len);
-                rest = tail;
-                chunks.push((b, rows, piece));
-            }
-        }
-        chunks
+        // Tile rows: two output rows each.
+        row_pieces(out, x.batch, oh, 2, ow * n)
             .into_par_iter()
             .with_min_len(min_split())
             .for_each(|(b, rows, piece)| {
@@ -463,6 +464,55 @@ impl Conv {
                     self.act,
                     piece,
                 );
+            });
+    }
+
+    fn run_taps(
+        &self,
+        weight: &PackedWeights,
+        x: &Nhwc,
+        win: Window,
+        oh: usize,
+        shortcut: Option<&Nhwc>,
+        out: &mut [f32],
+    ) {
+        let (ow, n, c) = (win.out_width, self.output, win.channels);
+        let ([kh, kw], [sh, sw]) = (win.kernel, win.stride);
+        // The input as the windows read it: `width` values apart, every window inside.
+        let width = (ow - 1) * sw + kw;
+        let in_place = win.pad == [0, 0] && width <= win.width && (oh - 1) * sh + kh <= win.height;
+        let width = if in_place { win.width } else { width };
+        let taps = Taps {
+            count: kh,
+            len: kw * c,
+            stride: width * c,
+        };
+        let image_out = oh * ow * n;
+        row_pieces(out, x.batch, oh, 1, ow * n)
+            .into_par_iter()
+            .with_min_len(min_split())
+            .for_each(|(b, rows, piece)| {
+                let image = x.image(b);
+                let band_rows = (rows.len() - 1) * sh + kh;
+                let mut band = None;
+                let input: &[f32] = if in_place {
+                    &image[rows.start * sh * width * c..]
+                } else {
+                    let band = band.insert(pool::take(band_rows * width * c));
+                    kernels::padded_rows(image, win, rows.start * sh, width, band);
+                    band
+                };
+                let start = b * image_out + rows.start * ow * n;
+                for (i, row_out) in piece.chunks_exact_mut(ow * n).enumerate() {
+                    let at = start + i * ow * n;
+                    let epilogue = Epilogue {
+                        bias: &self.bias,
+                        residual: shortcut.map(|s| &s.data[at..][..ow * n]),
+                        act: self.act,
+                    };
+                    let a = &input[i * sh * width * c..];
+                    gemm::multiply_taps(ow, a, sw * c, taps, weight, row_out, n, epilogue);
+                }
             });
     }
 
@@ -545,6 +595,34 @@ impl Conv {
                 gemm::multiply(m, a, k, weight, chunk, n, epilogue);
             });
     }
+}
+
+/// `out` (`batch` images of `height` rows of `row_len` values) in pieces of whole units of
+/// `unit` rows (the last unit of an image may be shorter), a few per thread over the batch:
+/// `(image, units, piece)`.
+fn row_pieces(
+    out: &mut [f32],
+    batch: usize,
+    height: usize,
+    unit: usize,
+    row_len: usize,
+) -> Vec<(usize, std::ops::Range<usize>, &mut [f32])> {
+    let units = height.div_ceil(unit);
+    let pieces = (op_threads() * 2).div_ceil(batch).clamp(1, units);
+    let per = units.div_ceil(pieces);
+    let pieces = units.div_ceil(per);
+    let mut chunks = Vec::with_capacity(batch * pieces);
+    for (b, image) in out.chunks_mut(height * row_len).enumerate() {
+        let mut rest = image;
+        for p in 0..pieces {
+            let rows = p * per..((p + 1) * per).min(units);
+            let len = ((unit * rows.end).min(height) - unit * rows.start) * row_len;
+            let (piece, tail) = rest.split_at_mut(len);
+            rest = tail;
+            chunks.push((b, rows, piece));
+        }
+    }
+    chunks
 }
 
 /// A max or average pool (average counts padded zeros, PyTorch's default).
@@ -1043,6 +1121,55 @@ mod tests {
         let x = Nhwc::from_nchw(&data, dims);
         assert_eq!(x.data[1], 20.0); // (b 0, y 0, x 0, c 1) = NCHW index 1 * 20
         assert_eq!(x.to_nchw(), data);
+    }
+
+    #[test]
+    fn taps_read_in_place_equal_im2col() {
+        use crate::models::layers::ConvSpec;
+        // (spec, input height, width): the stems' shapes (3x3 stride 2, TF "SAME", 7x7), a
+        // 1x1 stride-2 downsample and a valid 3x3 (read in place), a 3x3 stride 1 over 16
+        // channels; odd sizes, so that windows stop short of the last rows and columns.
+        let cases = [
+            (ConvSpec::new(3, 16, 3).stride(2).padding([1, 1]), 17, 13),
+            (ConvSpec::new(3, 32, 3).stride(2).same(), 16, 15),
+            (ConvSpec::new(3, 40, 7).stride(2).padding([3, 3]), 19, 12),
+            (ConvSpec::new(24, 33, 1).stride(2), 9, 10),
+            (ConvSpec::new(3, 8, 3).stride(2), 11, 12),
+            (ConvSpec::new(16, 20, 3).padding([1, 1]), 7, 9),
+            (ConvSpec::new(5, 12, 3).kernel([1, 3]).padding([0, 1]), 6, 5),
+        ];
+        for (spec, height, width) in cases {
+            let conv =
+                Conv::from_burn(&spec.bias().init(&Device::flex()), Some(Act::Relu)).unwrap();
+            let ConvWeights::Taps(weight) = &conv.weights else {
+                panic!("{spec:?} does not read its taps in place");
+            };
+            let im2col = Conv {
+                weights: ConvWeights::Dense(weight.clone()),
+                ..conv.clone()
+            };
+            let channels = conv.input;
+            let data: Vec<f32> = (0..3 * channels * height * width)
+                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+                .collect();
+            let x = Nhwc::from_nchw(&data, [3, channels, height, width]);
+            // Any values of the output's shape.
+            let shortcut = im2col.run(&x, None).unwrap();
+            for serial in [false, true] {
+                SERIAL.with(|s| s.set(serial));
+                for residual in [None, Some(&shortcut)] {
+                    let got = conv.run(&x, residual).unwrap();
+                    let want = im2col.run(&x, residual).unwrap();
+                    assert_eq!(
+                        (got.height, got.width, got.channels),
+                        (want.height, want.width, want.channels)
+                    );
+                    // The same products in the same order: equal, not close.
+                    assert_eq!(got.data[..], want.data[..], "{spec:?} serial {serial}");
+                }
+            }
+            SERIAL.with(|s| s.set(false));
+        }
     }
 
     #[test]
