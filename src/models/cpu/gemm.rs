@@ -24,7 +24,7 @@ pub const KC: usize = 256;
 /// Where a row of A's `k` values lie: `count` runs of `len` consecutive values, `stride` apart.
 /// A matrix's row is one run; a convolution's taps read in place from a (padded) image are one
 /// run per kernel row (`kw x channels` values), an image row apart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Taps {
     pub count: usize,
     pub len: usize,
