@@ -218,7 +218,8 @@ enum ConvWeights {
     /// A 3x3 stride-1 convolution's, transformed for Winograd's F(2x2, 3x3).
     Winograd(WinogradWeights),
     /// As `Dense`, for a convolution whose taps the GEMM reads in place ([`Conv::taps`]).
-    /// Kept in `f32` in every precision: the product is small beside reading the taps.
+    /// Kept in `f32` in every precision: the bfloat16 kernel converts contiguous rows of A,
+    /// and a window of several runs is not one.
     Taps(PackedWeights),
 }
 
