@@ -314,17 +314,14 @@ fn depthwise_body<M: MulAdd>(
     out: &mut [f32],
 ) {
     let c = win.channels;
-    let fast = interior(win, oy)
-        .filter(|xs| depthwise_interior(image, weight, bias, win, oy, xs.clone(), act, out))
-        .unwrap_or(0..0);
-    if !fast.is_empty() && clamp_of(act).is_none() {
-        activate::<M>(&mut out[fast.start * c..fast.end * c], act);
+    if depthwise_simd(image, weight, bias, win, oy, act, out) {
+        if clamp_of(act).is_none() {
+            activate::<M>(&mut out[..win.out_width * c], act);
+        }
+        return;
     }
     let mut taps = Vec::with_capacity(win.kernel[0] * win.kernel[1]);
     for (ox, o) in out.chunks_exact_mut(c).enumerate().take(win.out_width) {
-        if fast.contains(&ox) {
-            continue;
-        }
         win.taps(oy, ox, &mut taps);
         // 64 channels at a time (4 AVX-512 / 8 AVX2 registers), then 16, then one by one.
         let mut start = 0;
@@ -352,28 +349,16 @@ pub(super) fn clamp_of(act: Option<Act>) -> Option<(f32, f32)> {
     }
 }
 
-/// Output pixels `[start, end)` of row `oy` whose every tap lands on the image.
-fn interior(win: Window, oy: usize) -> Option<std::ops::Range<usize>> {
-    let [kh, kw] = win.kernel;
-    if Window::valid(oy, win.stride[0], win.pad[0], kh, win.height) != (0, kh) {
-        return None;
-    }
-    let start = win.pad[1].div_ceil(win.stride[1]);
-    let end = ((win.width + win.pad[1]).checked_sub(kw)? / win.stride[1] + 1).min(win.out_width);
-    (start < end).then_some(start..end)
-}
-
-/// Interior pixels `xs` of row `oy` of a 3x3 or 5x5 depthwise convolution through the SIMD
-/// kernels (conv + bias, then the activation if it is a clamp); `false` if none applies (the
-/// caller then runs them pixel by pixel).
-#[allow(clippy::too_many_arguments)]
-fn depthwise_interior(
+/// Row `oy` of a 3x3 or 5x5 depthwise convolution through the SIMD kernels (conv + bias, then
+/// the activation if it is a clamp), edges included: each call gets the taps that land on the
+/// image, for the pixels between the edges at once and for each edge pixel alone. `false` if no
+/// kernel applies (the caller then runs the row pixel by pixel).
+fn depthwise_simd(
     image: &[f32],
     weight: &[f32],
     bias: &[f32],
     win: Window,
     oy: usize,
-    xs: std::ops::Range<usize>,
     act: Option<Act>,
     out: &mut [f32],
 ) -> bool {
@@ -388,81 +373,104 @@ fn depthwise_interior(
             Level::Avx2 => 0,
             Level::Baseline => return false,
         };
-        if !(c - wide).is_multiple_of(8) {
+        if !(c - wide).is_multiple_of(8) || win.kernel[1] != k || !(k == 3 || k == 5) {
             return false;
         }
-        if win.kernel[1] != k || !(k == 3 || k == 5) {
-            return false;
-        }
-        let iy = oy * win.stride[0] - win.pad[0];
-        let last = ((iy + k - 1) * win.width + (xs.end - 1) * win.stride[1] - win.pad[1] + k) * c;
-        assert!(
-            last <= image.len() && xs.end * c <= out.len(),
-            "depthwise: out of bounds"
-        );
-        assert!(
-            weight.len() >= k * k * c && bias.len() >= c,
-            "depthwise: weights too short"
-        );
-        let out = out[xs.start * c..].as_mut_ptr();
-        let args = |channels: std::ops::Range<usize>| depthwise_x86::Args {
-            image: image[iy * win.width * c..].as_ptr(),
-            row: win.width * c,
-            c,
-            channels,
-            stride: win.stride[1],
-            left: xs.start * win.stride[1] - win.pad[1],
-            pixels: xs.len(),
-            weight: weight.as_ptr(),
-            bias: bias.as_ptr(),
-            clamp: clamp_of(act),
-            out,
+        let ([sy, sx], [py, px], ow) = (win.stride, win.pad, win.out_width);
+        let (ky0, ky1) = Window::valid(oy, sy, py, k, win.height);
+        // The first input row a tap reads (any row when none does: the table is then empty).
+        let iy = (oy * sy + ky0).saturating_sub(py);
+        // Pixels `pixels` from `out` pixel `first`, whose taps are columns `kx0..kx1` of the
+        // kernel from input column `left` on.
+        let mut run = |first: usize, pixels: usize, left: usize, (kx0, kx1): (usize, usize)| {
+            let mut table = [(0, 0); 25];
+            let mut taps = 0;
+            for ky in ky0..ky1 {
+                for kx in kx0..kx1 {
+                    let input = ((ky - ky0) * win.width + kx - kx0) * c;
+                    table[taps] = (input, (ky * k + kx) * c);
+                    taps += 1;
+                }
+            }
+            let rows = ky1 - ky0;
+            let cols = (pixels - 1) * sx + kx1 - kx0;
+            let end = if rows == 0 || kx1 == kx0 {
+                0
+            } else {
+                ((iy + rows - 1) * win.width + left + cols) * c
+            };
+            assert!(
+                end <= image.len() && (first + pixels) * c <= out.len(),
+                "depthwise: out of bounds"
+            );
+            assert!(
+                weight.len() >= k * k * c && bias.len() >= c,
+                "depthwise: weights too short"
+            );
+            let first_out = out[first * c..].as_mut_ptr();
+            let args = |channels: std::ops::Range<usize>| depthwise_x86::Args {
+                image: image.as_ptr().wrapping_add((iy * win.width + left) * c),
+                taps: &table[..taps],
+                c,
+                channels,
+                stride: sx,
+                pixels,
+                weight: weight.as_ptr(),
+                bias: bias.as_ptr(),
+                clamp: clamp_of(act),
+                out: first_out,
+            };
+            // SAFETY: the asserts keep every tap of these pixels inside `image` and every
+            // store inside `out`; `level()` found the instruction set each kernel is compiled
+            // for (an AVX-512 level implies AVX2 + FMA).
+            unsafe {
+                if wide > 0 {
+                    depthwise_x86::avx512::run(args(0..wide));
+                }
+                if wide < c {
+                    depthwise_x86::avx2::run(args(wide..c));
+                }
+            }
         };
-        // SAFETY: the asserts keep every tap of pixels `xs` inside `image` and every store
-        // inside `out`; `level()` found the instruction set each kernel is compiled for (an
-        // AVX-512 level implies AVX2 + FMA).
-        unsafe {
-            if wide > 0 {
-                match k {
-                    3 => depthwise_x86::avx512::<3>(args(0..wide)),
-                    _ => depthwise_x86::avx512::<5>(args(0..wide)),
-                }
-            }
-            if wide < c {
-                match k {
-                    3 => depthwise_x86::avx2::<3>(args(wide..c)),
-                    _ => depthwise_x86::avx2::<5>(args(wide..c)),
-                }
-            }
+        // Pixels `[start, end)` have every column of taps on the image.
+        let start = px.div_ceil(sx).min(ow);
+        let end = ((win.width + px).saturating_sub(k) / sx + 1).clamp(start, ow);
+        let end = if win.width + px >= k { end } else { start };
+        for ox in (0..start).chain(end..ow) {
+            let (kx0, kx1) = Window::valid(ox, sx, px, k, win.width);
+            run(ox, 1, (ox * sx + kx0).saturating_sub(px), (kx0, kx1));
+        }
+        if start < end {
+            run(start, end - start, start * sx - px, (0, k));
         }
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (image, weight, bias, win, oy, xs, act, out);
+        let _ = (image, weight, bias, win, oy, act, out);
         false
     }
 }
 
-/// Depthwise `K x K` kernels over the interior of an output row: for each block of channels
-/// (one vector), its `K x K` weights stay in registers while 4 output pixels at a time (4
-/// independent chains of FMAs) pass over the row.
+/// Depthwise kernels over pixels of an output row: for each block of channels
+/// (one vector), `P` output pixels at a time (`P` independent chains of FMAs) pass over the
+/// taps, each tap's weights loaded once for the `P` pixels. The taps are a loop over a table of
+/// offsets, not unrolled: unrolled, AVX2's 16 registers could not hold the addresses, and the
+/// spills halved the kernel's speed.
 #[cfg(target_arch = "x86_64")]
 mod depthwise_x86 {
     use std::arch::x86_64::*;
 
     #[derive(Clone)]
-    pub struct Args {
-        /// The first of the K input rows the output row reads.
+    pub struct Args<'a> {
+        /// The first pixel's first tap (channel 0).
         pub image: *const f32,
-        /// Values per input row.
-        pub row: usize,
+        /// (input, weight) offsets of each tap from `image` and from the weights of channel 0.
+        pub taps: &'a [(usize, usize)],
         pub c: usize,
         /// The channels this call computes, whole vectors of them.
         pub channels: std::ops::Range<usize>,
         pub stride: usize,
-        /// Input column of the first pixel's first tap.
-        pub left: usize,
         pub pixels: usize,
         pub weight: *const f32,
         pub bias: *const f32,
@@ -472,54 +480,78 @@ mod depthwise_x86 {
     }
 
     macro_rules! kernel {
-        ($name:ident, $feature:literal, $lanes:literal, $v:ty, $load:ident, $store:ident,
-         $set1:ident, $fmadd:ident, $max:ident, $min:ident) => {
-            /// `a.channels` whole vectors; every tap and store inside the buffers.
-            #[target_feature(enable = $feature)]
-            pub unsafe fn $name<const K: usize>(a: Args) {
-                // SAFETY (the whole body): the caller's bounds, above.
-                unsafe {
-                    let (c, s) = (a.c, a.stride);
-                    for cb in a.channels.clone().step_by($lanes) {
-                        // A loop, not `array::from_fn`: its closure may be left out of line,
-                        // without this function's target features.
-                        let mut w = [$set1(0.0); 25];
-                        for (t, w) in w.iter_mut().enumerate().take(K * K) {
-                            *w = $load(a.weight.add(t * c + cb));
+        ($name:ident, $feature:literal, $lanes:literal, $pixels:literal, $v:ty, $load:ident,
+         $store:ident, $set1:ident, $fmadd:ident, $max:ident, $min:ident) => {
+            pub mod $name {
+                use super::*;
+
+                /// `N` pixels of one block of channels: `image` and `weight` at the block's
+                /// first tap and channel, `taps` (input, weight) offsets from them.
+                #[inline(always)]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn pixels<const N: usize>(
+                    image: *const f32,
+                    pixel_step: usize,
+                    weight: *const f32,
+                    taps: &[(usize, usize)],
+                    bias: $v,
+                    clamp: Option<($v, $v)>,
+                    out: *mut f32,
+                    c: usize,
+                ) {
+                    // SAFETY: the caller's bounds (`run`).
+                    unsafe {
+                        let mut acc = [bias; N];
+                        for &(x, w) in taps {
+                            let w = $load(weight.add(w));
+                            let x = image.add(x);
+                            for (i, acc) in acc.iter_mut().enumerate() {
+                                *acc = $fmadd($load(x.add(i * pixel_step)), w, *acc);
+                            }
                         }
-                        let bias = $load(a.bias.add(cb));
-                        let finish = |v: $v| match a.clamp {
-                            Some((lo, hi)) => $min($max(v, $set1(lo)), $set1(hi)),
-                            None => v,
-                        };
-                        let tap = |p: usize, ky: usize, kx: usize| {
-                            a.image.add(ky * a.row + (a.left + p * s + kx) * c + cb)
-                        };
-                        let mut p = 0;
-                        while p + 4 <= a.pixels {
-                            let mut acc = [bias; 4];
-                            for ky in 0..K {
-                                for kx in 0..K {
-                                    let w = w[ky * K + kx];
-                                    for (i, acc) in acc.iter_mut().enumerate() {
-                                        *acc = $fmadd($load(tap(p + i, ky, kx)), w, *acc);
-                                    }
-                                }
-                            }
-                            for (i, acc) in acc.iter().enumerate() {
-                                $store(a.out.add((p + i) * c + cb), finish(*acc));
-                            }
-                            p += 4;
+                        for (i, acc) in acc.into_iter().enumerate() {
+                            let v = match clamp {
+                                Some((lo, hi)) => $min($max(acc, lo), hi),
+                                None => acc,
+                            };
+                            $store(out.add(i * c), v);
                         }
-                        while p < a.pixels {
-                            let mut acc = bias;
-                            for ky in 0..K {
-                                for kx in 0..K {
-                                    acc = $fmadd($load(tap(p, ky, kx)), w[ky * K + kx], acc);
-                                }
+                    }
+                }
+
+                /// `a.channels` whole vectors; every tap and store inside the buffers.
+                #[target_feature(enable = $feature)]
+                pub unsafe fn run(a: Args) {
+                    // SAFETY (the whole body): the caller's bounds, above.
+                    unsafe {
+                        let (c, s, taps) = (a.c, a.stride, a.taps);
+                        let clamp = a.clamp.map(|(lo, hi)| ($set1(lo), $set1(hi)));
+                        for cb in a.channels.clone().step_by($lanes) {
+                            let bias = $load(a.bias.add(cb));
+                            let weight = a.weight.add(cb);
+                            let at = |p: usize| a.image.wrapping_add(p * s * c + cb);
+                            let out = |p: usize| a.out.add(p * c + cb);
+                            let mut p = 0;
+                            while p + $pixels <= a.pixels {
+                                pixels::<$pixels>(
+                                    at(p),
+                                    s * c,
+                                    weight,
+                                    taps,
+                                    bias,
+                                    clamp,
+                                    out(p),
+                                    c,
+                                );
+                                p += $pixels;
                             }
-                            $store(a.out.add(p * c + cb), finish(acc));
-                            p += 1;
+                            while p + 2 <= a.pixels {
+                                pixels::<2>(at(p), s * c, weight, taps, bias, clamp, out(p), c);
+                                p += 2;
+                            }
+                            if p < a.pixels {
+                                pixels::<1>(at(p), s * c, weight, taps, bias, clamp, out(p), c);
+                            }
                         }
                     }
                 }
@@ -527,10 +559,13 @@ mod depthwise_x86 {
         };
     }
 
+    // Four pixels fill AVX-512's FMA pipe (one 512-bit FMA a cycle on Zen 4, latency 4); AVX2
+    // needs more chains in flight (two FMAs a cycle): six measured best on Zen 3.
     kernel!(
         avx512,
         "avx512f",
         16,
+        4,
         __m512,
         _mm512_loadu_ps,
         _mm512_storeu_ps,
@@ -543,6 +578,7 @@ mod depthwise_x86 {
         avx2,
         "avx2,fma",
         8,
+        6,
         __m256,
         _mm256_loadu_ps,
         _mm256_storeu_ps,
@@ -804,9 +840,9 @@ mod tests {
             (5, 3, 1, Some(Act::Relu6)),
             (8, 7, 1, Some(Act::HardSwish)),
         ] {
-            // Wide rows (an interior and both edges), 7x7 (mostly edges), narrower than the
-            // kernel.
-            for (h, w) in [(9, 11), (7, 7), (3, 2)] {
+            // Wide rows (an interior and both edges: every count of pixels the SIMD kernels
+            // take at a time), 7x7 (mostly edges), narrower than the kernel.
+            for (h, w) in [(9, 11), (4, 20), (7, 7), (3, 2)] {
                 let pad = k / 2;
                 let image: Vec<f32> = (0..h * w * c)
                     .map(|i| ((i * 7) % 13) as f32 - 6.0)
