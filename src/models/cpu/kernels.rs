@@ -434,8 +434,10 @@ fn depthwise_simd(
         };
         // Pixels `[start, end)` have every column of taps on the image.
         let start = px.div_ceil(sx).min(ow);
-        let end = ((win.width + px).saturating_sub(k) / sx + 1).clamp(start, ow);
-        let end = if win.width + px >= k { end } else { start };
+        let end = match (win.width + px).checked_sub(k) {
+            Some(span) => (span / sx + 1).clamp(start, ow),
+            None => start, // narrower than the kernel: every pixel is an edge
+        };
         for ox in (0..start).chain(end..ow) {
             let (kx0, kx1) = Window::valid(ox, sx, px, k, win.width);
             run(ox, 1, (ox * sx + kx0).saturating_sub(px), (kx0, kx1));
