@@ -216,9 +216,6 @@ struct Tile {
     residual: Option<*const f32>,
     /// `(low, high)`: the activation, when it is a clamp (ReLU, ReLU6).
     clamp: Option<(f32, f32)>,
-    /// The next tile's rows of A (`lda` apart, as this tile's), on the first pass over a
-    /// block, where they are not in cache yet: asked for while this tile runs.
-    next_a: Option<*const f32>,
 }
 
 /// `C[rows x cols] (+)= A[rows x kc] · panel`: `a` rows `lda` apart, each row's `kc` values
@@ -521,17 +518,7 @@ mod x86 {
                     prefetch::<R, H>(t, $lanes);
                     for s in 0..taps.count {
                         let (a, b) = (a.add(s * taps.stride), b.add(s * taps.len * 2 * $lanes));
-                        let next = t.next_a.map(|n| n.wrapping_add(s * taps.stride));
                         for p in 0..taps.len {
-                            // One line of each of the next tile's rows per 16 values of this
-                            // tile's (a hint; the addresses are A's).
-                            if let Some(n) = next
-                                && p % 16 == 0
-                            {
-                                for r in 0..R {
-                                    _mm_prefetch::<_MM_HINT_T0>(n.wrapping_add(r * lda + p).cast());
-                                }
-                            }
                             let b0 = $loadu(b.add(p * 2 * $lanes));
                             let b1 = if H > 1 {
                                 $loadu(b.add(p * 2 * $lanes + $lanes))
@@ -702,8 +689,6 @@ fn multiply_tiles<M: MulAdd, const MR: usize, const NR: usize>(
                         bias: last.then(|| epilogue.bias[c0..].as_ptr()),
                         residual: epilogue.residual.filter(|_| last).map(|r| r[at..].as_ptr()),
                         clamp: if last { clamp_of(epilogue.act) } else { None },
-                        next_a: (j == 0 && i + MR < i0 + block)
-                            .then(|| a[(i + MR) * lda + k0..].as_ptr()),
                     };
                     if !bf16 {
                         let panel = &w.data[k0 * panels * NR + j * kc * NR..][..kc * NR];
