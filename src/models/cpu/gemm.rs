@@ -405,14 +405,13 @@ mod x86 {
         }
     }
 
-    /// Asks for the rows of C this tile and the next one down (the usual next tile) end
-    /// with: their residual rows and, where this is the last slice, the rows the epilogue
-    /// stores. Tiles walk down a column of C, a stride the hardware prefetchers miss, and a
-    /// ResNet block's shortcut and output are rarely in L2: ResNet-50's 1x1 expansions, which
-    /// add the shortcut, took about a quarter less time with this. Only hints: addresses past
-    /// C do not fault.
+    /// Asks for the rows this tile's epilogue reads and writes, and the next tile's down the
+    /// same column: the residual rows and, on the last slice, the output rows. Tiles walk down
+    /// a column of C, a stride the hardware prefetchers miss, and a ResNet block's shortcut and
+    /// output are rarely in L2: ResNet-50's 1x1 expansions, which add the shortcut, took about
+    /// a quarter less time with this. Only hints, so safe: addresses past C do not fault.
     #[inline(always)]
-    unsafe fn prefetch<const R: usize, const H: usize>(t: Tile, lanes: usize) {
+    fn prefetch<const R: usize, const H: usize>(t: Tile, lanes: usize) {
         let rows = |base: *const f32| {
             for r in 0..2 * R {
                 let row = base.wrapping_add(r * t.ldc);
